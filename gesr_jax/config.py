@@ -1,0 +1,204 @@
+"""Typed, frozen experiment configs and the ``--set key=value`` override parser.
+
+A :class:`Config` is three frozen dataclasses: :class:`DataConfig` (what the batches
+hold), :class:`ModelConfig` (the GESR architecture and its Mixture-of-Attention part)
+and :class:`TrainConfig` (optimizer, loop, checkpoints). Named presets live in
+``gesr_jax/configs/<name>.py``; every preset ``NAME`` also has ``NAME_two_tower``,
+the same run with every MoA component switched off (the paper's baseline).
+
+Overrides use dotted paths (``model.use_hma=false``, ``train.learning_rate=3e-4``,
+``model.tower_mlp=64,32``). An unknown key or a value that does not parse as the
+field's type raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from gesr_jax.data.config import DataConfig
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.train.config import TrainConfig
+
+TWO_TOWER_SUFFIX = "_two_tower"
+
+
+class ConfigError(ValueError):
+    """A config name, key or value is not valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "custom"  # preset name, recorded in the workdir for `gesr eval`
+    data: DataConfig = DataConfig()  # dataset, request construction, batch schema
+    model: ModelConfig = ModelConfig()  # two-tower + MoA + MLPG architecture and switches
+    train: TrainConfig = TrainConfig()  # optimizer, steps, eval and checkpoint cadence
+
+
+def preset_names() -> list[str]:
+    folder = pathlib.Path(__file__).parent / "configs"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+    """Load a preset by name (``synthetic_tiny``, ``ml1m_base_two_tower``) or a ``.py`` file with ``get_config()``."""
+    base, two_tower = name_or_path, False
+    if name_or_path.endswith(TWO_TOWER_SUFFIX):
+        base, two_tower = name_or_path[: -len(TWO_TOWER_SUFFIX)], True
+    if base.endswith(".py"):
+        path = pathlib.Path(base)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"gesr_user_config_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif base in preset_names():
+        module = importlib.import_module(f"gesr_jax.configs.{base}")
+    else:
+        raise ConfigError(
+            f"unknown config {name_or_path!r}: expected a .py file or one of "
+            f"{preset_names()} (each also as NAME{TWO_TOWER_SUFFIX})"
+        )
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config {name_or_path!r} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"get_config() of {name_or_path!r} returned {type(config).__name__}, not Config")
+    if two_tower:
+        config = dataclasses.replace(config, name=config.name + TWO_TOWER_SUFFIX, model=config.model.two_tower())
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Return ``config`` with each ``a.b.c=value`` applied, parsed by the field's type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        config = _set_path(config, key.strip().split("."), raw.strip(), key.strip())
+    return config
+
+
+def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"unknown config key {full_key!r}: {'.'.join(path)} is below a non-config value")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in fields:
+        raise ConfigError(f"unknown config key {full_key!r}: {type(obj).__name__} has fields {sorted(fields)}")
+    current = getattr(obj, head)
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{head: _set_path(current, path[1:], raw, full_key)})
+    hint = typing.get_type_hints(type(obj))[head]
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=...")
+    try:
+        value = parse_value(raw, hint)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"bad value for config key {full_key!r}: {err}") from None
+    new = dataclasses.replace(obj, **{head: value})
+    validate = getattr(new, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(f"config key {full_key!r}: {err}") from None
+    return new
+
+
+def parse_value(raw: str, hint: Any) -> Any:
+    """Parse a command-line string as type ``hint`` (bool, int, float, str, Optional, tuples, Literal)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(raw, arg)
+            except (ValueError, TypeError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        for option in args:
+            if str(option) == raw:
+                return option
+        raise ValueError(f"{raw!r} is not one of {list(args)}")
+    if hint is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (true/false)")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not an integer") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+    if hint is str:
+        return raw
+    if origin is tuple:
+        # tuple[X, ...] from "a,b,c"; tuple[tuple[str, str], ...] from "a:b,c:d".
+        if raw in ("", "()"):
+            return ()
+        parts = [p.strip() for p in raw.split(",")]
+        if len(args) == 2 and args[1] is Ellipsis:
+            inner = args[0]
+            if typing.get_origin(inner) is tuple:
+                return tuple(parse_value(p.replace(":", ","), inner) for p in parts)
+            return tuple(parse_value(p, inner) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"{raw!r} needs {len(args)} comma-separated values")
+        return tuple(parse_value(p, a) for p, a in zip(parts, args, strict=True))
+    raise TypeError(f"fields of type {hint} cannot be set from the command line")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen config from :func:`to_dict` output, e.g. read from ``config.json``."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        else:
+            value = _tuplify(value)
+        kwargs[f.name] = value
+    unknown = sorted(set(data) - set(kwargs))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no fields {unknown}")
+    return cls(**kwargs)
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def save_json(config: Config, path: pathlib.Path) -> None:
+    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+
+
+def load_json(path: pathlib.Path) -> Config:
+    return from_dict(Config, json.loads(path.read_text()))

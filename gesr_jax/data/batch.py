@@ -1,0 +1,204 @@
+"""The batch layout: the one place that names keys, shapes, dtypes and padding.
+
+A batch is a flat ``dict[str, np.ndarray | jax.Array]`` holding B requests. Every
+producer (synthetic generator, MovieLens request builder, ``api.example_batch``)
+emits exactly these keys, and every consumer (models, metrics, trainer) reads them.
+
+Request-only (RO) keys, one row per request:
+
+=====================  ==========  =======  =============================================
+key                    shape       dtype    meaning
+=====================  ==========  =======  =============================================
+``user_id``            [B]         int32    1..num_users; 0 marks a batch-padding row
+``user_<f>``           [B]         int32    one per user feature ``f`` in the schema
+``history_item``       [B, N]      int32    item ids, oldest first; 0 = padding
+``history_<f>``        [B, N]      int32    one per item feature ``f`` (feature of that event's item)
+``history_action``     [B, N]      int32    rating / action id of the event, 1..num_actions-1
+``history_time``       [B, N]      int32    unix seconds of the event
+``history_len``        [B]         int32    valid history slots; slots >= history_len are padding
+``request_time``       [B]         int32    unix seconds of the request (> every valid history_time)
+=====================  ==========  =======  =============================================
+
+Per-candidate (NRO) keys:
+
+=====================  ==========  =======  =============================================
+``cand_item``          [B, C]      int32    candidate item ids; 0 = padding
+``cand_<f>``           [B, C]      int32    one per item feature ``f``
+``num_candidates``     [B]         int32    valid candidate slots; slots >= num_candidates are padding
+``label_<task>``       [B, C]      float32  0/1 label per task (0 in padding slots)
+``prob_<task>``        [B, C]      float32  true probability per task; only when ``schema.has_true_probs``
+=====================  ==========  =======  =============================================
+
+Conventions: id 0 is reserved for padding and out-of-vocabulary in every id space, so
+every vocabulary size counts id 0. All padding is on the right and every padded slot
+holds zeros. A row with ``history_len == 0`` and ``num_candidates == 0`` is an empty
+row (used to pad the last eval batch) and contributes nothing to losses or metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+TASKS: tuple[str, ...] = ("consume", "engage")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSchema:
+    """Static description of a dataset's batches: feature names and vocabulary sizes."""
+
+    num_users: int  # user ids live in [1, num_users]; vocabulary size is num_users + 1
+    num_items: int  # item ids live in [1, num_items]; vocabulary size is num_items + 1
+    user_features: tuple[tuple[str, int], ...]  # (name, vocab incl. 0) for each categorical user feature
+    item_features: tuple[tuple[str, int], ...]  # (name, vocab incl. 0) for each categorical item feature
+    num_actions: int  # vocabulary of history_action incl. 0 (e.g. 6 for ratings 1..5)
+    history_len: int  # N, history slots per request
+    num_candidates: int  # C, candidate slots per request
+    tasks: tuple[str, ...] = TASKS  # label names; one logit per task
+    has_true_probs: bool = False  # synthetic data carries prob_<task>, the oracle probabilities
+
+    @property
+    def user_feature_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.user_features)
+
+    @property
+    def item_feature_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.item_features)
+
+    def item_vocab(self, name: str) -> int:
+        """Vocabulary size of a history/candidate field: ``item``, ``action`` or an item feature."""
+        if name == "item":
+            return self.num_items + 1
+        if name == "action":
+            return self.num_actions
+        for n, v in self.item_features:
+            if n == name:
+                return v
+        raise KeyError(
+            f"unknown item field {name!r}; this dataset has 'item', 'action' and item features "
+            f"{list(self.item_feature_names)}"
+        )
+
+
+def batch_spec(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every key of a batch with its shape and dtype."""
+    b, n, c = batch_size, schema.history_len, schema.num_candidates
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {"user_id": ((b,), i32)}
+    for name in schema.user_feature_names:
+        spec[f"user_{name}"] = ((b,), i32)
+    spec["history_item"] = ((b, n), i32)
+    for name in schema.item_feature_names:
+        spec[f"history_{name}"] = ((b, n), i32)
+    spec["history_action"] = ((b, n), i32)
+    spec["history_time"] = ((b, n), i32)
+    spec["history_len"] = ((b,), i32)
+    spec["request_time"] = ((b,), i32)
+    spec["cand_item"] = ((b, c), i32)
+    for name in schema.item_feature_names:
+        spec[f"cand_{name}"] = ((b, c), i32)
+    spec["num_candidates"] = ((b,), i32)
+    for task in schema.tasks:
+        spec[f"label_{task}"] = ((b, c), f32)
+        if schema.has_true_probs:
+            spec[f"prob_{task}"] = ((b, c), f32)
+    return spec
+
+
+def validate_batch(batch: Mapping[str, Any], schema: BatchSchema, *, check_values: bool = True) -> None:
+    """Raise ``ValueError`` naming the first offending key if ``batch`` breaks the layout.
+
+    Shapes and dtypes are always checked; ``check_values`` also checks id ranges,
+    lengths and zeroed padding (host-side numpy, so call it on data, not in jit).
+    """
+    keys = set(batch)
+    if "user_id" not in batch:
+        raise ValueError("batch has no 'user_id'")
+    b = int(np.shape(batch["user_id"])[0])
+    spec = batch_spec(schema, b)
+    missing = sorted(set(spec) - keys)
+    if missing:
+        raise ValueError(f"batch is missing keys {missing}")
+    extra = sorted(keys - set(spec))
+    if extra:
+        raise ValueError(f"batch has unknown keys {extra}; the layout is documented in gesr_jax/data/batch.py")
+    for key, (shape, dtype) in spec.items():
+        arr = batch[key]
+        if tuple(np.shape(arr)) != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(np.shape(arr))}, expected {shape}")
+        if np.dtype(arr.dtype) != dtype:
+            raise ValueError(f"batch[{key!r}] has dtype {arr.dtype}, expected {dtype}")
+    if not check_values:
+        return
+    arr = {k: np.asarray(v) for k, v in batch.items()}
+    n, c = schema.history_len, schema.num_candidates
+    _check_range(arr, "history_len", 0, n)
+    _check_range(arr, "num_candidates", 0, c)
+    _check_range(arr, "user_id", 0, schema.num_users)
+    for name, vocab in schema.user_features:
+        _check_range(arr, f"user_{name}", 0, vocab - 1)
+    hist_valid = np.arange(n)[None, :] < arr["history_len"][:, None]
+    cand_valid = np.arange(c)[None, :] < arr["num_candidates"][:, None]
+    fields = [("item", schema.num_items + 1), ("action", schema.num_actions), *schema.item_features]
+    for name, vocab in fields:
+        _check_range(arr, f"history_{name}", 0, vocab - 1)
+        _check_padding(arr, f"history_{name}", hist_valid)
+        if name != "action":
+            _check_range(arr, f"cand_{name}", 0, vocab - 1)
+            _check_padding(arr, f"cand_{name}", cand_valid)
+    if np.any(hist_valid & (arr["history_item"] == 0)):
+        raise ValueError("batch['history_item'] holds padding id 0 inside history_len")
+    if np.any(cand_valid & (arr["cand_item"] == 0)):
+        raise ValueError("batch['cand_item'] holds padding id 0 inside num_candidates")
+    late = hist_valid & (arr["history_time"] >= arr["request_time"][:, None])
+    if np.any(late):
+        row = int(np.argwhere(late)[0][0])
+        raise ValueError(f"batch['history_time'] row {row} has an event at or after its request_time")
+    for task in schema.tasks:
+        for prefix in ("label", "prob") if schema.has_true_probs else ("label",):
+            key = f"{prefix}_{task}"
+            _check_range(arr, key, 0.0, 1.0)
+            _check_padding(arr, key, cand_valid)
+
+
+def _check_range(arr: Mapping[str, np.ndarray], key: str, lo: float, hi: float) -> None:
+    x = arr[key]
+    if x.size and (x.min() < lo or x.max() > hi or not np.all(np.isfinite(x))):
+        raise ValueError(f"batch[{key!r}] has values in [{x.min()}, {x.max()}], expected within [{lo}, {hi}]")
+
+
+def _check_padding(arr: Mapping[str, np.ndarray], key: str, valid: np.ndarray) -> None:
+    if np.any(arr[key][~valid] != 0):
+        raise ValueError(f"batch[{key!r}] has non-zero values in padding slots")
+
+
+def empty_batch(schema: BatchSchema, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch of empty rows (all zeros): padding for the last eval batch."""
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_spec(schema, batch_size).items()}
+
+
+def num_rows(batch: Mapping[str, Any]) -> int:
+    return int(np.shape(batch["user_id"])[0])
+
+
+def slice_rows(batch: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Append empty rows so the batch has exactly ``batch_size`` rows."""
+    b = num_rows(batch)
+    if b > batch_size:
+        raise ValueError(f"batch has {b} rows, more than batch_size={batch_size}")
+    if b == batch_size:
+        return dict(batch)
+    return {k: np.concatenate([v, np.zeros((batch_size - b, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def concat_rows(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not batches:
+        raise ValueError("concat_rows needs at least one batch")
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
