@@ -202,3 +202,42 @@ def concat_rows(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     if not batches:
         raise ValueError("concat_rows needs at least one batch")
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def random_batch(schema: BatchSchema, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A valid batch with random ids, lengths, times and labels: for tests and shape tracing.
+
+    Lengths cover the edge cases (a full history, a one-event history, all and one
+    candidate) whenever ``batch_size`` allows; the values carry no signal.
+    """
+    rng = np.random.default_rng(seed)
+    b, n, c = batch_size, schema.history_len, schema.num_candidates
+    batch = empty_batch(schema, b)
+    hist_len = rng.integers(1, n + 1, size=b)
+    num_cand = rng.integers(1, c + 1, size=b)
+    hist_len[: min(b, 2)] = [n, 1][: min(b, 2)]
+    num_cand[: min(b, 2)] = [c, 1][: min(b, 2)]
+    hist_valid = np.arange(n)[None, :] < hist_len[:, None]
+    cand_valid = np.arange(c)[None, :] < num_cand[:, None]
+    batch["user_id"] = rng.integers(1, schema.num_users + 1, size=b).astype(np.int32)
+    for name, vocab in schema.user_features:
+        batch[f"user_{name}"] = rng.integers(1, vocab, size=b).astype(np.int32)
+    for name, vocab in [("item", schema.num_items + 1), *schema.item_features]:
+        batch[f"history_{name}"] = np.where(hist_valid, rng.integers(1, vocab, size=(b, n)), 0).astype(np.int32)
+        batch[f"cand_{name}"] = np.where(cand_valid, rng.integers(1, vocab, size=(b, c)), 0).astype(np.int32)
+    batch["history_action"] = np.where(hist_valid, rng.integers(1, schema.num_actions, size=(b, n)), 0).astype(
+        np.int32
+    )
+    start = 1_000_000_000
+    gaps = rng.integers(60, 86_400, size=(b, n)).cumsum(axis=1)
+    batch["history_time"] = np.where(hist_valid, start + gaps, 0).astype(np.int32)
+    batch["history_len"] = hist_len.astype(np.int32)
+    last = np.take_along_axis(gaps, (hist_len - 1)[:, None], axis=1)[:, 0]
+    batch["request_time"] = (start + last + rng.integers(1, 3600, size=b)).astype(np.int32)
+    batch["num_candidates"] = num_cand.astype(np.int32)
+    for task in schema.tasks:
+        prob = rng.uniform(0.05, 0.95, size=(b, c))
+        batch[f"label_{task}"] = np.where(cand_valid, rng.uniform(size=(b, c)) < prob, 0).astype(np.float32)
+        if schema.has_true_probs:
+            batch[f"prob_{task}"] = np.where(cand_valid, prob, 0).astype(np.float32)
+    return batch
