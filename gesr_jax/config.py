@@ -84,7 +84,23 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         config = _set_path(config, key.strip().split("."), raw.strip(), key.strip())
+    if overrides:
+        validate_config(config)
     return config
+
+
+def validate_config(config: Any, prefix: str = "") -> None:
+    """Run every section's ``validate()`` (cross-field checks), raising :class:`ConfigError`."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_config(value, f"{prefix}{f.name}.")
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:

@@ -1,0 +1,47 @@
+"""`make demo`: train the two-tower baseline and GESR on the embedded synthetic data, compare NE.
+
+Launch:   python experiments/demo.py [--config synthetic_base] [--workdir DIR] [--set key=value ...]
+Expected: a table with test NE, relative NE change vs the two-tower and AUC per task for both
+models, plus the oracle NE of the generator's true probabilities (the floor no model can beat).
+GESR's NE sits clearly below the two-tower's on both tasks because the synthetic data plants
+cross and target-aware signals a decoupled model cannot express (see gesr_jax/data/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+from gesr_jax import comparison, config as config_lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="synthetic_base", help="preset of the GESR run; the baseline is NAME_two_tower")
+    parser.add_argument("--workdir", default=None, help="where both runs write (default: a fresh temp folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value, applied to both runs")
+    args = parser.parse_args(argv)
+    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="gesr_demo_"))
+    variants = [
+        comparison.Variant("two-tower", f"{args.config}{config_lib.TWO_TOWER_SUFFIX}"),
+        comparison.Variant("GESR", args.config),
+    ]
+    start = time.perf_counter()
+    try:
+        results = comparison.run_variants(variants, workdir, extra_overrides=args.overrides)
+    except config_lib.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tasks = tuple(k.split("/")[0] for k in results[0].runs[0]["test"] if k.endswith("/ne"))
+    print()
+    print(f"Test split of {args.config} ({int(results[0].runs[0]['test']['num_examples'])} candidates), workdir {workdir}")
+    print(comparison.comparison_table(results, tasks))
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
