@@ -1,0 +1,128 @@
+"""``gesr data download`` and ``gesr data inspect``.
+
+:func:`register` adds both subcommands to the ``data`` group of the main CLI; each parser sets
+``func`` to a handler ``(argparse.Namespace) -> int`` exit code. Run alone with
+``python -m gesr_jax.data.commands inspect --path DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gesr_jax.data import download as download_lib
+from gesr_jax.data import sources
+from gesr_jax.data.config import DataConfig
+
+
+def register(subparsers: Any) -> None:
+    """Add ``download`` and ``inspect`` to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("download", help="fetch an official MovieLens zip, check its sha256, unpack it")
+    p.add_argument("name", help=f"dataset: one of {', '.join(sorted(download_lib.REGISTRY))}")
+    p.add_argument("--to", required=True, help="folder to unpack into (the dataset lands in TO/<its folder>)")
+    p.add_argument("--sha256", help="expected sha256 of the zip (overrides the pinned one)")
+    p.add_argument("--no-verify", action="store_true", help="skip the hash check; the computed sha256 is printed")
+    p.add_argument("--base-url", help=f"fetch {{BASE_URL}}/NAME.zip instead of {download_lib.OFFICIAL_BASE_URL}")
+    p.set_defaults(func=run_download)
+
+    p = subparsers.add_parser("inspect", help="print one JSON object describing a MovieLens folder")
+    p.add_argument("--path", required=True, help="MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...)")
+    p.add_argument("--requests", action="store_true", help="also build the ESR requests and report split sizes")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="DataConfig override for the request counts, e.g. --set data.num_positives=8",
+    )
+    p.set_defaults(func=run_inspect)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    try:
+        download_lib.download(
+            args.name,
+            args.to,
+            sha256=args.sha256,
+            verify=not args.no_verify,
+            base_url=args.base_url,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+    except download_lib.DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from gesr_jax.config import ConfigError, apply_overrides
+
+    try:
+        overrides = [o.removeprefix("data.") for o in args.overrides]
+        data_config = apply_overrides(DataConfig(source="movielens", path=args.path), overrides)
+        report = inspect(data_config, build_requests=args.requests)
+    except (ValueError, ConfigError) as err:  # DataFormatError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
+    return 0
+
+
+def inspect(data_config: DataConfig, build_requests: bool = False) -> dict[str, Any]:
+    """Counts for a MovieLens folder: format, ratings, users, items, time range, users skipped, ...
+
+    ``skipped_users`` counts users with fewer events than one request needs under ``data_config``
+    (``min_history + num_positives``); with ``build_requests`` the requests are built and the
+    exact counts (which also drop requests whose history is hidden by same-second ratings) are
+    reported under ``requests``.
+    """
+    inter = sources.load_interactions_cached(data_config)
+    per_user = np.bincount(inter.user)
+    per_user = per_user[per_user > 0]
+    needed = data_config.min_history + data_config.num_positives
+    stars, counts = np.unique(inter.rating, return_counts=True)
+    report: dict[str, Any] = {
+        "format": inter.format,
+        "path": str(inter.files.root),
+        "ratings": int(inter.user.size),
+        "users": int(per_user.size),
+        "items": int(np.unique(inter.item).size),
+        "movies_listed": int(inter.item_known.sum()),
+        "first_timestamp": int(inter.timestamp.min()),
+        "last_timestamp": int(inter.timestamp.max()),
+        "ratings_by_star": {f"{s:g}": int(c) for s, c in zip(stars, counts)},
+        "events_per_user": {
+            "min": int(per_user.min()),
+            "median": float(np.median(per_user)),
+            "max": int(per_user.max()),
+        },
+        "events_needed_per_request": needed,
+        "skipped_users": int(np.count_nonzero(per_user < needed)),
+        "user_features": sorted(inter.user_features),
+        "directors": len(inter.director_names),
+        "tags": inter.num_tags,
+        "ratings_file": inter.files.ratings.name,
+    }
+    if build_requests:
+        splits = sources.load_splits(data_config)
+        report["requests"] = splits.stats
+        report["schema"] = dataclasses.asdict(splits.schema)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gesr_jax.data.commands", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

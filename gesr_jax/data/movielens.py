@@ -1,0 +1,391 @@
+"""MovieLens loaders: the three upstream formats read into one :class:`Interactions` table.
+
+Formats, told apart by the files a folder holds (:func:`detect_format`):
+
+* ``dat``  -- ``ratings*.dat`` + ``movies.dat`` [+ ``users.dat``], ``::``-separated, Latin-1
+  (ml-1m, ml-10m; ml-10m has no ``users.dat``).
+* ``100k`` -- ``u.data`` (tab) + ``u.item`` [+ ``u.user``] (``|``-separated, Latin-1).
+* ``csv``  -- ``ratings.csv`` + ``movies.csv`` [+ ``tags.csv``], UTF-8 with a header row
+  (ml-latest-small, ml-20m, ml-25m, ml-32m). No user features; ratings are half stars.
+
+Ids are the public MovieLens ids, unchanged: ``num_items`` is the largest movie id in the
+movies file and ``num_users`` the largest user id in the users file (or in the ratings when the
+format has none). Optional side data: ``extra/movies_extrainfos.dat`` (MeLU's director file)
+adds a director per movie.
+
+Ratings are parsed vectorised (``np.loadtxt``); only when that fails does a line-by-line
+pass run, to name the file and line of the first malformed row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import pathlib
+import re
+
+import numpy as np
+
+# Union of the genre names every format uses; "Children's" (ml-1m/100k) and "Children" (csv) are one genre.
+GENRES: tuple[str, ...] = (
+    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+_GENRE_INDEX = {g: i for i, g in enumerate(GENRES)} | {"Children's": GENRES.index("Children")}
+# u.item's 19 flag columns, in file order ("unknown" has no column in GENRES).
+_GENRES_100K = ("unknown",) + tuple(g for g in GENRES if g != "IMAX")
+# ml-100k occupations (u.occupation order); ml-1m uses codes 0..20 instead.
+OCCUPATIONS_100K: tuple[str, ...] = (
+    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive", "healthcare",
+    "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer", "retired", "salesman",
+    "scientist", "student", "technician", "writer",
+)  # fmt: skip
+AGE_CODES_1M: tuple[int, ...] = (1, 18, 25, 35, 45, 50, 56)  # users.dat age buckets; 100k ages map onto them
+MAX_TIMESTAMP = 2**31 - 1  # batches carry times as int32
+FORMATS = ("dat", "100k", "csv")
+DIRECTOR_FILE = pathlib.Path("extra") / "movies_extrainfos.dat"
+
+
+class DataFormatError(ValueError):
+    """A MovieLens folder or file is missing, unknown or malformed; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensFiles:
+    """The files of one MovieLens folder, as found by :func:`detect_format`."""
+
+    format: str  # "dat", "100k" or "csv"
+    root: pathlib.Path
+    ratings: pathlib.Path
+    movies: pathlib.Path
+    users: pathlib.Path | None  # None when the format/folder has no user file
+    tags: pathlib.Path | None  # csv only
+    directors: pathlib.Path | None  # extra/movies_extrainfos.dat when present
+
+    def all_files(self) -> list[pathlib.Path]:
+        return [p for p in (self.ratings, self.movies, self.users, self.tags, self.directors) if p is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interactions:
+    """One MovieLens dataset in memory: a rating log plus item and user side features.
+
+    Rows of the log keep file order. Per-item arrays are indexed by movie id (row 0 unused),
+    per-user arrays by user id. Encoded user features use 0 for "unknown".
+    """
+
+    files: MovieLensFiles
+    user: np.ndarray  # [E] int32 user ids
+    item: np.ndarray  # [E] int32 movie ids
+    rating: np.ndarray  # [E] float32 stars (1..5, or 0.5..5 in half steps for csv)
+    timestamp: np.ndarray  # [E] int64 unix seconds
+    num_users: int
+    num_items: int
+    item_known: np.ndarray  # [num_items+1] bool: the id is listed in the movies file
+    item_genres: np.ndarray  # [num_items+1, len(GENRES)] bool, genres in GENRES order
+    item_primary_genre: np.ndarray  # [num_items+1] int32: 1 + GENRES index of the first listed genre; 0 = none
+    item_year: np.ndarray  # [num_items+1] int32 release year; 0 = unknown
+    item_director: np.ndarray | None  # [num_items+1] int32 rank of the director by movie count (1 = most); 0 = none
+    director_names: tuple[str, ...]  # director_names[r - 1] is the director of rank r
+    user_features: dict[str, np.ndarray]  # name -> [num_users+1] int32 codes (gender, age, occupation)
+    num_tags: int  # rows of tags.csv (csv format), else 0
+
+    @property
+    def format(self) -> str:
+        return self.files.format
+
+    def genres(self, item: int) -> list[str]:
+        """The genres of a movie as a list of names."""
+        return [GENRES[i] for i in np.flatnonzero(self.item_genres[item])]
+
+
+def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
+    """Find which MovieLens format ``path`` holds; raise :class:`DataFormatError` saying what was expected."""
+    if not str(path):
+        raise DataFormatError("data.path is empty: set it to a MovieLens folder, e.g. --set data.path=DIR")
+    root = pathlib.Path(path).expanduser()
+    if not root.is_dir():
+        raise DataFormatError(f"MovieLens folder {root} does not exist or is not a folder")
+    directors = root / DIRECTOR_FILE
+    directors_or_none = directors if directors.is_file() else None
+    if (root / "u.data").is_file():
+        _require(root, "u.item", "100k")
+        users = root / "u.user"
+        return MovieLensFiles(
+            "100k", root, root / "u.data", root / "u.item", users if users.is_file() else None, None, directors_or_none
+        )
+    dat = sorted(root.glob("ratings*.dat"))
+    if dat:
+        if len(dat) > 1 and (root / "ratings.dat") in dat:
+            dat = [root / "ratings.dat"]
+        if len(dat) > 1:
+            raise DataFormatError(f"{root} holds several ratings files {[p.name for p in dat]}; keep exactly one")
+        _require(root, "movies.dat", "dat")
+        users = root / "users.dat"
+        return MovieLensFiles(
+            "dat", root, dat[0], root / "movies.dat", users if users.is_file() else None, None, directors_or_none
+        )
+    if (root / "ratings.csv").is_file():
+        _require(root, "movies.csv", "csv")
+        tags = root / "tags.csv"
+        return MovieLensFiles(
+            "csv",
+            root,
+            root / "ratings.csv",
+            root / "movies.csv",
+            None,
+            tags if tags.is_file() else None,
+            directors_or_none,
+        )
+    inner = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "extra")
+    hint = f"; it has subfolders {inner} - point data.path at one of them" if inner else ""
+    raise DataFormatError(
+        f"{root} is not a MovieLens folder: expected ratings*.dat + movies.dat (ml-1m, ml-10m), "
+        f"u.data + u.item (ml-100k) or ratings.csv + movies.csv (ml-latest-small, ml-20m/25m/32m){hint}"
+    )
+
+
+def _require(root: pathlib.Path, name: str, fmt: str) -> None:
+    if not (root / name).is_file():
+        raise DataFormatError(f"{root} looks like the {fmt!r} MovieLens format but has no {name}")
+
+
+def load_interactions(path: str | pathlib.Path) -> Interactions:
+    """Parse every file of a MovieLens folder into an :class:`Interactions` table."""
+    files = detect_format(path)
+    movies = _read_movies(files)
+    num_items = max(movies)
+    item_known = np.zeros(num_items + 1, bool)
+    item_genres = np.zeros((num_items + 1, len(GENRES)), bool)
+    item_primary = np.zeros(num_items + 1, np.int32)
+    item_year = np.zeros(num_items + 1, np.int32)
+    for movie, (genres, year) in movies.items():
+        item_known[movie] = True
+        item_genres[movie, genres] = True
+        item_primary[movie] = genres[0] + 1 if genres else 0
+        item_year[movie] = year
+    item_director, director_names = None, ()
+    if files.directors is not None:
+        item_director, director_names = _read_directors(files.directors, num_items)
+    user_features = _read_users(files) if files.users is not None else {}
+    user, item, rating, ts = _read_ratings(files)
+    header = 1 if files.format == "csv" else 0
+    listed_item = item_known[np.minimum(item, num_items)] & (item <= num_items)
+    _check_rows(files.ratings, header, listed_item, f"movie id not listed in {files.movies.name}")
+    num_users = int(user.max()) if user.size else 0
+    if user_features:
+        listed = next(iter(user_features.values())) > 0
+        known = (user < listed.size) & listed[np.minimum(user, listed.size - 1)]
+        _check_rows(files.ratings, header, known, f"user id not listed in {files.users.name}")
+        num_users = listed.size - 1
+    num_tags = _count_rows(files.tags) - 1 if files.tags is not None else 0
+    return Interactions(
+        files, user, item, rating, ts, num_users, num_items, item_known, item_genres, item_primary, item_year,
+        item_director, director_names, user_features, max(num_tags, 0),
+    )  # fmt: skip
+
+
+def _check_rows(path: pathlib.Path, header: int, ok: np.ndarray, what: str) -> None:
+    if not np.all(ok):
+        row = int(np.flatnonzero(~ok)[0])
+        raise DataFormatError(f"{path}:{row + 1 + header}: {what}")
+
+
+def _count_rows(path: pathlib.Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+# ---------------------------------------------------------------------------------------------- ratings
+
+
+def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    path, fmt = files.ratings, files.format
+    encoding = "utf-8" if fmt == "csv" else "latin-1"
+    text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+    header = 0
+    if fmt == "csv":
+        first, _, text = text.partition("\n")
+        if first.strip().split(",")[:4] != ["userId", "movieId", "rating", "timestamp"]:
+            raise DataFormatError(f"{path}:1: expected the header 'userId,movieId,rating,timestamp', got {first!r}")
+        header = 1
+    sep = {"dat": "::", "100k": "\t", "csv": ","}[fmt]
+    if not text.strip():
+        raise DataFormatError(f"{path} holds no ratings")
+    blank = re.search(r"(^|\n)[ \t]*\n(?=.)", text, flags=re.S)
+    if blank is not None:
+        line = text.count("\n", 0, blank.end() - 1) + 1 + header
+        raise DataFormatError(f"{path}:{line}: empty line inside the ratings")
+    body = text.replace("::", "\t") if fmt == "dat" else text
+    try:
+        table = np.loadtxt(io.StringIO(body), delimiter="\t" if fmt != "csv" else ",", dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        _diagnose(path, text, sep, header)
+        raise DataFormatError(f"{path}: could not parse the ratings ({err})") from None
+    if table.shape[1] != 4:
+        _diagnose(path, text, sep, header)
+        raise DataFormatError(f"{path}: expected 4 fields per line, found {table.shape[1]}")
+    user, item, rating, ts = table.T
+    for col, name in ((user, "user id"), (item, "movie id")):
+        _check_rows(
+            path, header, (col >= 1) & (col == np.round(col)) & (col < 2**31), f"{name} is not a positive integer"
+        )
+    _check_rows(
+        path,
+        header,
+        (ts >= 0) & (ts <= MAX_TIMESTAMP) & (ts == np.round(ts)),
+        f"bad timestamp (expected integer unix seconds in [0, {MAX_TIMESTAMP}])",
+    )
+    if fmt == "csv":
+        valid = (rating >= 0.5) & (rating <= 5) & (rating * 2 == np.round(rating * 2))
+        _check_rows(path, header, valid, "rating is not a half star in 0.5..5")
+    else:
+        _check_rows(path, header, np.isin(rating, [1, 2, 3, 4, 5]), "rating is not an integer in 1..5")
+    return user.astype(np.int32), item.astype(np.int32), rating.astype(np.float32), ts.astype(np.int64)
+
+
+def _diagnose(path: pathlib.Path, text: str, sep: str, header: int) -> None:
+    """Slow pass over the rows after a vectorised parse failed: raise naming the first bad line."""
+    for number, line in enumerate(text.split("\n"), start=1 + header):
+        if not line.strip():
+            continue
+        fields = line.split(sep)
+        if len(fields) != 4:
+            raise DataFormatError(
+                f"{path}:{number}: expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}"
+            )
+        for name, value in zip(("user id", "movie id", "rating", "timestamp"), fields):
+            try:
+                float(value)
+            except ValueError:
+                raise DataFormatError(f"{path}:{number}: {name} {value!r} is not a number") from None
+
+
+# ---------------------------------------------------------------------------------------------- side files
+
+
+def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
+    """movie id -> (GENRES indices in listed order, release year or 0)."""
+    path, fmt = files.movies, files.format
+    movies: dict[int, tuple[list[int], int]] = {}
+    if fmt == "csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0][:3] != ["movieId", "title", "genres"]:
+            raise DataFormatError(f"{path}:1: expected the header 'movieId,title,genres'")
+        numbered = [(n, r) for n, r in enumerate(rows[1:], start=2) if r]
+    else:
+        lines = path.read_text(encoding="latin-1").replace("\r\n", "\n").split("\n")
+        sep = "::" if fmt == "dat" else "|"
+        numbered = [(n, line.split(sep)) for n, line in enumerate(lines, start=1) if line.strip()]
+    expected = 3 if fmt != "100k" else 24
+    for number, fields in numbered:
+        if len(fields) != expected:
+            raise DataFormatError(f"{path}:{number}: expected {expected} fields, found {len(fields)}")
+        movie = _int_field(path, number, fields[0], "movie id")
+        if fmt == "100k":
+            flags = fields[5:]
+            if any(v not in ("0", "1") for v in flags):
+                raise DataFormatError(f"{path}:{number}: genre flags must be 0 or 1")
+            names = [_GENRES_100K[i] for i, v in enumerate(flags) if v == "1"]
+            date = fields[2].strip()
+            year = int(date[-4:]) if re.fullmatch(r".*\d{4}", date) else 0
+        else:
+            names = [] if fields[2] == "(no genres listed)" else fields[2].split("|")
+            found = re.findall(r"\((\d{4})\)", fields[1])
+            year = int(found[-1]) if found else 0
+        movies[movie] = ([_GENRE_INDEX[g] for g in names if g in _GENRE_INDEX], year)
+    if not movies:
+        raise DataFormatError(f"{path} lists no movies")
+    return movies
+
+
+def _read_directors(path: pathlib.Path, num_items: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Director rank per movie (1 = director with most movies; ties by name); the first of several credited."""
+    by_movie: dict[int, str] = {}
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split("::")
+        if len(fields) != 11:
+            raise DataFormatError(f"{path}:{number}: expected 11 fields separated by '::', found {len(fields)}")
+        movie = _int_field(path, number, fields[0], "movie id")
+        name = fields[6].split(",")[0].strip()
+        if name and name != "N/A" and movie <= num_items:
+            by_movie[movie] = name
+    counts: dict[str, int] = {}
+    for name in by_movie.values():
+        counts[name] = counts.get(name, 0) + 1
+    names = tuple(sorted(counts, key=lambda n: (-counts[n], n)))
+    rank = {n: r for r, n in enumerate(names, start=1)}
+    director = np.zeros(num_items + 1, np.int32)
+    for movie, name in by_movie.items():
+        director[movie] = rank[name]
+    return director, names
+
+
+def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
+    """gender (1 M, 2 F), age (1..7, users.dat buckets) and occupation (1..21) codes per user id."""
+    path = files.users
+    assert path is not None
+    sep, n_fields = ("::", 5) if files.format == "dat" else ("|", 5)
+    rows: list[tuple[int, int, int, int]] = []
+    lines = path.read_text(encoding="latin-1").replace("\r\n", "\n").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split(sep)
+        if len(fields) != n_fields:
+            raise DataFormatError(
+                f"{path}:{number}: expected {n_fields} fields separated by {sep!r}, found {len(fields)}"
+            )
+        user = _int_field(path, number, fields[0], "user id")
+        if files.format == "dat":
+            gender, age, occ = fields[1], _int_field(path, number, fields[2], "age"), fields[3]
+            if age not in AGE_CODES_1M:
+                raise DataFormatError(f"{path}:{number}: age code {age} is not one of {AGE_CODES_1M}")
+            age_code = AGE_CODES_1M.index(age) + 1
+            occ_code = _int_field(path, number, occ, "occupation") + 1
+            if not 1 <= occ_code <= 21:
+                raise DataFormatError(f"{path}:{number}: occupation code {occ} is not in 0..20")
+        else:
+            age, gender, occ = _int_field(path, number, fields[1], "age"), fields[2], fields[3]
+            age_code = int(np.searchsorted(AGE_CODES_1M, age, side="right"))
+            if occ not in OCCUPATIONS_100K:
+                raise DataFormatError(f"{path}:{number}: unknown occupation {occ!r}")
+            occ_code = OCCUPATIONS_100K.index(occ) + 1
+        if gender not in ("M", "F"):
+            raise DataFormatError(f"{path}:{number}: gender {gender!r} is not M or F")
+        rows.append((user, 1 if gender == "M" else 2, max(age_code, 1), occ_code))
+    if not rows:
+        raise DataFormatError(f"{path} lists no users")
+    table = np.asarray(rows, np.int32)
+    out = {}
+    for col, name in enumerate(("gender", "age", "occupation"), start=1):
+        arr = np.zeros(int(table[:, 0].max()) + 1, np.int32)
+        arr[table[:, 0]] = table[:, col]
+        out[name] = arr
+    return out
+
+
+def _int_field(path: pathlib.Path, number: int, value: str, name: str) -> int:
+    try:
+        out = int(value.strip())
+    except ValueError:
+        raise DataFormatError(f"{path}:{number}: {name} {value!r} is not an integer") from None
+    if name.endswith("id") and out < 1:
+        raise DataFormatError(f"{path}:{number}: {name} {out} must be >= 1")
+    return out
+
+
+def read_max_user_id(files: MovieLensFiles) -> int:
+    """Largest user id of the users file without parsing the ratings (``files.users`` must exist)."""
+    assert files.users is not None
+    return int(next(iter(_read_users(files).values())).size - 1)
+
+
+def read_max_movie_id(files: MovieLensFiles) -> int:
+    """Largest movie id listed in the movies file (the item vocabulary, ids unchanged)."""
+    return max(_read_movies(files))

@@ -1,0 +1,248 @@
+"""ESR request construction from a rating log: the temporal part of GESR's MoA Config.
+
+Protocol (``DataConfig`` fields in brackets):
+
+1. **Order.** Each user's events are sorted by timestamp; events with the same timestamp keep
+   their order in the ratings file. "Before" always means a strictly earlier timestamp, so two
+   events of the same second never see each other.
+2. **Requests.** A user's timeline is cut, from the most recent event backwards, into blocks of
+   P consecutive events [``num_positives``]. Each block is one request; its first event's
+   timestamp is the ``request_time``. Older events that do not fill a block are history only.
+   A block is a request only if at least [``min_history``] events come strictly before
+   ``request_time``; a block that fails this (it starts too early, or a burst of same-second
+   ratings hides its history) is dropped and counted. [``max_requests_per_user``] > 0 keeps only
+   each user's most recent requests.
+3. **History.** The most recent N [``history_len``] events strictly before ``request_time``, oldest
+   first: item id, item features, the rating (as ``history_action``, rounded up to whole stars) and
+   the timestamp. No event at or after ``request_time`` -- in particular no candidate, and nothing
+   from any later request -- can reach a history.
+4. **Candidates.** The block's P real events are positives (``consume = 1``, ``engage = rating >=``
+   [``engage_threshold``]). Q negatives [``num_negatives``] are drawn without replacement, with
+   probability proportional to an item's rating count over the whole log, from the items this
+   user never rated (at any time); they get ``consume = engage = 0``. If a user has rated almost
+   every item and fewer than Q unrated items exist, the request keeps fewer negatives
+   (``num_candidates < P + Q``). Candidates are shuffled within the request so that the slot
+   carries no label information.
+5. **Splits.** Per user, the last request is **test**, the second-to-last **valid**, all earlier
+   ones **train**. A user with one request contributes only to test, with two to valid and test.
+   A user whose timeline allows no request is skipped and counted in ``stats['skipped_users']``.
+6. **Randomness.** Negatives and candidate order, for every split including train, are drawn once
+   from [``seed``], one random stream per split, so the same config always yields the same
+   requests and the valid/test negatives do not change when only the train part does (e.g.
+   ``max_requests_per_user``). Training reshuffles the order of requests between epochs, never
+   their negatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from gesr_jax.data.batch import BatchSchema, empty_batch, validate_batch
+from gesr_jax.data.config import DataConfig
+from gesr_jax.data.movielens import Interactions
+
+_MAX_REJECTION_ROUNDS = 12  # after this, the few rows still short of negatives are filled exactly, row by row
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltRequests:
+    """Output of :func:`build_requests`: one batch per split plus counts."""
+
+    train: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    stats: dict[str, Any]
+
+
+def build_requests(
+    inter: Interactions, item_table: dict[str, np.ndarray], schema: BatchSchema, data_config: DataConfig
+) -> BuiltRequests:
+    """Turn a rating log into train/valid/test requests following the module's protocol.
+
+    ``item_table`` maps each item feature of ``schema`` to its encoded value per item id.
+    """
+    dc = data_config
+    n_hist, n_pos = dc.history_len, dc.num_positives
+    order = np.lexsort((np.arange(inter.user.size), inter.timestamp, inter.user))
+    user, item = inter.user[order].astype(np.int64), inter.item[order].astype(np.int64)
+    rating, ts = inter.rating[order], inter.timestamp[order]
+
+    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # first event of each user
+    count = np.diff(np.r_[first, user.size])
+    users = user[first]
+    too_few = count < dc.min_history + n_pos
+    blocks = np.where(too_few, 0, (count - dc.min_history) // n_pos)
+    # One row per candidate block, the most recent block first within each user.
+    owner = np.repeat(np.arange(users.size), blocks)
+    back = _ranks_within(owner)  # 0 = most recent block
+    start = first[owner] + count[owner] - n_pos * (back + 1)  # index of the block's first event
+    # Events strictly before request_time: those of the same user with a smaller timestamp.
+    key = user * (np.int64(1) << 32) + ts
+    hist_end = np.searchsorted(key, key[start], side="left")
+    hist_avail = hist_end - first[owner]
+    keep = hist_avail >= dc.min_history
+    dropped_ties = int(np.count_nonzero(~keep))
+    owner, start, hist_end, hist_avail = owner[keep], start[keep], hist_end[keep], hist_avail[keep]
+    back = _ranks_within(owner)
+    if dc.max_requests_per_user > 0:
+        keep = back < dc.max_requests_per_user
+        owner, start, hist_end, hist_avail, back = (
+            owner[keep],
+            start[keep],
+            hist_end[keep],
+            hist_avail[keep],
+            back[keep],
+        )
+    # Chronological row order within a user (oldest request first).
+    chrono = np.lexsort((start, owner))
+    owner, start, hist_end, hist_avail, back = (a[chrono] for a in (owner, start, hist_end, hist_avail, back))
+    num_requests = owner.size
+
+    batch = empty_batch(schema, num_requests)
+    batch["user_id"] = users[owner].astype(np.int32)
+    for name, _ in schema.user_features:
+        batch[f"user_{name}"] = inter.user_features[name][users[owner]].astype(np.int32)
+
+    length = np.minimum(hist_avail, n_hist)
+    slots = np.arange(n_hist)
+    hist_valid = slots[None, :] < length[:, None]
+    hist_idx = np.where(hist_valid, hist_end[:, None] - length[:, None] + slots[None, :], 0)
+    hist_item = np.where(hist_valid, item[hist_idx], 0)
+    batch["history_item"] = hist_item.astype(np.int32)
+    batch["history_action"] = np.where(hist_valid, np.ceil(rating[hist_idx]), 0).astype(np.int32)
+    batch["history_time"] = np.where(hist_valid, ts[hist_idx], 0).astype(np.int32)
+    batch["history_len"] = length.astype(np.int32)
+    batch["request_time"] = ts[start].astype(np.int32)
+
+    rank = _ranks_within(owner[::-1])[::-1]  # 0 = the user's last request after all filtering
+    split_of = np.where(rank == 0, 2, np.where(rank == 1, 1, 0))
+    pos_idx = start[:, None] + np.arange(n_pos)[None, :]
+    popularity = np.bincount(item, minlength=inter.num_items + 1)
+    negatives = np.zeros((num_requests, dc.num_negatives), np.int64)
+    shuffle_keys = np.zeros((num_requests, n_pos + dc.num_negatives))
+    for code in range(3):
+        # One stream per split: test/valid negatives do not move when the train part changes size.
+        rng = np.random.default_rng([dc.seed, code])
+        rows = np.flatnonzero(split_of == code)
+        negatives[rows] = sample_negatives(
+            rng, users[owner[rows]], user, item, inter.num_items, dc.num_negatives, popularity
+        )
+        shuffle_keys[rows] = rng.random((rows.size, shuffle_keys.shape[1]))
+    cand = np.concatenate([item[pos_idx], negatives], axis=1)
+    consume = np.concatenate([np.ones_like(pos_idx), np.zeros_like(negatives)], axis=1)
+    engage = np.concatenate([rating[pos_idx] >= dc.engage_threshold, np.zeros(negatives.shape, bool)], axis=1)
+    valid = cand > 0
+    # Padding (no negative found) sorts last so it stays on the right.
+    perm = np.argsort(shuffle_keys + (~valid) * 2.0, axis=1, kind="stable")
+    cand, consume, engage, valid = (np.take_along_axis(a, perm, axis=1) for a in (cand, consume, engage, valid))
+    batch["cand_item"] = cand.astype(np.int32)
+    batch["num_candidates"] = valid.sum(axis=1).astype(np.int32)
+    batch["label_consume"] = consume.astype(np.float32)
+    batch["label_engage"] = engage.astype(np.float32)
+    for name, _ in schema.item_features:
+        batch[f"history_{name}"] = np.where(hist_valid, item_table[name][hist_item], 0).astype(np.int32)
+        batch[f"cand_{name}"] = np.where(valid, item_table[name][cand], 0).astype(np.int32)
+
+    parts = {
+        name: {k: v[split_of == code] for k, v in batch.items()} for code, name in enumerate(("train", "valid", "test"))
+    }
+    for part in parts.values():
+        validate_batch(part, schema)
+    users_with_requests = int(np.unique(owner).size)
+    stats = {
+        "events": int(user.size),
+        "users": int(users.size),
+        "items_rated": int(np.unique(item).size),
+        "users_with_requests": users_with_requests,
+        "skipped_users": int(users.size - users_with_requests),
+        "skipped_users_too_few_events": int(np.count_nonzero(too_few)),
+        "requests_dropped_same_second_history": dropped_ties,
+        "requests_short_of_negatives": int(np.count_nonzero(valid.sum(axis=1) < n_pos + dc.num_negatives)),
+        **{
+            f"requests_{name}": int(np.count_nonzero(split_of == code))
+            for code, name in enumerate(("train", "valid", "test"))
+        },
+    }
+    return BuiltRequests(parts["train"], parts["valid"], parts["test"], stats)
+
+
+def _ranks_within(group: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal consecutive values of ``group`` (0-based)."""
+    if group.size == 0:
+        return np.zeros(0, np.int64)
+    run_start = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    run_len = np.diff(np.r_[run_start, group.size])
+    return np.arange(group.size) - np.repeat(run_start, run_len)
+
+
+def sample_negatives(
+    rng: np.random.Generator,
+    request_user: np.ndarray,
+    log_user: np.ndarray,
+    log_item: np.ndarray,
+    num_items: int,
+    q: int,
+    popularity: np.ndarray,
+) -> np.ndarray:
+    """``[R, q]`` distinct items per request, drawn by ``popularity`` among items its user never rated.
+
+    Rows with fewer than ``q`` eligible items are right-padded with 0.
+    """
+    r = request_user.size
+    out = np.zeros((r, q), np.int64)
+    if q == 0 or r == 0:
+        return out
+    stride = np.int64(num_items + 1)
+    rated = np.unique(log_user.astype(np.int64) * stride + log_item)
+    weights = popularity.astype(np.float64).copy()
+    weights[0] = 0.0
+    cdf = np.cumsum(weights)
+    cdf /= cdf[-1]
+    pending = np.arange(r)
+    for _ in range(_MAX_REJECTION_ROUNDS):
+        draws = np.searchsorted(cdf, rng.random((pending.size, 2 * q + 8)), side="right")
+        draws = np.minimum(draws, num_items)
+        pool = np.concatenate([out[pending], draws], axis=1)  # earlier picks first so they are kept
+        ok = (pool > 0) & ~_is_member(request_user[pending, None] * stride + pool, rated)
+        ok &= _first_occurrence(pool)
+        rank = np.cumsum(ok, axis=1) - 1
+        chosen = ok & (rank < q)
+        filled = np.zeros((pending.size, q), np.int64)
+        rows, cols = np.nonzero(chosen)
+        filled[rows, rank[rows, cols]] = pool[rows, cols]
+        out[pending] = filled
+        pending = pending[(filled > 0).sum(axis=1) < q]
+        if pending.size == 0:
+            return out
+    for row in pending:  # heavy raters: exact draw among what is left
+        lo, hi = np.searchsorted(rated, [request_user[row] * stride, (request_user[row] + 1) * stride])
+        user_rated = rated[lo:hi] % stride
+        have = out[row][out[row] > 0]
+        left = np.setdiff1d(np.flatnonzero(weights > 0), np.concatenate([user_rated, have]))
+        need = min(q - have.size, left.size)
+        if need > 0:
+            p = weights[left] / weights[left].sum()
+            extra = rng.choice(left, size=need, replace=False, p=p)
+            out[row, have.size : have.size + need] = extra
+    return out
+
+
+def _is_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return sorted_set[pos] == values
+
+
+def _first_occurrence(rows: np.ndarray) -> np.ndarray:
+    """Mask of entries that are the first occurrence of their value within their row."""
+    order = np.argsort(rows, axis=1, kind="stable")
+    srt = np.take_along_axis(rows, order, axis=1)
+    first = np.ones(rows.shape, bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    out = np.empty(rows.shape, bool)
+    np.put_along_axis(out, order, first, axis=1)
+    return out
