@@ -1,0 +1,37 @@
+"""ml1m_base: GESR on MovieLens-1M, the temporal ESR protocol of gesr_jax/data/requests.py.
+
+Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.path=/path/to/ml-1m
+Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.path=/path/to/ml-1m
+Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
+          the default path is ../shared/data/ml-1m relative to the repository.
+Expected: experiments/results/ablation_ml1m.md holds the measured NE of this config and its ablations.
+"""
+
+import pathlib
+
+from gesr_jax.config import Config
+from gesr_jax.data.config import DataConfig
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.train.config import TrainConfig
+
+DEFAULT_PATH = str(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-1m")
+
+
+def get_config() -> Config:
+    return Config(
+        name="ml1m_base",
+        data=DataConfig(
+            source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
+            min_history=5, max_requests_per_user=16,
+        ),
+        model=ModelConfig(
+            history_fields=("item", "genre", "year", "director", "action"),
+            candidate_fields=("item", "genre", "year", "director"),
+            hma_pairs=(("item", "item"), ("genre", "genre"), ("director", "director"), ("year", "year")),
+            hstu_normalizer=64.0,
+        ),
+        train=TrainConfig(
+            batch_size=128, num_steps=800, learning_rate=2e-3, warmup_steps=50, log_every=100, eval_every=400,
+            checkpoint_every=400,
+        ),
+    )

@@ -1,0 +1,26 @@
+"""synthetic_base: the demo run on the embedded synthetic ESR log (the default dataset).
+
+Launch:   gesr train --config synthetic_base --workdir /tmp/gesr_synth
+Baseline: gesr train --config synthetic_base_two_tower --workdir /tmp/gesr_synth_tt
+Demo:     make demo   (trains both and prints the NE table next to the oracle NE)
+Expected: test NE consume ~0.74 (GESR) vs ~0.78 (two-tower), oracle ~0.70; about 2.5 min for both on a 2-core CPU.
+"""
+
+from gesr_jax.config import Config
+from gesr_jax.data.config import DataConfig, SyntheticConfig
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.train.config import TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="synthetic_base",
+        data=DataConfig(
+            source="synthetic", history_len=32, synthetic=SyntheticConfig(num_users=4000, requests_per_user=12)
+        ),
+        model=ModelConfig(),
+        train=TrainConfig(
+            batch_size=64, num_steps=600, learning_rate=2e-3, warmup_steps=50, log_every=50, eval_every=300,
+            checkpoint_every=300,
+        ),
+    )
