@@ -15,9 +15,26 @@ class TrainConfig:
     end_lr_fraction: float = 0.1  # final learning rate as a fraction of the peak
     weight_decay: float = 1e-5  # AdamW decoupled weight decay
     grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
-    seed: int = 0  # params init and dropout / stochastic-length keys
-    log_every: int = 50  # steps between train-metric lines in metrics.jsonl
+    seed: int = 0  # params init, per-epoch data shuffling, dropout / stochastic-length keys
+    log_every: int = 50  # steps between train-metric lines in metrics.jsonl; 0 = only the last step
     eval_every: int = 500  # steps between validation passes; 0 = only at the end
-    checkpoint_every: int = 500  # steps between Orbax checkpoints
+    checkpoint_every: int = 500  # steps between Orbax checkpoints; 0 = only the last step
     max_checkpoints: int = 3  # checkpoints kept in the workdir
     task_weights: tuple[float, ...] = ()  # per-task BCE weights; () = 1 for every task
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field outside its valid range."""
+        positive = ("batch_size", "eval_batch_size", "max_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "num_steps", "warmup_steps", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("end_lr_fraction", "weight_decay", "grad_clip_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if any(not w >= 0 for w in self.task_weights):
+            raise ValueError(f"train.task_weights must be non-negative, got {self.task_weights}")

@@ -1,0 +1,118 @@
+"""The ``gesr`` command line: ``train``, ``eval`` and ``data``.
+
+::
+
+    gesr train --config synthetic_tiny --workdir /tmp/run [--set train.num_steps=200 ...]
+    gesr train --workdir /tmp/run                 # resume with the workdir's config.json
+    gesr eval  --workdir /tmp/run                 # restore the latest checkpoint, print valid+test metrics
+    gesr data  download ml-1m --to DIR | gesr data inspect --path DIR
+
+Configuration errors and bad data print one ``error: ...`` line and exit with status 2; a run that
+diverges (NaN/Inf loss) prints one line and exits with status 1, its last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gesr_jax.config import ConfigError
+
+EXIT_DIVERGED = 1  # training stopped on a NaN/Inf loss
+EXIT_USAGE = 2  # bad config, arguments or data
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field by dotted path, e.g. --set train.learning_rate=3e-4 (repeatable)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gesr", description="GESR (Generative Early Stage Ranking) in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a config in a workdir (resumes when the workdir has checkpoints)")
+    p.add_argument("--config", help="preset name (e.g. synthetic_tiny, ml1m_base_two_tower) or a .py file; "
+                   "defaults to the workdir's config.json when resuming")  # fmt: skip
+    p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, checkpoints/, plots/")
+    _add_overrides(p)
+    p.set_defaults(func=_run_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir on valid and test")
+    p.add_argument("--workdir", required=True, help="a folder written by `gesr train`")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--splits", default="valid,test", help="comma-separated splits to evaluate (default: valid,test)")
+    p.set_defaults(func=_run_eval)
+
+    p = sub.add_parser("data", help="download or inspect datasets")
+    try:
+        from gesr_jax.data import commands
+    except ImportError as err:
+        # The CLI keeps working for train/eval when the data commands cannot be imported.
+        p.set_defaults(func=_data_unavailable, import_error=str(err))
+    else:
+        commands.register(p.add_subparsers(dest="data_command", required=True))
+    return parser
+
+
+def _data_unavailable(args: argparse.Namespace) -> int:
+    print(f"error: `gesr data` is unavailable: gesr_jax.data.commands failed to import ({args.import_error})",
+          file=sys.stderr)  # fmt: skip
+    return EXIT_USAGE
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from gesr_jax import config as config_lib
+    from gesr_jax.train import trainer
+
+    workdir = pathlib.Path(args.workdir)
+    if args.config is not None:
+        config = config_lib.load_config(args.config, args.overrides)
+    elif (workdir / "config.json").exists():
+        config = config_lib.apply_overrides(config_lib.load_json(workdir / "config.json"), args.overrides)
+    else:
+        raise ConfigError(f"--config is required: {workdir} has no config.json to resume from")
+    results = trainer.train_and_evaluate(config, workdir)
+    print(json.dumps(trainer.jsonable(results), sort_keys=True))
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from gesr_jax.train import trainer
+
+    names = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    unknown = sorted(set(names) - {"train", "valid", "test"})
+    if unknown or not names:
+        raise ConfigError(f"--splits must name train, valid and/or test, got {args.splits!r}")
+    results = trainer.evaluate_workdir(args.workdir, step=args.step, split_names=names)
+    print(json.dumps(trainer.jsonable(results), sort_keys=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gesr`` console script; returns the process exit status."""
+    args: Any = build_parser().parse_args(argv)
+    from gesr_jax.train.trainer import TrainingDivergedError
+
+    try:
+        return int(args.func(args))
+    except TrainingDivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # ConfigError is a ValueError; data and checkpoint problems raise ValueError with the file named.
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; the workdir resumes from its latest checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The `gesr` CLI: train, resume, eval, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+from gesr_jax import cli
+from gesr_jax.train import trainer
+
+
+def _fixtures():
+    path = pathlib.Path(__file__).parent / "train" / "train_fixtures.py"
+    spec = importlib.util.spec_from_file_location("gesr_cli_test_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+fx = _fixtures()
+
+
+@pytest.fixture
+def fake_model_and_data(monkeypatch):
+    """Route the CLI's model and data to the fast linear fixture (the real ones have their own tests)."""
+    splits = fx.make_splits()
+    monkeypatch.setattr(trainer, "default_model_api", lambda: fx.linear_api())
+    monkeypatch.setattr(trainer, "default_splits", lambda config: splits)
+    return splits
+
+
+def test_train_resume_and_eval(tmp_path, capsys, fake_model_and_data):
+    workdir = tmp_path / "run"
+    sets = ["--set", "train.num_steps=4", "--set", "train.batch_size=16", "--set", "train.eval_batch_size=16",
+            "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0"]  # fmt: skip
+    assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(workdir), *sets]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["step"] == 4 and "consume/ne" in trained["test"]
+    # Resume from config.json alone, extending the run.
+    assert cli.main(["train", "--workdir", str(workdir), "--set", "train.num_steps=6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+    assert cli.main(["eval", "--workdir", str(workdir), "--splits", "test"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["step"] == 6 and set(evaluated) == {"step", "test"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--config", "synthetic_tiny", "--workdir", "W", "--set", "train.nope=1"], "'train.nope'"),
+        (["train", "--config", "synthetic_tiny", "--workdir", "W", "--set", "train.num_steps=ten"], "not an integer"),
+        (["train", "--config", "synthetic_tiny", "--workdir", "W", "--set", "train.batch_size=0"], "train.batch_size"),
+        (["train", "--config", "no_such_preset", "--workdir", "W"], "unknown config 'no_such_preset'"),
+        (["train", "--workdir", "W"], "--config is required"),
+        (["eval", "--workdir", "W"], "has no config.json"),
+    ],
+)
+def test_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_data_subcommand_reports_a_missing_module(monkeypatch, capsys):
+    import gesr_jax.data
+
+    monkeypatch.setitem(sys.modules, "gesr_jax.data.commands", None)  # makes the import fail
+    monkeypatch.delattr(gesr_jax.data, "commands", raising=False)
+    assert cli.main(["data"]) == 2
+    assert "gesr_jax.data.commands failed to import" in capsys.readouterr().err
+
+
+def test_diverged_training_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
+    def diverge(config, workdir):
+        raise trainer.TrainingDivergedError("loss became nan at step 3; training stopped")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", diverge)
+    assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == "error: loss became nan at step 3; training stopped"
