@@ -1,0 +1,134 @@
+"""RO and NRO cross attention into the user history (spec §1.7, §1.8).
+
+The paper confirms only the blocks' existence and their inputs/outputs; the formulas here
+are the spec's proposals (UNCONFIRMED):
+
+* RO cross attention (once per request): k learnable query seeds, Set-Transformer PMA
+  style, ``H = S + W_o MHA(S W_q, U W_k, U W_v)`` then ``H + FFN(LN(H))``; its
+  flattened output is the "User History Summarization". With ``model.ro_profile_query``
+  one more query, the sum-pooled user profile embedding, gives the "User Profile Embs".
+* NRO cross attention (per candidate): ``q_c`` = sum-pooled candidate query features,
+  ``a_c = W_o MHA(q_c W_q, U W_k, U W_v)``, gate ``g_c = sigmoid(W_g [q_c ; a_c] + b)``,
+  output ``g_c * a_c + (1 - g_c) * q_c``.
+
+Attention is softmax (``model.cross_attention="softmax"``) or HSTU-style pointwise SiLU
+divided by the fixed normaliser ("silu"); the paper does not say which. In both blocks
+the history keys/values ``U W_k``, ``U W_v`` are computed once per request, [B, N, H, dh],
+and every query attends to them through an einsum: no history tensor is repeated per
+candidate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.layers import MLP, Dense, LayerNorm, MultiInputDense, fold, make_param
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, kind: str, normalizer: float
+) -> jax.Array:
+    """Multi-head attention of queries into one request's history keys.
+
+    ``q`` is [B, M, H, dh] (per-request queries) or [M, H, dh] (shared by all requests);
+    ``k``, ``v`` [B, N, H, dh]; ``valid`` [B, N]. Returns [B, M, H, dh]. A request with no
+    valid history gets zeros (never NaN).
+    """
+    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
+    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
+    mask = valid[:, None, None, :]
+    if kind == "softmax":
+        scores = jnp.where(mask, scores, -1e30)
+        weights = jax.nn.softmax(scores, axis=-1)
+        weights = jnp.where(mask, weights, 0.0)
+    elif kind == "silu":
+        weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
+    else:
+        raise ValueError(f"model.cross_attention must be 'softmax' or 'silu', got {kind!r}")
+    return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
+
+
+class HistoryKV(nnx.Module):
+    """Key and value projections of the history tokens: RO, once per request."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, rngs: nnx.Rngs):
+        self.heads, self.head_dim = heads, head_dim
+        self.k = Dense(dim, heads * head_dim, rngs=rngs, names=("embed", "heads"), use_bias=False)
+        self.v = Dense(dim, heads * head_dim, rngs=rngs, names=("embed", "heads"), use_bias=False)
+
+    def __call__(self, history: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, n, _ = history.shape
+        shape = (b, n, self.heads, self.head_dim)
+        return self.k(history).reshape(shape), self.v(history).reshape(shape)
+
+
+class _CrossBase(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, dh = config.embed_dim, config.cross_heads, config.cross_head_dim
+        self.heads, self.head_dim = h, dh
+        self.kv = HistoryKV(d, h, dh, rngs=rngs)
+        self.q = Dense(d, h * dh, rngs=rngs, names=("embed", "heads"), use_bias=False)
+        self.o = Dense(h * dh, d, rngs=rngs, names=("heads", "embed"))
+        self.kind = config.cross_attention
+        self.normalizer = float(config.hstu_normalizer)
+
+    def _attend(self, queries: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+        q = self.q(queries)
+        q = q.reshape(*q.shape[:-1], self.heads, self.head_dim)
+        out = attend(q, k, v, valid, kind=self.kind, normalizer=self.normalizer)
+        return self.o(out.reshape(*out.shape[:-2], self.heads * self.head_dim))
+
+
+class ROCrossAttention(_CrossBase):
+    """Learnable seeds (and optionally the user profile) attend into the history: RO outputs."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        d = config.embed_dim
+        self.num_seeds = config.ro_num_seeds
+        self.seeds = make_param(rngs, nnx.initializers.normal(1.0), (config.ro_num_seeds, d), (None, "embed"))
+        self.norm = LayerNorm(d, rngs=rngs)
+        self.ffn = MLP(d, (2 * d, d), rngs=rngs, in_name="embed", out_name="embed", dropout_rate=config.dropout)
+        self.profile_query = config.ro_profile_query
+
+    def __call__(
+        self,
+        history: jax.Array,
+        valid: jax.Array,
+        profile: jax.Array | None,
+        *,
+        key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(summary [B, k * D], profile embedding [B, D] or None) from history [B, N, D] and profile [B, D]."""
+        k, v = self.kv(history)
+        seeds = self.seeds[...]
+        summary = self._block(seeds + self._attend(seeds, k, v, valid), fold(key, 0))
+        summary = summary.reshape(summary.shape[0], -1)
+        if not self.profile_query:
+            return summary, None
+        if profile is None:
+            raise ValueError("RO cross attention was built with a profile query but got no profile embedding")
+        query = profile[:, None, :]
+        prof = self._block(query + self._attend(query, k, v, valid), fold(key, 1))
+        return summary, prof[:, 0]
+
+    def _block(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
+        return h + self.ffn(self.norm(h), key=key)
+
+
+class NROCrossAttention(_CrossBase):
+    """Per-candidate queries attend into the request's history; gated update. Output [B, C, D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        d = config.embed_dim
+        self.gate = MultiInputDense((d, d), d, rngs=rngs, out_name="embed")
+
+    def __call__(self, query: jax.Array, history: jax.Array, valid: jax.Array) -> jax.Array:
+        k, v = self.kv(history)  # [B, N, H, dh], shared by all candidates of the request
+        a = self._attend(query, k, v, valid)
+        g = jax.nn.sigmoid(self.gate([query, a]))
+        return g * a + (1.0 - g) * query

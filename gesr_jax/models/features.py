@@ -1,0 +1,175 @@
+"""Batch reading and the MoA token embeddings (the paper's "RO/NRO Shared Embedding Table").
+
+A history token is the sum of its fields' embeddings (``model.history_fields``), plus a
+position embedding (counted back from the most recent event, so padding never shifts it)
+and a time embedding (bucketised log of request_time - event_time). A candidate token
+sums ``model.candidate_fields`` embeddings from the same tables, a learnable "mask
+action" embedding when history tokens carry the action (GenRank's candidate token), one
+shared candidate position and time bucket 0. Field fusion by summation is the spec's
+proposal (§1.4, UNCONFIRMED).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gesr_jax.data.batch import BatchSchema
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.layers import EMBED_INIT, Embed, make_param
+
+Batch = Mapping[str, jax.Array]
+
+
+def item_field_names(schema: BatchSchema) -> tuple[str, ...]:
+    """Fields a history or candidate slot can carry: the item id and every item feature."""
+    return ("item", *schema.item_feature_names)
+
+
+def check_fields(config: ModelConfig, schema: BatchSchema) -> None:
+    """Raise ``ValueError`` naming the config key when it names a field this dataset does not have."""
+    items = item_field_names(schema)
+    available_hist = (*items, "action")
+
+    def check(key: str, names: tuple[str, ...], available: tuple[str, ...]) -> None:
+        for name in names:
+            if name not in available:
+                raise ValueError(
+                    f"model.{key} names {name!r}, which this dataset does not have; available: {list(available)}"
+                )
+
+    if config.uses_tokens:
+        check("history_fields", config.history_fields, available_hist)
+        check("candidate_fields", config.candidate_fields, items)
+    if config.use_nro_cross:
+        check("nro_query_fields" if config.nro_query_fields else "candidate_fields", config.query_fields, items)
+    if config.use_hma:
+        for hist, cand in config.hma_pairs:
+            check("hma_pairs", (hist,), items)
+            check("hma_pairs", (cand,), items)
+
+
+def history_key(field: str) -> str:
+    return f"history_{field}"
+
+
+def candidate_key(field: str) -> str:
+    return f"cand_{field}"
+
+
+def check_batch(batch: Batch, keys: tuple[str, ...]) -> tuple[int, int, int]:
+    """Check the keys the model reads exist with consistent shapes and integer dtypes; return (B, N, C).
+
+    Shape-only (works on tracers); value checks live in ``data.batch.validate_batch``.
+    """
+    for key in ("history_item", "cand_item", "history_len", "num_candidates", *keys):
+        if key not in batch:
+            raise ValueError(f"batch has no {key!r}; the layout is documented in gesr_jax/data/batch.py")
+    for key in ("history_item", "cand_item"):
+        if len(np.shape(batch[key])) != 2:
+            raise ValueError(f"batch[{key!r}] must be 2-D [B, N or C], got shape {tuple(np.shape(batch[key]))}")
+    b, n = np.shape(batch["history_item"])
+    c = np.shape(batch["cand_item"])[1]
+    per_request = ("history_len", "num_candidates", "request_time", "user_id")
+    for key in dict.fromkeys(("history_len", "num_candidates", "cand_item", *keys)):
+        if key in per_request or key.startswith("user_"):
+            expected: tuple[int, ...] = (b,)
+        else:
+            expected = (b, n) if key.startswith("history_") else (b, c)
+        shape = tuple(np.shape(batch[key]))
+        if shape != expected:
+            raise ValueError(f"batch[{key!r}] has shape {shape}, expected {expected}")
+        if not jnp.issubdtype(batch[key].dtype, jnp.integer):
+            raise ValueError(f"batch[{key!r}] has dtype {batch[key].dtype}, expected an integer type")
+    return int(b), int(n), int(c)
+
+
+def valid_masks(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(history valid [B, N], candidate valid [B, C]) from the explicit lengths."""
+    n = batch["history_item"].shape[1]
+    c = batch["cand_item"].shape[1]
+    hist = jnp.arange(n)[None, :] < batch["history_len"][:, None]
+    cand = jnp.arange(c)[None, :] < batch["num_candidates"][:, None]
+    return hist, cand
+
+
+class FieldTables(nnx.Module):
+    """One embedding table per item field, shared by the history (RO) and candidate (NRO) sides."""
+
+    def __init__(self, schema: BatchSchema, fields: tuple[str, ...], dim: int, *, rngs: nnx.Rngs):
+        self.fields = tuple(dict.fromkeys(fields))  # ordered, deduplicated
+        self.tables = nnx.Dict({f: Embed(schema.item_vocab(f), dim, rngs=rngs) for f in self.fields})
+
+    def sum(self, batch: Batch, fields: tuple[str, ...], prefix: str) -> jax.Array:
+        """Sum of the embeddings of ``fields`` read from ``batch[prefix + field]``."""
+        return sum(self.tables[f](batch[prefix + f]) for f in fields)
+
+
+class TokenEmbedder(nnx.Module):
+    """History and candidate tokens for HSTU and cross attention (all parameters are MoA parameters)."""
+
+    def __init__(self, config: ModelConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
+        d = config.embed_dim
+        self.history_fields = tuple(config.history_fields)
+        self.candidate_fields = tuple(config.candidate_fields)
+        self.query_fields = tuple(config.query_fields) if config.use_nro_cross else ()
+        fields = (*self.history_fields, *self.candidate_fields, *self.query_fields)
+        self.tables = FieldTables(schema, fields, d, rngs=rngs)
+        uses_action = "action" in self.history_fields
+        self.mask_action = make_param(rngs, EMBED_INIT, (d,), ("embed",)) if uses_action else None
+        # Position 0 is the shared candidate position; history positions are 1..N (1 = most recent).
+        self.max_position = schema.history_len
+        self.position = Embed(schema.history_len + 1, d, rngs=rngs) if config.use_position_emb else None
+        self.time = Embed(config.num_time_buckets, d, rngs=rngs) if config.use_time_emb else None
+        self.num_time_buckets = config.num_time_buckets
+        self.time_bucket_width = config.time_bucket_width
+
+    def history(self, batch: Batch) -> jax.Array:
+        """History tokens [B, N, D]; padded slots are zero."""
+        x = self.tables.sum(batch, self.history_fields, "history_")
+        n = x.shape[1]
+        valid = jnp.arange(n)[None, :] < batch["history_len"][:, None]
+        if self.position is not None:
+            # Most recent event = 1; a position beyond the table (longer than the schema's N) shares the last row.
+            pos = batch["history_len"][:, None] - jnp.arange(n)[None, :]
+            x = x + self.position(jnp.clip(pos, 1, self.max_position))
+        if self.time is not None:
+            dt = (batch["request_time"][:, None] - batch["history_time"]).astype(jnp.float32)
+            x = x + self.time(self._time_bucket(dt))
+        return jnp.where(valid[..., None], x, 0.0)
+
+    def _time_bucket(self, dt: jax.Array) -> jax.Array:
+        raw = jnp.floor(jnp.log(jnp.maximum(dt, 1.0)) / self.time_bucket_width).astype(jnp.int32)
+        return jnp.clip(1 + raw, 1, self.num_time_buckets - 1)
+
+    def candidates(self, batch: Batch) -> jax.Array:
+        """Candidate tokens [B, C, D] (mask action, shared candidate position, time bucket 0); padding is zero."""
+        x = self.unified_item(batch)
+        if self.mask_action is not None:
+            x = x + self.mask_action[...]
+        if self.position is not None:
+            x = x + self.position.table[...][0]
+        if self.time is not None:
+            x = x + self.time.table[...][0]
+        c = x.shape[1]
+        valid = jnp.arange(c)[None, :] < batch["num_candidates"][:, None]
+        return jnp.where(valid[..., None], x, 0.0)
+
+    def unified_item(self, batch: Batch) -> jax.Array:
+        """The "Unified Learned Item Embeddings" [B, C, D]: candidate fields summed from the shared tables."""
+        return self.tables.sum(batch, self.candidate_fields, "cand_")
+
+    def query(self, batch: Batch) -> jax.Array:
+        """Sum-pooled NRO query features [B, C, D] ("Query Sum Pooling" of the NRO query selector)."""
+        return self.tables.sum(batch, self.query_fields, "cand_")
+
+    def needed_keys(self) -> tuple[str, ...]:
+        keys = [history_key(f) for f in self.history_fields]
+        keys += [candidate_key(f) for f in (*self.candidate_fields, *self.query_fields)]
+        if self.time is not None:
+            keys += ["history_time", "request_time"]
+        return tuple(dict.fromkeys(keys))

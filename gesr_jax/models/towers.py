@@ -1,0 +1,146 @@
+"""The two-tower baseline: GESR's primary path and the paper's "Vanilla Two Tower Model".
+
+User tower (RO, once per request): user id, user features and the mean of the user's
+history token embeddings -> MLP -> u [B, Dt]. Item tower (NRO, a function of the item
+alone, so it can be computed once per item and cached): item id and item features ->
+MLP -> i [..., Dt]. The towers meet only in :class:`Interaction`.
+
+The interaction form is UNCONFIRMED (spec §1.3); we use
+``main_t = a_t * <u, i> + b_t + MLP_t([u * i, hma, unified_item])`` with u and i L2-normalised and
+rescaled to ``model.tower_norm_scale`` (0 keeps the raw outputs): the scaled dot
+product of classic two-tower models plus a small MLP on the element-wise product, into
+which the MoA's main-path outputs (HMA and the unified item embedding, spec §1.9) are
+concatenated when those modules are on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gesr_jax.data.batch import BatchSchema
+from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.features import Batch, FieldTables, item_field_names
+from gesr_jax.models.layers import MLP, Embed, make_param, masked_mean
+
+
+class UserTower(nnx.Module):
+    """u = MLP([E(user_id), E(user features)..., mean of history tokens]) -> [B, Dt]."""
+
+    def __init__(self, config: ModelConfig, schema: BatchSchema, tables: FieldTables, *, rngs: nnx.Rngs):
+        d = config.embed_dim
+        self.user_id = Embed(schema.num_users + 1, d, rngs=rngs) if config.use_user_id else None
+        self.features = nnx.Dict({name: Embed(vocab, d, rngs=rngs) for name, vocab in schema.user_features})
+        self.history_fields = tables.fields if config.tower_history_pool else ()
+        parts = (self.user_id is not None) + len(self.features) + bool(self.history_fields)
+        if parts == 0:
+            raise ValueError(
+                "the user tower has no input: this dataset has no user features and both model.use_user_id and "
+                "model.tower_history_pool are false"
+            )
+        self.mlp = MLP(parts * d, config.tower_mlp, rngs=rngs, out_name="embed", dropout_rate=config.dropout)
+
+    def __call__(self, batch: Batch, tables: FieldTables, *, key: jax.Array | None = None) -> jax.Array:
+        parts = []
+        if self.user_id is not None:
+            parts.append(self.user_id(batch["user_id"]))
+        parts += [table(batch[f"user_{name}"]) for name, table in self.features.items()]
+        if self.history_fields:
+            tokens = tables.sum(batch, self.history_fields, "history_")
+            n = tokens.shape[1]
+            valid = jnp.arange(n)[None, :] < batch["history_len"][:, None]
+            parts.append(masked_mean(tokens, valid, axis=1))
+        return self.mlp(jnp.concatenate(parts, axis=-1), key=key)
+
+    def profile_fields(self) -> tuple[str, ...]:
+        """Batch keys of the user profile embeddings (user id and user features)."""
+        keys = ("user_id",) if self.user_id is not None else ()
+        return keys + tuple(f"user_{name}" for name in self.features)
+
+    def profile(self, batch: Batch) -> jax.Array:
+        """Sum-pooled user profile embeddings [B, D]: the RO cross attention's profile query."""
+        parts = [self.user_id(batch["user_id"])] if self.user_id is not None else []
+        parts += [table(batch[f"user_{name}"]) for name, table in self.features.items()]
+        return sum(parts)
+
+    def needed_keys(self) -> tuple[str, ...]:
+        keys = ["user_id"] if self.user_id is not None else []
+        keys += [f"user_{name}" for name in self.features]
+        keys += [f"history_{f}" for f in self.history_fields]
+        return tuple(keys)
+
+
+class ItemTower(nnx.Module):
+    """i = MLP([E(item), E(item features)...]): depends on the item alone, hence cacheable per item id."""
+
+    def __init__(self, config: ModelConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
+        self.fields = item_field_names(schema)
+        self.mlp = MLP(
+            len(self.fields) * config.embed_dim, config.tower_mlp, rngs=rngs, out_name="embed",
+            dropout_rate=config.dropout,
+        )
+
+    def __call__(
+        self, fields: Mapping[str, jax.Array], tables: FieldTables, *, key: jax.Array | None = None
+    ) -> jax.Array:
+        """``fields[name]`` are id arrays of one shape (e.g. [B, C] or [num_items + 1]); returns [..., Dt]."""
+        missing = [f for f in self.fields if f not in fields]
+        if missing:
+            raise ValueError(f"item tower needs fields {list(self.fields)}; missing {missing}")
+        x = jnp.concatenate([tables.tables[f](fields[f]) for f in self.fields], axis=-1)
+        return self.mlp(x, key=key)
+
+
+class Interaction(nnx.Module):
+    """Main logits [B, C, T] from u [B, Dt], i [B, C, Dt] and optional main-path MoA outputs [B, C, *]."""
+
+    def __init__(self, config: ModelConfig, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs):
+        dt = config.tower_mlp[-1]
+        self.dot_scale = make_param(rngs, nnx.initializers.ones, (num_tasks,), (None,))
+        self.dot_bias = make_param(rngs, nnx.initializers.zeros, (num_tasks,), (None,))
+        self.mlp = MLP(dt + extra_dim, (*config.interaction_mlp, num_tasks), rngs=rngs, dropout_rate=config.dropout)
+        self.norm_scale = config.tower_norm_scale
+
+    def __call__(
+        self, u: jax.Array, i: jax.Array, extras: list[jax.Array], *, key: jax.Array | None = None
+    ) -> jax.Array:
+        if self.norm_scale > 0:
+            u, i = _rescaled_unit(u, self.norm_scale), _rescaled_unit(i, self.norm_scale)
+        u = u[:, None, :]  # broadcast the RO user embedding over candidates, never copied
+        dot = jnp.sum(u * i, axis=-1, keepdims=True)
+        x = jnp.concatenate([u * i, *extras], axis=-1)
+        return dot * self.dot_scale[...] + self.dot_bias[...] + self.mlp(x, key=key)
+
+
+def _rescaled_unit(x: jax.Array, scale: float) -> jax.Array:
+    # The epsilon keeps the gradient finite for an all-zero tower output (e.g. an empty padding row).
+    return x * (scale * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12))
+
+
+class TwoTower(nnx.Module):
+    """Towers, their item-field tables (shared between the item tower and the user's history pool) and interaction."""
+
+    def __init__(
+        self, config: ModelConfig, schema: BatchSchema, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs
+    ):
+        fields = item_field_names(schema) + (("action",) if config.tower_history_pool else ())
+        self.tables = FieldTables(schema, fields, config.embed_dim, rngs=rngs)
+        self.user = UserTower(config, schema, self.tables, rngs=rngs)
+        self.item = ItemTower(config, schema, rngs=rngs)
+        self.interaction = Interaction(config, extra_dim, num_tasks, rngs=rngs)
+
+    def user_embedding(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+        return self.user(batch, self.tables, key=key)
+
+    def item_embedding(self, fields: Mapping[str, jax.Array], *, key: jax.Array | None = None) -> jax.Array:
+        return self.item(fields, self.tables, key=key)
+
+    def candidate_fields(self, batch: Batch) -> dict[str, jax.Array]:
+        """The item tower's inputs for the batch's candidates, keyed by field name."""
+        return {f: batch[f"cand_{f}"] for f in self.item.fields}
+
+    def needed_keys(self) -> tuple[str, ...]:
+        return (*self.user.needed_keys(), *(f"cand_{f}" for f in self.item.fields))
