@@ -4,7 +4,7 @@ Launch:   gesr train --config synthetic_base --workdir /tmp/gesr_synth
 Baseline: gesr train --config synthetic_base_two_tower --workdir /tmp/gesr_synth_tt
 Demo:     make demo   (trains both and prints the NE table next to the oracle NE)
 Expected: test NE consume ~0.744 (GESR) vs ~0.760 (two-tower), engage ~0.768 vs ~0.786, oracle ~0.70 / ~0.73
-          (seed 0; experiments/results/ablation_synthetic.md has 3 seeds); ~1.5 min for both on a 2-core CPU.
+          (seed 0; experiments/results/ablation_synthetic.md has 3 seeds); ~50 s for both on an idle 2-core CPU.
 """
 
 from gesr_jax.config import Config
