@@ -46,7 +46,7 @@ class ModelConfig:
     target_aware: bool = True  # with use_hstu: False = the paper's ablation, last history output for every candidate
     use_ro_cross: bool = True  # RO cross attention with learnable seeds
     use_nro_cross: bool = True  # NRO cross attention with gated update
-    use_mlpg: bool = True  # multi-logit parameterized gating branches
+    use_mlpg: bool = True  # multi-logit parameterized gating; off = its inputs join the main interaction MLP
     # --- MoA config: which inputs feed which module ---
     history_fields: tuple[str, ...] = ("item", "category", "creator", "action")  # summed into a history token
     candidate_fields: tuple[str, ...] = ("item", "category", "creator")  # summed into a candidate token

@@ -8,6 +8,7 @@ One forward pass (DESIGN.md "One forward pass"):
    history; target-aware HSTU over [history ; candidates]; NRO cross attention.
 3. Logits: main = interaction(u, i, [HMA, unified item embedding]);
    amplified = MLPG(target-aware user embs, NRO cross outputs, RO summary, RO profile);
+   with ``model.use_mlpg=false`` those MLPG inputs join the main interaction MLP instead;
    final = main + amplified, one [B, C] array per task.
 
 Routing of MoA outputs to the main path vs MLPG follows spec §1.9 (read off the paper's
@@ -37,6 +38,16 @@ from gesr_jax.models.towers import TwoTower
 _SL, _USER, _ITEM, _HMA, _HSTU, _RO, _INTER, _MLPG = range(8)
 
 
+def _mlpg_input_widths(config: ModelConfig) -> dict[str, int]:
+    """Widths of the MoA outputs that are routed to MLPG (spec §1.9) and switched on, in a fixed order."""
+    d = config.embed_dim
+    widths = {"hstu": d if config.use_hstu else 0}
+    widths["ro_summary"] = config.ro_num_seeds * d if config.use_ro_cross else 0
+    widths["ro_profile"] = d if config.use_ro_cross and config.ro_profile_query else 0
+    widths["nro_cross"] = d if config.use_nro_cross else 0
+    return {name: w for name, w in widths.items() if w}
+
+
 class GESR(nnx.Module):
     """The GESR ranking model; build with a :class:`ModelConfig` and the dataset's :class:`BatchSchema`."""
 
@@ -48,6 +59,11 @@ class GESR(nnx.Module):
         dims: dict[str, int] = {}  # width of every MoA output, for MLPG
 
         extra_dim = 0
+        if not config.use_mlpg:
+            # Without MLPG its inputs join the main interaction instead (the paper's "without MLPG" keeps
+            # the attention modules; only the gated multi-logit branches go). Widths come from the config so
+            # the modules below are created in the same order, with the same initial values, either way.
+            extra_dim += sum(_mlpg_input_widths(config).values())
         self.hma = HardMatching(config, rngs=rngs) if config.use_hma else None
         if self.hma is not None:
             extra_dim += dims.setdefault("hma", self.hma.out_dim)
@@ -138,6 +154,9 @@ class GESR(nnx.Module):
             if self.nro_cross is not None:
                 moa["nro_cross"] = self.nro_cross(self.tokens.query(batch), history, hist_valid)
 
+        if self.mlpg is None:
+            for name in _mlpg_input_widths(cfg):
+                main_extras.append(jnp.broadcast_to(moa[name], (*moa[name].shape[:1], c, moa[name].shape[-1])))
         logits = self.towers.interaction(u, i, main_extras, key=fold(key, _INTER))
         if self.mlpg is not None:
             logits = logits + self.mlpg(moa, c, key=fold(key, _MLPG))

@@ -132,6 +132,16 @@ def test_every_parameter_gets_a_nonzero_gradient(full):
         assert np.abs(g).sum() > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
 
 
+def test_without_mlpg_the_attention_modules_still_train():
+    # Its inputs move into the main interaction; nothing is computed and then dropped.
+    model = make_model(tiny_config(use_mlpg=False))
+    graphdef, params = nnx.split(model)
+    grads = jax.grad(lambda p, b: _loss(graphdef, p, b))(params, batch_for(batch_size=4, seed=5))
+    for part in ("hstu", "ro_cross", "nro_cross"):
+        leaves = jax.tree_util.tree_leaves(grads[part])
+        assert leaves and all(np.abs(np.asarray(g)).sum() > 0 for g in leaves), part
+
+
 def test_jit_compiles_once_per_shape(full):
     model, _, _ = full
     graphdef, params = nnx.split(model)
