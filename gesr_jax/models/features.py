@@ -146,9 +146,12 @@ class TokenEmbedder(nnx.Module):
         raw = jnp.floor(jnp.log(jnp.maximum(dt, 1.0)) / self.time_bucket_width).astype(jnp.int32)
         return jnp.clip(1 + raw, 1, self.num_time_buckets - 1)
 
-    def candidates(self, batch: Batch) -> jax.Array:
-        """Candidate tokens [B, C, D] (mask action, shared candidate position, time bucket 0); padding is zero."""
-        x = self.unified_item(batch)
+    def candidates(self, batch: Batch, unified: jax.Array | None = None) -> jax.Array:
+        """Candidate tokens [B, C, D] (mask action, shared candidate position, time bucket 0); padding is zero.
+
+        ``unified`` is :meth:`unified_item`'s output when the caller already has it.
+        """
+        x = self.unified_item(batch) if unified is None else unified
         if self.mask_action is not None:
             x = x + self.mask_action[...]
         if self.position is not None:
@@ -163,8 +166,13 @@ class TokenEmbedder(nnx.Module):
         """The "Unified Learned Item Embeddings" [B, C, D]: candidate fields summed from the shared tables."""
         return self.tables.sum(batch, self.candidate_fields, "cand_")
 
-    def query(self, batch: Batch) -> jax.Array:
-        """Sum-pooled NRO query features [B, C, D] ("Query Sum Pooling" of the NRO query selector)."""
+    def query(self, batch: Batch, unified: jax.Array | None = None) -> jax.Array:
+        """Sum-pooled NRO query features [B, C, D] ("Query Sum Pooling" of the NRO query selector).
+
+        With the default query fields (the candidate fields) this is :meth:`unified_item`, reused when given.
+        """
+        if unified is not None and self.query_fields == self.candidate_fields:
+            return unified
         return self.tables.sum(batch, self.query_fields, "cand_")
 
     def needed_keys(self) -> tuple[str, ...]:

@@ -143,7 +143,7 @@ class GESR(nnx.Module):
             main_extras.append(moa["unified_item"])
             if self.hstu is not None:
                 moa["hstu"] = self.hstu(
-                    history, self.tokens.candidates(batch), hlen, ncand, key=fold(key, _HSTU)
+                    history, self.tokens.candidates(batch, moa["unified_item"]), hlen, ncand, key=fold(key, _HSTU)
                 )
             if self.ro_cross is not None:
                 profile = self.towers.user.profile(batch) if cfg.ro_profile_query else None
@@ -152,7 +152,8 @@ class GESR(nnx.Module):
                 if prof is not None:
                     moa["ro_profile"] = prof[:, None, :]
             if self.nro_cross is not None:
-                moa["nro_cross"] = self.nro_cross(self.tokens.query(batch), history, hist_valid)
+                query = self.tokens.query(batch, moa["unified_item"])
+                moa["nro_cross"] = self.nro_cross(query, history, hist_valid)
 
         if self.mlpg is None:
             for name in _mlpg_input_widths(cfg):
