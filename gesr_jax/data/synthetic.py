@@ -52,6 +52,7 @@ import numpy as np
 
 from gesr_jax.data.batch import empty_batch, validate_batch
 from gesr_jax.data.config import DataConfig
+from gesr_jax.metrics import normalized_entropy
 
 if TYPE_CHECKING:  # sources imports this module lazily; the annotation only needs the name
     from gesr_jax.data.sources import Splits
@@ -320,14 +321,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def oracle_ne(split: dict[str, np.ndarray], task: str) -> float:
     """Normalized entropy of the true probabilities ``prob_<task>``: the floor for any model on this split."""
     return normalized_entropy(split[f"label_{task}"], split[f"prob_{task}"], _cand_mask(split))
-
-
-def normalized_entropy(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> float:
-    """Mean log loss over ``mask`` divided by the entropy of the empirical base rate."""
-    y, p = labels[mask].astype(np.float64), np.clip(probs[mask].astype(np.float64), 1e-7, 1 - 1e-7)
-    loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    rate = np.clip(y.mean(), 1e-7, 1 - 1e-7)
-    return float(loss / -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)))
 
 
 def calibrated_ne(labels: np.ndarray, logits: np.ndarray, mask: np.ndarray, iters: int = 25) -> float:
