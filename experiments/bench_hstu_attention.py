@@ -2,12 +2,16 @@
 
     python experiments/bench_hstu_attention.py            # on a GPU (or TPU) host: the issue's shapes, bf16
     python experiments/bench_hstu_attention.py --smoke    # on CPU: tiny shapes, Pallas backends interpreted
+    python experiments/bench_hstu_attention.py --sweep --shapes 0,2   # time every tile candidate in config.py
 
 For every shape and backend it (1) checks the output and the three gradients against the float32 reference
 (bf16 tolerance), then (2) times the jitted forward and the jitted forward+backward, warm-up excluded, as the
 median over repeats. On NVIDIA GPUs the times are device kernel times from CUPTI (jax's Mosaic GPU profiler,
 summed over every kernel the step launches); elsewhere they are wall-clock around `jax.block_until_ready`.
-The table goes to experiments/results/hstu_attention_<device>.md with the device name, jax version and date.
+The table goes to experiments/results/hstu_attention_<device>.md (`_sweep.md` with --sweep) with the device
+name, jax version and date, and is rewritten after every row: a run cut short keeps what it measured. A backend
+that fails to compile or run becomes a row with its error instead of ending the run; `--budget-minutes` stops
+starting new rows so that one call fits a time limit.
 
 Shapes are (B, H, L, D, targets) with every row full (lengths = L) and the last `targets` tokens candidates.
 The reference numbers are the issue's H100 measurements (2026-11-22) of the XLA reference and of Meta's
@@ -18,6 +22,7 @@ everywhere, and fwd <= 0.15 ms at (32, 4, 1024, 128, 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import pathlib
@@ -35,7 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from kernels.hstu_attention import hstu_attention, hstu_attention_reference  # noqa: E402
+from kernels.hstu_attention import BlockSizes, attention_mask, hstu_attention, hstu_attention_reference  # noqa: E402
+from kernels.hstu_attention.config import DEFAULT_BLOCK_SIZES, TUNING_CANDIDATES  # noqa: E402
 
 Shape = tuple[int, int, int, int, int]  # (B, H, L, D, targets)
 
@@ -65,7 +71,7 @@ def make_inputs(shape: Shape, seed: int = 0):
     return q, k, v, lengths, num_targets, d_out
 
 
-def build(implementation: str, shape: Shape, interpret: bool):
+def build(implementation: str, shape: Shape, interpret: bool, blocks: BlockSizes | None = None):
     """(jitted forward, jitted forward+backward) of one backend; normalizer = L as a model would fix it."""
     normalizer = float(shape[2])
 
@@ -74,7 +80,8 @@ def build(implementation: str, shape: Shape, interpret: bool):
             f32 = [x.astype(jnp.float32) for x in (q, k, v)]
             return hstu_attention_reference(*f32, lengths, num_targets, normalizer=normalizer)
         return hstu_attention(
-            q, k, v, lengths, num_targets, normalizer=normalizer, implementation=implementation, interpret=interpret
+            q, k, v, lengths, num_targets, normalizer=normalizer, implementation=implementation,
+            interpret=interpret, block_sizes=blocks,
         )
 
     def forward_backward(q, k, v, lengths, num_targets, d_out):
@@ -84,11 +91,17 @@ def build(implementation: str, shape: Shape, interpret: bool):
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-def check(implementation: str, shape: Shape, interpret: bool, reference) -> float:
+def forward_flops(shape: Shape) -> float:
+    """FLOPs of the forward on the valid pairs only (q.k and p.v, 2 per multiply-add): what a kernel that
+    skips every masked block must do, so TF/s from it compare kernels on useful work."""
+    batch, heads, seq_len, dim, targets = shape
+    row = attention_mask(jnp.array([seq_len]), jnp.array([targets]), seq_len)
+    return 4.0 * batch * heads * dim * float(row.sum())
+
+
+def check(fwd_bwd, inputs, reference) -> float:
     """Largest error of output and gradients, relative to each reference tensor's largest magnitude."""
-    q, k, v, lengths, num_targets, d_out = make_inputs(shape)
-    _, fwd_bwd = build(implementation, shape, interpret)
-    out, grads = fwd_bwd(q, k, v, lengths, num_targets, d_out)
+    out, grads = fwd_bwd(*inputs)
     worst = 0.0
     for got, want in zip((out, *grads), reference):
         got = np.asarray(got, np.float32)
@@ -131,37 +144,90 @@ def device_slug(device) -> str:
     return re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_") or device.platform
 
 
-def render(rows, device, timer: str, smoke: bool, tolerance: float) -> str:
-    today = datetime.date.today().isoformat()
+@dataclasses.dataclass
+class Row:
+    """One measured (or failed) combination of shape, backend and tiles."""
+
+    shape: Shape
+    impl: str
+    blocks: str
+    err: float | None = None  # correctness: max |err| / max |ref|
+    error: str | None = None  # why the row has no numbers (exception, skipped)
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    xla: tuple[float, float] | None = None  # this run's XLA times at the same shape
+
+
+def describe(impl: str, blocks: BlockSizes | None) -> str:
+    if impl == "xla":
+        return "-"
+    b = blocks or DEFAULT_BLOCK_SIZES[impl]
+    text = f"fwd {b.block_q}x{b.block_k}, bwd {b.block_q_bwd}x{b.block_k_bwd}"
+    return text + (f", w{b.num_warps} s{b.num_stages}" if impl == "pallas_triton" else "")
+
+
+def measure(row: Row, interpret: bool, blocks, inputs, reference, repeats: int) -> str:
+    """Fill `row` in place (errors become the row's `error`, never abort the run); returns the timer used."""
+    timer = "n/a"
+    try:
+        fwd, fwd_bwd = build(row.impl, row.shape, interpret, blocks)
+        row.err = check(fwd_bwd, inputs, reference)
+        row.fwd_ms, timer = time_ms(fwd, inputs[:5], repeats)
+        row.fwd_bwd_ms, timer = time_ms(fwd_bwd, inputs, repeats)
+    except Exception as err:  # a backend failing to compile must not lose the other rows
+        first_line = (str(err).strip().splitlines() or [""])[0][:160].replace("|", "/")
+        row.error = f"{type(err).__name__}: {first_line}"
+    return timer
+
+
+def verdict(row: Row, smoke: bool) -> str:
+    if smoke or row.impl == "xla" or row.xla is None or row.fwd_ms is None:
+        return "-"
+    goals = [row.xla[1] / row.fwd_bwd_ms >= 4 and row.xla[0] / row.fwd_ms >= 4]
+    meta = META_H100.get(row.shape)
+    if meta and row.shape[2] <= 1024:
+        goals.append(row.fwd_bwd_ms <= 2 / 3 * meta[1])
+    if row.shape == (32, 4, 1024, 128, 0):
+        goals.append(row.fwd_ms <= 0.15)
+    return "met" if all(goals) else "missed"
+
+
+def render(rows: list[Row], device, timer: str, smoke: bool, sweep: bool, tolerance: float) -> str:
+    title = "HSTU attention block-size sweep" if sweep else "HSTU attention benchmark"
     lines = [
-        f"# HSTU attention benchmark{' (smoke: tiny shapes, interpreted Pallas, not a measurement)' if smoke else ''}",
+        f"# {title}{' (smoke: tiny shapes, interpreted Pallas, not a measurement)' if smoke else ''}",
         "",
-        f"- device: {device.device_kind} ({device.platform}), jax {jax.__version__}, date {today}",
+        f"- device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
+        f"date {datetime.date.today().isoformat()}",
         f"- timer: {timer}; median, warm-up excluded; bf16 inputs; lengths = L; normalizer = L",
         f"- correctness: max |err| / max |ref| over output and dq, dk, dv vs the float32 reference "
         f"(pass <= {tolerance})",
+        "- fwd TF/s counts the valid (unmasked) pairs only: 4 * B * H * D * pairs / fwd time",
         "",
-        "| (B, H, L, D, targets) | backend | check | fwd ms | fwd+bwd ms | fwd vs XLA | fwd+bwd vs XLA "
-        "| fwd+bwd / Meta | targets |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| (B, H, L, D, targets) | backend | tiles | check | fwd ms | fwd+bwd ms | fwd vs XLA | fwd+bwd vs XLA "
+        "| fwd+bwd / Meta | fwd TF/s | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape, impl, err, fwd, fwd_bwd, xla in rows:
-        ok = "ok" if err <= tolerance else f"FAIL {err:.2e}"
-        speed_f = f"{xla[0] / fwd:.2f}x" if xla and fwd else "-"
-        speed_fb = f"{xla[1] / fwd_bwd:.2f}x" if xla and fwd_bwd else "-"
-        meta = META_H100.get(shape)
-        vs_meta = f"{fwd_bwd / meta[1]:.2f}" if meta and not smoke else "-"
-        verdict = "-"
-        if not smoke and impl != "xla" and xla:
-            goals = [xla[1] / fwd_bwd >= 4 and xla[0] / fwd >= 4]
-            if meta and shape[2] <= 1024:
-                goals.append(fwd_bwd <= 2 / 3 * meta[1])
-            if shape == (32, 4, 1024, 128, 0):
-                goals.append(fwd <= 0.15)
-            verdict = "met" if all(goals) else "missed"
-        lines.append(
-            f"| {shape} | {impl} | {ok} | {fwd:.3f} | {fwd_bwd:.3f} | {speed_f} | {speed_fb} | {vs_meta} | {verdict} |"
-        )
+    for row in rows:
+        head = f"| {row.shape} | {row.impl} | {row.blocks} |"
+        if row.error is not None:
+            lines.append(f"{head} {row.error} | - | - | - | - | - | - | - |")
+            continue
+        ok = "ok" if row.err <= tolerance else f"FAIL {row.err:.2e}"
+        speed_f = f"{row.xla[0] / row.fwd_ms:.2f}x" if row.xla else "-"
+        speed_fb = f"{row.xla[1] / row.fwd_bwd_ms:.2f}x" if row.xla else "-"
+        meta = META_H100.get(row.shape)
+        vs_meta = f"{row.fwd_bwd_ms / meta[1]:.2f}" if meta and not smoke else "-"
+        tflops = forward_flops(row.shape) / (row.fwd_ms * 1e-3) / 1e12
+        lines.append(f"{head} {ok} | {row.fwd_ms:.3f} | {row.fwd_bwd_ms:.3f} | {speed_f} | {speed_fb} "
+                     f"| {vs_meta} | {tflops:.1f} | {verdict(row, smoke)} |")
+    if sweep:
+        lines += ["", "Fastest passing tiles per shape and backend (fwd+bwd):", ""]
+        for (shape, impl), group in _groups(rows).items():
+            passing = [r for r in group if r.error is None and r.err <= tolerance]
+            if impl != "xla" and passing:
+                best = min(passing, key=lambda r: r.fwd_bwd_ms)
+                lines.append(f"- {shape} {impl}: {best.blocks} ({best.fwd_ms:.3f} / {best.fwd_bwd_ms:.3f} ms)")
     lines += ["", "Issue's H100 reference points (ms, fwd / fwd+bwd):", ""]
     for shape in SHAPES:
         lines.append(f"- {shape}: XLA {XLA_H100[shape][0]} / {XLA_H100[shape][1]}, "
@@ -169,50 +235,85 @@ def render(rows, device, timer: str, smoke: bool, tolerance: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _groups(rows: list[Row]) -> dict[tuple[Shape, str], list[Row]]:
+    groups: dict[tuple[Shape, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.shape, row.impl), []).append(row)
+    return groups
+
+
+def parse_shapes(text: str | None, smoke: bool) -> list[Shape]:
+    """--shapes: comma-separated indices into SHAPES (e.g. "0,2"); default all (SMOKE_SHAPES with --smoke)."""
+    pool = SMOKE_SHAPES if smoke else SHAPES
+    if not text:
+        return pool
+    try:
+        return [pool[int(index)] for index in text.split(",")]
+    except (ValueError, IndexError):
+        raise SystemExit(f"--shapes: expected comma-separated indices in 0..{len(pool) - 1}, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas in interpret mode (CPU)")
     parser.add_argument("--impl", default=None, help="comma-separated backends (default: all for the platform)")
+    parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    parser.add_argument("--sweep", action="store_true", help="time every TUNING_CANDIDATES tile set of each Pallas backend")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="stop starting new rows after this long (they are listed as skipped)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="markdown output path")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
-    platform = jax.default_backend()
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = parse_shapes(args.shapes, args.smoke)
     interpret = args.smoke
     repeats = args.repeats or (2 if args.smoke else 50)
-    impls = args.impl.split(",") if args.impl else default_implementations(platform)
-    if "xla" in impls:
-        impls = ["xla"] + [i for i in impls if i != "xla"]
+    impls = args.impl.split(",") if args.impl else default_implementations(jax.default_backend())
+    unknown = sorted(set(impls) - {"xla", *DEFAULT_BLOCK_SIZES})
+    if unknown:
+        raise SystemExit(f"--impl: unknown backend(s) {unknown}; known: xla, {', '.join(DEFAULT_BLOCK_SIZES)}")
+    impls = (["xla"] if "xla" in impls else []) + [i for i in impls if i != "xla"]
     tolerance = 3e-2
+    suffix = ("_sweep" if args.sweep else "") + ("_smoke" if args.smoke else "")
+    out = args.out or RESULTS / f"hstu_attention_{device_slug(device)}{suffix}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if args.budget_minutes is None else time.monotonic() + 60 * args.budget_minutes
 
-    rows = []
+    rows: list[Row] = []
     timer = "n/a"
     for shape in shapes:
-        q, k, v, lengths, num_targets, d_out = make_inputs(shape)
+        inputs = make_inputs(shape)
         _, ref_fwd_bwd = build("reference", shape, False)
-        ref_out, ref_grads = ref_fwd_bwd(q, k, v, lengths, num_targets, d_out)
+        ref_out, ref_grads = ref_fwd_bwd(*inputs)
         reference = [np.asarray(x, np.float32) for x in (ref_out, *ref_grads)]
         del ref_out, ref_grads
         xla = None
         for impl in impls:
-            err = check(impl, shape, interpret, reference)
-            fwd, fwd_bwd = build(impl, shape, interpret)
-            fwd_ms, timer = time_ms(fwd, (q, k, v, lengths, num_targets), repeats)
-            fwd_bwd_ms, timer = time_ms(fwd_bwd, (q, k, v, lengths, num_targets, d_out), repeats)
-            if impl == "xla":
-                xla = (fwd_ms, fwd_bwd_ms)
-            rows.append((shape, impl, err, fwd_ms, fwd_bwd_ms, xla))
-            print(f"{shape} {impl:18s} err {err:.2e}  fwd {fwd_ms:8.3f} ms  fwd+bwd {fwd_bwd_ms:8.3f} ms", flush=True)
-
-    out = args.out or RESULTS / f"hstu_attention_{device_slug(device)}{'_smoke' if args.smoke else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, device, timer, args.smoke, tolerance))
+            candidates = TUNING_CANDIDATES.get(impl, [None]) if args.sweep else [None]
+            for blocks in candidates:
+                row = Row(shape, impl, describe(impl, blocks))
+                if deadline is not None and time.monotonic() > deadline:
+                    row.error = "skipped: --budget-minutes reached"
+                else:
+                    used = measure(row, interpret, blocks, inputs, reference, repeats)
+                    timer = timer if used == "n/a" else used
+                if impl == "xla" and row.error is None:
+                    xla = (row.fwd_ms, row.fwd_bwd_ms)
+                row.xla = xla
+                rows.append(row)
+                status = row.error or f"err {row.err:.2e}  fwd {row.fwd_ms:8.3f} ms  fwd+bwd {row.fwd_bwd_ms:8.3f} ms"
+                print(f"{shape} {impl:18s} [{row.blocks}] {status}", flush=True)
+                # Rewritten after every row, so a run cut short still leaves its table.
+                out.write_text(render(rows, device, timer, args.smoke, args.sweep, tolerance))
     print(f"wrote {out}")
-    failures = [row for row in rows if row[2] > tolerance]
+    failures = [(r.shape, r.impl, r.blocks) for r in rows if r.error is None and r.err > tolerance]
     if failures:
-        raise SystemExit(f"correctness check failed for {[(r[0], r[1]) for r in failures]}")
+        raise SystemExit(f"correctness check failed for {failures}")
+    # A sweep candidate a backend rejects is information; a default configuration that fails is a bug.
+    broken = [(r.shape, r.impl, r.error) for r in rows if r.error and not args.sweep and not r.error.startswith("skipped")]
+    if broken:
+        raise SystemExit(f"backends failed to run: {broken}")
     return out
 
 

@@ -26,7 +26,9 @@ Backends (`implementation=`)
   * "xla": pure jnp (`reference.py`), materialises [B, H, L, L]; the CPU fallback and the test oracle.
   * "pallas_triton": Pallas lowered through Triton, any CUDA GPU; float32 / bfloat16 / float16.
   * "pallas_mosaic_gpu": Pallas Mosaic GPU for Hopper (sm_90): warp-specialised TMA producer, two wgmma
-    consumer warpgroups; the non-deprecated GPU path; bfloat16 / float16 only.
+    consumer warpgroups; the non-deprecated GPU path; bfloat16 / float16 only. Its tiles live in shared
+    memory (227 KiB per CTA): large head dims shrink the streamed tiles to 64 rows, and past
+    Dqk + Dv = 448 (each padded to 64) it raises NotImplementedError, so None falls back to Triton.
   * "pallas_tpu": Pallas Mosaic TPU, scalar-prefetched lengths drive the block skipping; float32 / bfloat16.
   * None: "pallas_tpu" on TPU; on GPU "pallas_mosaic_gpu" for compute capability 9.x when it supports the
     dtype, else "pallas_triton"; "xla" on CPU. A backend that declares the inputs unsupported is passed over

@@ -50,6 +50,31 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
 }
 
 
+# What `experiments/bench_hstu_attention.py --sweep` times: the defaults first, then tiles that trade registers
+# and shared memory for fewer steps. Every candidate must lower for its target (tests export each one).
+TUNING_CANDIDATES: dict[str, list[BlockSizes]] = {
+    "pallas_triton": [
+        DEFAULT_BLOCK_SIZES["pallas_triton"],
+        BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=3),
+        BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),
+        BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=2),
+        BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
+        BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=64, num_warps=4, num_stages=2),
+    ],
+    "pallas_mosaic_gpu": [
+        DEFAULT_BLOCK_SIZES["pallas_mosaic_gpu"],
+        BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64),
+        BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=64),
+        BlockSizes(block_q=64, block_k=64, block_q_bwd=128, block_k_bwd=64),
+    ],
+    "pallas_tpu": [
+        DEFAULT_BLOCK_SIZES["pallas_tpu"],
+        BlockSizes(block_q=256, block_k=128, block_q_bwd=128, block_k_bwd=256),
+        BlockSizes(block_q=256, block_k=256, block_q_bwd=256, block_k_bwd=256),
+    ],
+}
+
+
 def default_block_sizes(implementation: str, seq_len: int) -> BlockSizes:
     """The default tiles of `implementation`, shrunk to fit `seq_len`."""
     if implementation not in DEFAULT_BLOCK_SIZES:

@@ -29,6 +29,23 @@ COMPUTE_WGS = 2
 WG_TILE = 64  # rows (or keys) per compute warpgroup: the wgmma M dimension
 MAX_CONCURRENT_STEPS = 2
 FULL, MASKED, DIAGONAL = "full", "masked", "diagonal"
+# Dynamic shared memory one CTA may opt into on sm_90 (227 KiB), less 1 KiB for barriers and Pallas's own use.
+SMEM_BUDGET = 227 * 1024 - 1024
+
+
+def smem_bytes(dqk: int, dv: int, blocks, itemsize: int) -> dict[str, int]:
+    """Shared memory of each kernel's tiles for (padded) head dims and tiles, as its scratch list allocates it.
+
+    forward: resident Q (and O when Dqk != Dv) per compute warpgroup + the K/V ring; dq: resident Q, dO + the
+    K/V ring; dk/dv: resident K, V + the Q/dO ring. Tests check this against Mosaic GPU's own limit.
+    """
+    resident = COMPUTE_WGS * WG_TILE
+    return {
+        "forward": itemsize * (resident * (dqk + (dv if dqk != dv else 0))
+                               + MAX_CONCURRENT_STEPS * blocks.block_k * (dqk + dv)),
+        "dq": itemsize * (resident * (dqk + dv) + MAX_CONCURRENT_STEPS * blocks.block_k * (dqk + dv)),
+        "dkdv": itemsize * (resident * (dqk + dv) + MAX_CONCURRENT_STEPS * blocks.block_q_bwd * (dqk + dv)),
+    }
 
 
 def transforms(dtype) -> tuple:

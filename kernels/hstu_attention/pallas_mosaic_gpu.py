@@ -16,6 +16,8 @@ Kernels: forward (stream K, V), dq (stream K, V), dk/dv (resident K, V; stream Q
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,6 +33,7 @@ from kernels.hstu_attention.mosaic_gpu_pipeline import (
     COMPUTE_WGS,
     FULL,
     MAX_CONCURRENT_STEPS,
+    SMEM_BUDGET,
     WG_TILE,
     interpret_params,
     interpreting,
@@ -40,6 +43,7 @@ from kernels.hstu_attention.mosaic_gpu_pipeline import (
     row_schedule,
     run_steps,
     smem,
+    smem_bytes,
     step_mask,
 )
 
@@ -187,6 +191,23 @@ def _check_blocks(blocks: BlockSizes) -> None:
         raise NotImplementedError(f"pallas_mosaic_gpu: block_k and block_q_bwd must be multiples of 64, got {blocks}")
 
 
+def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, shrink: bool) -> BlockSizes:
+    """`blocks`, with the streamed tiles shrunk to 64 when `shrink` and the kernels would overflow shared memory.
+
+    Raises NotImplementedError (so implementation=None falls back) when the tiles still do not fit.
+    """
+    if shrink and max(smem_bytes(dqk, dv, blocks, itemsize).values()) > SMEM_BUDGET:
+        blocks = dataclasses.replace(blocks, block_k=64, block_q_bwd=64)
+    needs = smem_bytes(dqk, dv, blocks, itemsize)
+    over = {kernel: size for kernel, size in needs.items() if size > SMEM_BUDGET}
+    if over:
+        raise NotImplementedError(
+            f"pallas_mosaic_gpu: head dims (Dqk={dqk}, Dv={dv}, padded to 64) with {blocks} need {over} bytes of "
+            f"shared memory, over the {SMEM_BUDGET} a Hopper CTA has"
+        )
+    return blocks
+
+
 def hstu_attention(
     q: jax.Array,
     k: jax.Array,
@@ -211,6 +232,8 @@ def hstu_attention(
         raise NotImplementedError(reason)
     blocks = block_sizes if block_sizes is not None else default_block_sizes("pallas_mosaic_gpu", q.shape[1])
     _check_blocks(blocks)
+    dqk_p, dv_p = common.round_up(q.shape[-1], 64), common.round_up(v.shape[-1], 64)
+    blocks = fit_shared_memory(blocks, dqk_p, dv_p, jnp.dtype(q.dtype).itemsize, shrink=block_sizes is None)
     params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret)
     multiple = max(COMPUTE_WGS * WG_TILE, blocks.block_k, blocks.block_q_bwd)
     return common.run_padded(

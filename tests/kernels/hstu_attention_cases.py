@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from jax import export
 
 from kernels.hstu_attention import BlockSizes, hstu_attention, hstu_attention_reference
+from kernels.hstu_attention.config import TUNING_CANDIDATES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,17 +265,31 @@ class HSTUAttentionBackendTests:
             pytest.skip(f"{self.IMPLEMENTATION} does not target {platform}")
         export_fwd_bwd(self.IMPLEMENTATION, platform)
 
+    @pytest.mark.parametrize("candidate", range(max(len(c) for c in TUNING_CANDIDATES.values())))
+    def test_export_lowering_of_tuning_candidates(self, candidate):
+        """Each tile set the benchmark sweeps lowers at the benchmark's head dim 128 and L = 1024, with
+        candidates (Mosaic GPU checks its shared-memory budget while lowering), so a GPU session spends no
+        time on tiles that cannot compile."""
+        candidates = TUNING_CANDIDATES.get(self.IMPLEMENTATION, [])
+        if candidate >= len(candidates):
+            pytest.skip(f"{self.IMPLEMENTATION} has {len(candidates)} tuning candidates")
+        for platform in self.EXPORT_PLATFORMS:
+            export_fwd_bwd(self.IMPLEMENTATION, platform, seq_len=1024, head_dim=128, contextual_len=0,
+                           block_sizes=candidates[candidate])
+
 
 def export_fwd_bwd(implementation: str, platform: str, *, seq_len: int = 256, head_dim: int = 64,
-                   contextual_len: int = 2, max_attn_len: int | None = None) -> export.Exported:
+                   contextual_len: int = 2, max_attn_len: int | None = None,
+                   block_sizes: BlockSizes | None = None, value_dim: int | None = None) -> export.Exported:
     """jax.export of value_and_grad through `implementation` for `platform`, bf16, lengths and targets traced."""
     q = jax.ShapeDtypeStruct((2, seq_len, 2, head_dim), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((2, seq_len, 2, value_dim or head_dim), jnp.bfloat16)
     ints = jax.ShapeDtypeStruct((2,), jnp.int32)
 
     def loss(q, k, v, lengths, targets):
         out = hstu_attention(
             q, k, v, lengths, targets, normalizer=float(seq_len), implementation=implementation,
-            contextual_len=contextual_len, max_attn_len=max_attn_len,
+            contextual_len=contextual_len, max_attn_len=max_attn_len, block_sizes=block_sizes,
         )
         return jnp.sum(out.astype(jnp.float32))
 
@@ -286,5 +301,5 @@ def export_fwd_bwd(implementation: str, platform: str, *, seq_len: int = 256, he
 
         device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
         with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
-            return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, q, ints, ints)
-    return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, q, ints, ints)
+            return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, v, ints, ints)
+    return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, v, ints, ints)

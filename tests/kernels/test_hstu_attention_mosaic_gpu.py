@@ -10,10 +10,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from hstu_attention_cases import CASES, Case, HSTUAttentionBackendTests
-from kernels.hstu_attention import BlockSizes
+from hstu_attention_cases import CASES, Case, HSTUAttentionBackendTests, export_fwd_bwd
+from kernels.hstu_attention import BlockSizes, hstu_attention, pallas_mosaic_gpu
+from kernels.hstu_attention.config import DEFAULT_BLOCK_SIZES
 
 
 class TestPallasMosaicGpu(HSTUAttentionBackendTests):
@@ -42,3 +44,45 @@ class TestPallasMosaicGpu(HSTUAttentionBackendTests):
             grid_names=("g",),
             interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"),
         )(jnp.zeros((64, 64), jnp.float32))
+
+
+# Head dims around the shared-memory limit: (128, 128) fits the default tiles, (192, 192) and (128, 256) need the
+# streamed tiles shrunk to 64, (256, 256) fits no tiles (the dq kernel alone would need 256 KiB).
+@pytest.mark.parametrize("dqk,dv", [(128, 128), (192, 192), (256, 256), (128, 256)])
+def test_shared_memory_accounting_agrees_with_mosaic(dqk, dv, monkeypatch):
+    """Tiles the backend accepts lower under Mosaic GPU's own shared-memory check; tiles it rejects (or
+    shrinks from) exceed that check when forced through, so the estimate is neither loose nor too strict."""
+    default = DEFAULT_BLOCK_SIZES["pallas_mosaic_gpu"]
+    itemsize = 2
+    try:
+        fitted = pallas_mosaic_gpu.fit_shared_memory(default, dqk, dv, itemsize, shrink=True)
+    except NotImplementedError as err:
+        assert "shared memory" in str(err) and f"Dqk={dqk}" in str(err)
+        fitted = None
+    if fitted is not None:
+        export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv, contextual_len=0)
+    rejected = default if fitted != default else None
+    if fitted is None:
+        rejected = dataclasses.replace(default, block_k=64, block_q_bwd=64)
+    if rejected is not None:
+        with pytest.raises(NotImplementedError, match="shared memory"):
+            export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv,
+                           contextual_len=0, block_sizes=rejected)
+        monkeypatch.setattr(pallas_mosaic_gpu, "SMEM_BUDGET", 1 << 30)
+        with pytest.raises(ValueError, match="exceeds available shared memory"):
+            export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv,
+                           contextual_len=0, block_sizes=rejected)
+    assert (fitted, rejected) != (None, None)
+
+
+def test_oversized_head_dims_fall_back_with_one_warning(monkeypatch):
+    """implementation=None on a Hopper whose kernels cannot hold the tiles: Mosaic GPU warns, Triton runs."""
+    from kernels.hstu_attention import api
+
+    monkeypatch.setattr(api, "_auto_implementations", lambda: ["pallas_mosaic_gpu", "xla"])
+    api._warned.clear()
+    q = jnp.ones((1, 64, 1, 320), jnp.bfloat16)
+    lengths = jnp.array([64], jnp.int32)
+    with pytest.warns(RuntimeWarning, match="pallas_mosaic_gpu unavailable.*shared memory"):
+        out = hstu_attention(q, q, q, lengths, normalizer=64.0)
+    assert out.shape == q.shape
