@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import pathlib
 import re
@@ -91,6 +92,7 @@ def build(implementation: str, shape: Shape, interpret: bool, blocks: BlockSizes
     return jax.jit(forward), jax.jit(forward_backward)
 
 
+@functools.cache  # the table is re-rendered after every row; build each shape's L x L mask once
 def forward_flops(shape: Shape) -> float:
     """FLOPs of the forward on the valid pairs only (q.k and p.v, 2 per multiply-add): what a kernel that
     skips every masked block must do, so TF/s from it compare kernels on useful work."""

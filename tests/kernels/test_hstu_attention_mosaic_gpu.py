@@ -48,22 +48,22 @@ class TestPallasMosaicGpu(HSTUAttentionBackendTests):
 
 # Head dims around the shared-memory limit: (128, 128) fits the default tiles, (192, 192) and (128, 256) need the
 # streamed tiles shrunk to 64, (256, 256) fits no tiles (the dq kernel alone would need 256 KiB).
-@pytest.mark.parametrize("dqk,dv", [(128, 128), (192, 192), (256, 256), (128, 256)])
-def test_shared_memory_accounting_agrees_with_mosaic(dqk, dv, monkeypatch):
+@pytest.mark.parametrize("dqk,dv,fitted_block_k", [(128, 128, 128), (192, 192, 64), (256, 256, None), (128, 256, 64)])
+def test_shared_memory_accounting_agrees_with_mosaic(dqk, dv, fitted_block_k, monkeypatch):
     """Tiles the backend accepts lower under Mosaic GPU's own shared-memory check; tiles it rejects (or
     shrinks from) exceed that check when forced through, so the estimate is neither loose nor too strict."""
     default = DEFAULT_BLOCK_SIZES["pallas_mosaic_gpu"]
-    itemsize = 2
     try:
-        fitted = pallas_mosaic_gpu.fit_shared_memory(default, dqk, dv, itemsize, shrink=True)
+        fitted = pallas_mosaic_gpu.fit_shared_memory(default, dqk, dv, 2, shrink=True)
     except NotImplementedError as err:
         assert "shared memory" in str(err) and f"Dqk={dqk}" in str(err)
         fitted = None
-    if fitted is not None:
-        export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv, contextual_len=0)
-    rejected = default if fitted != default else None
+    assert (fitted and fitted.block_k) == fitted_block_k
     if fitted is None:
         rejected = dataclasses.replace(default, block_k=64, block_q_bwd=64)
+    else:
+        export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv, contextual_len=0)
+        rejected = default if fitted != default else None
     if rejected is not None:
         with pytest.raises(NotImplementedError, match="shared memory"):
             export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv,
@@ -72,7 +72,6 @@ def test_shared_memory_accounting_agrees_with_mosaic(dqk, dv, monkeypatch):
         with pytest.raises(ValueError, match="exceeds available shared memory"):
             export_fwd_bwd("pallas_mosaic_gpu", "cuda", seq_len=256, head_dim=dqk, value_dim=dv,
                            contextual_len=0, block_sizes=rejected)
-    assert (fitted, rejected) != (None, None)
 
 
 def test_oversized_head_dims_fall_back_with_one_warning(monkeypatch):
