@@ -1,14 +1,16 @@
 """Typed, frozen experiment configs and the ``--set key=value`` override parser.
 
 A :class:`Config` is three frozen dataclasses: :class:`DataConfig` (what the batches
-hold), :class:`ModelConfig` (the GESR architecture and its Mixture-of-Attention part)
-and :class:`TrainConfig` (optimizer, loop, checkpoints). Named presets live in
-``gesr_jax/configs/<name>.py``; every preset ``NAME`` also has ``NAME_two_tower``,
-the same run with every MoA component switched off (the paper's baseline).
+hold), a model config and :class:`TrainConfig` (optimizer, loop, checkpoints). The model
+section is a tagged union: its ``kind`` names a registered model (``gesr_jax/models/registry.py``;
+``gesr``, ``two_tower``, ``genrank``, or a user's) and picks its config class. Named presets live
+in ``gesr_jax/configs/<name>.py``; every preset ``NAME`` whose model has a two-tower backbone also
+has ``NAME_two_tower``: the same run with a model of kind ``two_tower`` (the paper's baseline).
 
 Overrides use dotted paths (``model.use_hma=false``, ``train.learning_rate=3e-4``,
-``model.tower_mlp=64,32``). An unknown key or a value that does not parse as the
-field's type raises :class:`ConfigError` naming the key.
+``model.tower_mlp=64,32``); ``model.kind=two_tower`` converts the section to that kind, keeping
+the fields both kinds have. An unknown key or a value that does not parse as the field's type
+raises :class:`ConfigError` naming the key; cross-field checks run once, after every override.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import pathlib
 import types
 import typing
@@ -24,7 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from gesr_jax.data.config import DataConfig
-from gesr_jax.models.config import ModelConfig
+from gesr_jax.models import registry
+from gesr_jax.models.config_base import ModelConfigBase
+from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
 TWO_TOWER_SUFFIX = "_two_tower"
@@ -38,7 +43,7 @@ class ConfigError(ValueError):
 class Config:
     name: str = "custom"  # preset name, recorded in the workdir for `gesr eval`
     data: DataConfig = DataConfig()  # dataset, request construction, batch schema
-    model: ModelConfig = ModelConfig()  # two-tower + MoA + MLPG architecture and switches
+    model: ModelConfigBase = GESRConfig()  # the model: any registered kind (tagged by model.kind)
     train: TrainConfig = TrainConfig()  # optimizer, steps, eval and checkpoint cadence
 
 
@@ -73,19 +78,25 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"get_config() of {name_or_path!r} returned {type(config).__name__}, not Config")
     if two_tower:
-        config = dataclasses.replace(config, name=config.name + TWO_TOWER_SUFFIX, model=config.model.two_tower())
+        try:
+            model = registry.convert(config.model, "two_tower")
+        except TypeError as err:
+            raise ConfigError(f"config {base!r} has no two-tower variant: {err}") from None
+        config = dataclasses.replace(config, name=config.name + TWO_TOWER_SUFFIX, model=model)
     return apply_overrides(config, overrides)
 
 
 def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-    """Return ``config`` with each ``a.b.c=value`` applied, parsed by the field's type."""
+    """Return ``config`` with each ``a.b.c=value`` applied, parsed by the field's type.
+
+    Cross-field checks run once, after the last override, so the order of overrides never matters.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         config = _set_path(config, key.strip().split("."), raw.strip(), key.strip())
-    if overrides:
-        validate_config(config)
+    validate_config(config)
     return config
 
 
@@ -111,6 +122,11 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     if head not in fields:
         raise ConfigError(f"unknown config key {full_key!r}: {type(obj).__name__} has fields {sorted(fields)}")
     current = getattr(obj, head)
+    if head == "kind" and len(path) == 1 and isinstance(obj, ModelConfigBase):
+        try:
+            return registry.convert(obj, raw)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"bad value for config key {full_key!r}: {err}") from None
     if len(path) > 1:
         return dataclasses.replace(obj, **{head: _set_path(current, path[1:], raw, full_key)})
     hint = typing.get_type_hints(type(obj))[head]
@@ -120,14 +136,7 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
         value = parse_value(raw, hint)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"bad value for config key {full_key!r}: {err}") from None
-    new = dataclasses.replace(obj, **{head: value})
-    validate = getattr(new, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ValueError as err:
-            raise ConfigError(f"config key {full_key!r}: {err}") from None
-    return new
+    return dataclasses.replace(obj, **{head: value})
 
 
 def parse_value(raw: str, hint: Any) -> Any:
@@ -162,9 +171,12 @@ def parse_value(raw: str, hint: Any) -> Any:
             raise ValueError(f"{raw!r} is not an integer") from None
     if hint is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ValueError(f"{raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{raw!r} is not a finite number")
+        return value
     if hint is str:
         return raw
     if origin is tuple:
@@ -195,7 +207,14 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         if f.name not in data:
             continue
         value, hint = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and issubclass(hint, ModelConfigBase):
+            # The tagged union: the saved kind picks the class (workdirs from before kinds existed are GESR).
+            try:
+                hint = registry.config_class(value.get("kind", "gesr"))
+            except registry.UnknownModelKindError as err:
+                raise ConfigError(str(err)) from None
+            value = from_dict(hint, value)
+        elif dataclasses.is_dataclass(hint):
             value = from_dict(hint, value)
         else:
             value = _tuplify(value)

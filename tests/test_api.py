@@ -13,7 +13,7 @@ from gesr_jax import api
 from gesr_jax.config import Config, apply_overrides
 from gesr_jax.data.batch import validate_batch
 from gesr_jax.data.config import DataConfig
-from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
 
 SMALL_MODEL = ModelConfig(
     embed_dim=8, tower_mlp=(16, 8), interaction_mlp=(8,), hma_dim=4, hma_mlp=(8,), hstu_qk_dim=4, hstu_v_dim=4,
@@ -33,7 +33,7 @@ def initialised(config):
 
 
 def test_example_batch_is_valid_for_the_default_schema(config):
-    from gesr_jax.data.sources import schema_for
+    from gesr_jax.data.datasets import schema_for
 
     schema = schema_for(config.data)
     batch = api.example_batch(config, seed=1, batch_size=3)
@@ -94,7 +94,7 @@ def test_cli_ablation_switches_reach_the_model(config):
     )
     _, params = api.init(two_tower, seed=0)
     assert set(params.keys()) == {"towers"}
-    assert two_tower.model == dataclasses.replace(config.model.two_tower())
+    assert two_tower.model == dataclasses.replace(config.model.moa_off())
 
 
 def test_schema_mismatch_is_reported(config):

@@ -10,7 +10,7 @@ import pathlib
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig
-from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
 DEFAULT_PATH = str(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k")
@@ -23,7 +23,7 @@ def get_config() -> Config:
             source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
             min_history=5, max_requests_per_user=16,
         ),
-        model=ModelConfig(
+        model=GESRConfig(
             history_fields=("item", "genre", "year", "action"),
             candidate_fields=("item", "genre", "year"),
             hma_pairs=(("item", "item"), ("genre", "genre"), ("year", "year")),

@@ -11,7 +11,7 @@ import pathlib
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig
-from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
 DEFAULT_PATH = str(pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-1m")
@@ -24,7 +24,7 @@ def get_config() -> Config:
             source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
             min_history=5, max_requests_per_user=16,
         ),
-        model=ModelConfig(
+        model=GESRConfig(
             history_fields=("item", "genre", "year", "director", "action"),
             candidate_fields=("item", "genre", "year", "director"),
             hma_pairs=(("item", "item"), ("genre", "genre"), ("director", "director"), ("year", "year")),

@@ -9,7 +9,7 @@ Expected: test NE consume ~0.744 (GESR) vs ~0.760 (two-tower), engage ~0.768 vs 
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig, SyntheticConfig
-from gesr_jax.models.config import ModelConfig
+from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
 
@@ -19,7 +19,7 @@ def get_config() -> Config:
         data=DataConfig(
             source="synthetic", history_len=32, synthetic=SyntheticConfig(num_users=4000, requests_per_user=12)
         ),
-        model=ModelConfig(),
+        model=GESRConfig(),
         train=TrainConfig(
             batch_size=64, num_steps=600, learning_rate=2e-3, warmup_steps=50, log_every=50, eval_every=300,
             checkpoint_every=300,

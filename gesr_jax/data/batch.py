@@ -45,6 +45,11 @@ import numpy as np
 
 TASKS: tuple[str, ...] = ("consume", "engage")
 
+# The three groups of a batch. Models read the request part once per request and the candidate part per
+# candidate chunk; targets are only read by losses and metrics. ``batch_groups`` is the one place that assigns
+# keys to groups: code must never find a group by key prefixes.
+REQUEST, CANDIDATES, TARGETS = "request", "candidates", "targets"
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchSchema:
@@ -83,29 +88,50 @@ class BatchSchema:
         )
 
 
-def batch_spec(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Every key of a batch with its shape and dtype."""
+def batch_layout(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+    """Every key of a batch with its shape, dtype and group (REQUEST, CANDIDATES or TARGETS)."""
     b, n, c = batch_size, schema.history_len, schema.num_candidates
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {"user_id": ((b,), i32)}
+    spec: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {"user_id": ((b,), i32, REQUEST)}
     for name in schema.user_feature_names:
-        spec[f"user_{name}"] = ((b,), i32)
-    spec["history_item"] = ((b, n), i32)
+        spec[f"user_{name}"] = ((b,), i32, REQUEST)
+    spec["history_item"] = ((b, n), i32, REQUEST)
     for name in schema.item_feature_names:
-        spec[f"history_{name}"] = ((b, n), i32)
-    spec["history_action"] = ((b, n), i32)
-    spec["history_time"] = ((b, n), i32)
-    spec["history_len"] = ((b,), i32)
-    spec["request_time"] = ((b,), i32)
-    spec["cand_item"] = ((b, c), i32)
+        spec[f"history_{name}"] = ((b, n), i32, REQUEST)
+    spec["history_action"] = ((b, n), i32, REQUEST)
+    spec["history_time"] = ((b, n), i32, REQUEST)
+    spec["history_len"] = ((b,), i32, REQUEST)
+    spec["request_time"] = ((b,), i32, REQUEST)
+    spec["cand_item"] = ((b, c), i32, CANDIDATES)
     for name in schema.item_feature_names:
-        spec[f"cand_{name}"] = ((b, c), i32)
-    spec["num_candidates"] = ((b,), i32)
+        spec[f"cand_{name}"] = ((b, c), i32, CANDIDATES)
+    spec["num_candidates"] = ((b,), i32, CANDIDATES)
     for task in schema.tasks:
-        spec[f"label_{task}"] = ((b, c), f32)
+        spec[f"label_{task}"] = ((b, c), f32, TARGETS)
         if schema.has_true_probs:
-            spec[f"prob_{task}"] = ((b, c), f32)
+            spec[f"prob_{task}"] = ((b, c), f32, TARGETS)
     return spec
+
+
+def batch_spec(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every key of a batch with its shape and dtype."""
+    return {k: (shape, dtype) for k, (shape, dtype, _) in batch_layout(schema, batch_size).items()}
+
+
+def batch_groups(schema: BatchSchema) -> dict[str, str]:
+    """Group (REQUEST, CANDIDATES, TARGETS) of every batch key of ``schema``."""
+    return {k: group for k, (_, _, group) in batch_layout(schema, 1).items()}
+
+
+def split_batch(batch: Mapping[str, Any], schema: BatchSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request part, candidate part) of a flat batch; targets and unknown keys are left out.
+
+    Only keys present in ``batch`` are returned, so a batch may omit features a model does not read.
+    """
+    groups = batch_groups(schema)
+    request = {k: v for k, v in batch.items() if groups.get(k) == REQUEST}
+    candidates = {k: v for k, v in batch.items() if groups.get(k) == CANDIDATES}
+    return request, candidates
 
 
 def validate_batch(batch: Mapping[str, Any], schema: BatchSchema, *, check_values: bool = True) -> None:
@@ -162,6 +188,52 @@ def validate_batch(batch: Mapping[str, Any], schema: BatchSchema, *, check_value
             key = f"{prefix}_{task}"
             _check_range(arr, key, 0.0, 1.0)
             _check_padding(arr, key, cand_valid)
+
+
+def validate_inputs(batch: Mapping[str, Any], schema: BatchSchema) -> None:
+    """Check the model inputs of a (host-side) batch: what ``api.apply`` and the Scorer run by default.
+
+    Only the request and candidate keys present are checked (targets are ignored), so a batch may omit
+    features a model does not read. Raises ``ValueError`` naming the key and the first offending row: a
+    batch of no rows, a non-integer dtype, lengths outside [0, slots], ids outside the vocabulary.
+    """
+    layout = batch_layout(schema, 1)
+    groups = {k: g for k, (_, _, g) in layout.items()}
+    present = {k: np.asarray(v) for k, v in batch.items() if groups.get(k) in (REQUEST, CANDIDATES)}
+    for anchor in ("history_item", "cand_item", "history_len", "num_candidates"):
+        if anchor not in present:
+            raise ValueError(f"batch has no {anchor!r}; the layout is documented in gesr_jax/data/batch.py")
+    b = present["history_item"].shape[0] if present["history_item"].ndim == 2 else -1
+    if b < 1:
+        raise ValueError(f"batch['history_item'] must be [B >= 1, N], got shape {present['history_item'].shape}")
+    width = {REQUEST: present["history_item"].shape[1], CANDIDATES: np.shape(present["cand_item"])[-1]}
+    for key, arr in present.items():
+        ndim = len(layout[key][0])
+        expected = (b,) if ndim == 1 else (b, width[groups[key]])
+        if arr.shape != expected:
+            raise ValueError(f"batch[{key!r}] has shape {arr.shape}, expected {expected}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"batch[{key!r}] has dtype {arr.dtype}, expected an integer type (int32)")
+    _check_rows(present, "history_len", 0, width[REQUEST])
+    _check_rows(present, "num_candidates", 0, width[CANDIDATES])
+    vocab = {"user_id": schema.num_users + 1, **{f"user_{n}": v for n, v in schema.user_features}}
+    for name, v in [("item", schema.num_items + 1), ("action", schema.num_actions), *schema.item_features]:
+        vocab[f"history_{name}"] = v
+        if name != "action":
+            vocab[f"cand_{name}"] = v
+    for key, v in vocab.items():
+        if key in present:
+            _check_rows(present, key, 0, v - 1)
+
+
+def _check_rows(arr: Mapping[str, np.ndarray], key: str, lo: int, hi: int) -> None:
+    bad = (arr[key] < lo) | (arr[key] > hi)
+    if np.any(bad):
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"batch[{key!r}] row {where[0]} holds {arr[key][where]} (at index {where}), outside [{lo}, {hi}] "
+            "for this schema"
+        )
 
 
 def _check_range(arr: Mapping[str, np.ndarray], key: str, lo: float, hi: float) -> None:

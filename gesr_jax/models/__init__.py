@@ -1,18 +1,6 @@
-"""GESR model: two-tower backbone, Mixture of Attention (HMA, target-aware HSTU, RO/NRO cross attention), MLPG.
+"""Ranking models, one package per family, registered by ``model.kind`` (``registry.py``).
 
-``GESR`` is imported lazily so that ``gesr_jax.config`` (which needs only ``ModelConfig``) stays free of JAX.
+``two_tower/`` (the baseline and GESR's towers), ``gesr/`` (GESR: MoA components and MLPG), ``genrank/``
+(GenRank). ``base.py`` is the request/candidate contract every model implements; shared blocks live in
+``gesr_jax.layers``. Importing this package needs no JAX.
 """
-
-from typing import Any
-
-from gesr_jax.models.config import ModelConfig
-
-__all__ = ["GESR", "ModelConfig"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "GESR":
-        from gesr_jax.models.gesr import GESR
-
-        return GESR
-    raise AttributeError(f"module 'gesr_jax.models' has no attribute {name!r}")

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema, random_batch
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.gesr import GESR
+from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
+from gesr_jax.models.gesr.model import GESR
 
 SCHEMA = BatchSchema(
     num_users=20,

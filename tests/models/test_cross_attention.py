@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gesr_jax.models.cross_attention import NROCrossAttention, ROCrossAttention, attend
-from model_helpers import tiny_config
+from gesr_jax.layers.cross_attention import attend
+from gesr_jax.models.gesr.moa import NROCrossComponent, ROCrossComponent
+from model_helpers import SCHEMA, tiny_config
 
 B, N, C, D = 3, 6, 4, 8
 HLEN = jnp.array([6, 2, 0], jnp.int32)
@@ -61,7 +62,7 @@ def test_attend_matches_per_query_brute_force(kind):
 
 
 def test_ro_outputs_shapes_padding_invariance_and_gradients():
-    ro = ROCrossAttention(tiny_config(), rngs=nnx.Rngs(0))
+    ro = ROCrossComponent.from_config(tiny_config(), SCHEMA, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(ro)
     run = jax.jit(lambda p, h, v, pr: nnx.merge(graphdef, p)(h, v, pr))
     hist, valid = _history()
@@ -85,7 +86,7 @@ def test_ro_outputs_shapes_padding_invariance_and_gradients():
 
 
 def test_nro_is_per_candidate_and_gated():
-    nro = NROCrossAttention(tiny_config(), rngs=nnx.Rngs(0))
+    nro = NROCrossComponent.from_config(tiny_config(), SCHEMA, rngs=nnx.Rngs(0))
     hist, valid = _history()
     query = jax.random.normal(jax.random.key(7), (B, C, D))
     out = nro(query, hist, valid)

@@ -138,7 +138,7 @@ def test_without_mlpg_the_attention_modules_still_train():
     graphdef, params = nnx.split(model)
     grads = jax.grad(lambda p, b: _loss(graphdef, p, b))(params, batch_for(batch_size=4, seed=5))
     for part in ("hstu", "ro_cross", "nro_cross"):
-        leaves = jax.tree_util.tree_leaves(grads[part])
+        leaves = jax.tree_util.tree_leaves(grads["moa"][part])
         assert leaves and all(np.abs(np.asarray(g)).sum() > 0 for g in leaves), part
 
 
@@ -172,11 +172,13 @@ MOA_KEYS = {"hma", "tokens", "hstu", "ro_cross", "nro_cross", "mlpg"}
 
 
 def _top_keys(model) -> set[str]:
-    return set(nnx.state(model).keys())
+    """Top-level modules, with the MoA components (under ``model.moa``) listed by name."""
+    state = nnx.state(model)
+    return (set(state.keys()) - {"moa"}) | set(state["moa"].keys() if "moa" in state else ())
 
 
 def test_all_switches_off_is_exactly_the_two_tower_model():
-    model = make_model(TINY.two_tower())
+    model = make_model(TINY.moa_off())
     assert _top_keys(model) == {"towers"}
     off = dict(use_hma=False, use_hstu=False, use_ro_cross=False, use_nro_cross=False, use_mlpg=False)
     baseline = make_model(tiny_config(**off))
@@ -217,10 +219,10 @@ def test_without_target_awareness_hstu_sees_no_candidate(full):
     model = make_model(tiny_config(target_aware=False, use_nro_cross=False, use_hma=False))
     batch = {k: jnp.asarray(v) for k, v in batch_for(seed=7).items()}
     tokens = model.tokens
-    hstu = model.hstu(tokens.history(batch), tokens.candidates(batch), batch["history_len"], batch["num_candidates"])
+    hstu = model.moa["hstu"](tokens.history(batch), tokens.candidates(batch), batch["history_len"], batch["num_candidates"])
     assert hstu.shape == (3, 1, 8)
     full_model, _, _ = full
-    assert jax.tree.map(jnp.shape, nnx.state(model.hstu)) == jax.tree.map(jnp.shape, nnx.state(full_model.hstu))
+    assert jax.tree.map(jnp.shape, nnx.state(model.moa["hstu"])) == jax.tree.map(jnp.shape, nnx.state(full_model.moa["hstu"]))
 
 
 def test_config_naming_a_missing_field_fails_with_the_key_and_choices():

@@ -10,7 +10,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gesr_jax.models.hard_matching import HardMatching, brute_force_counts, match_counts, sorted_history
+from gesr_jax.layers.hard_matching import brute_force_counts, match_counts, sorted_history
+from gesr_jax.models.gesr.moa import HMAComponent
 from model_helpers import SCHEMA, batch_for, tiny_config
 
 
@@ -56,7 +57,7 @@ def test_padding_values_never_match():
 
 def test_counts_capped_and_offset_per_pair():
     config = tiny_config(hma_max_count=2, hma_pairs=(("item", "item"), ("creator", "creator")))
-    hma = HardMatching(config, rngs=nnx.Rngs(0))
+    hma = HMAComponent.from_config(config, SCHEMA, rngs=nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in batch_for().items()}
     n = SCHEMA.history_len
     batch["history_len"] = jnp.array([n, n, 0], jnp.int32)
@@ -75,7 +76,7 @@ def test_counts_capped_and_offset_per_pair():
 
 
 def test_output_shape_and_finite():
-    hma = HardMatching(tiny_config(), rngs=nnx.Rngs(0))
+    hma = HMAComponent.from_config(tiny_config(), SCHEMA, rngs=nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in batch_for().items()}
     out = hma(batch)
     assert out.shape == (3, SCHEMA.num_candidates, 8)
@@ -83,7 +84,7 @@ def test_output_shape_and_finite():
 
 
 def test_unknown_pair_field_is_named():
-    from gesr_jax.models.gesr import GESR
+    from gesr_jax.models.gesr.model import GESR
 
     with pytest.raises(ValueError, match=r"model.hma_pairs names 'genre'.*available"):
         GESR(tiny_config(hma_pairs=(("genre", "genre"),)), SCHEMA, rngs=nnx.Rngs(0))

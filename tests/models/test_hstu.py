@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gesr_jax.models.hstu import TargetAwareHSTU, last_history, pack, unpack_candidates
-from model_helpers import tiny_config
+from gesr_jax.layers.hstu import last_history, pack, unpack_candidates
+from gesr_jax.models.gesr.moa import HSTUComponent
+from model_helpers import SCHEMA, tiny_config
 
 B, N, C, D = 3, 6, 4, 8
 HLEN = jnp.array([6, 1, 3], jnp.int32)
@@ -39,7 +40,7 @@ def test_pack_layout_and_round_trip():
 
 
 def _model(**kw):
-    return TargetAwareHSTU(tiny_config(**kw), rngs=nnx.Rngs(1))
+    return HSTUComponent.from_config(tiny_config(**kw), SCHEMA, rngs=nnx.Rngs(1))
 
 
 def test_changing_history_event_t_leaves_earlier_positions_unchanged():
@@ -93,6 +94,6 @@ def test_non_target_aware_uses_last_history_output_for_every_candidate():
     hist, cand = _tokens()
     out = model(hist, cand, HLEN, NC)
     assert out.shape == (B, 1, D)  # one RO vector per request, broadcast by the consumer
-    hist_only = model.stack(hist, HLEN, jnp.zeros_like(HLEN))
+    hist_only = model.stack.sequence(hist, HLEN, jnp.zeros_like(HLEN))
     np.testing.assert_allclose(out[:, 0], hist_only[jnp.arange(B), HLEN - 1], atol=1e-6)
     np.testing.assert_allclose(model(hist, cand * 3.0, HLEN, NC), out, atol=1e-6)  # candidates do not matter

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gesr_jax.models.layers import Dense, MultiInputDense
-from gesr_jax.models.mlpg import MLPG
+from gesr_jax.layers.core import Dense, MultiInputDense
+from gesr_jax.layers.mlpg import MLPG as _MLPG
+
+
+def MLPG(config, dims, num_tasks, *, rngs):  # noqa: N802  (the layer from a GESR config)
+    return _MLPG(config.mlpg_branch_specs(), dims, num_tasks, hidden=config.mlpg_hidden, gate=config.mlpg_gate,
+                 dropout_rate=config.dropout, rngs=rngs)
 from model_helpers import tiny_config
 
 B, C = 3, 4

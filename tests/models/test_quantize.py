@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from gesr_jax import api
-from gesr_jax.models.layers import Dense
-from gesr_jax.models.quantize import FP8, quantize_fp8
+from gesr_jax.layers.core import Dense
+from gesr_jax.layers.quantize import FP8, quantize_fp8
 from model_helpers import batch_for, make_model
 
 

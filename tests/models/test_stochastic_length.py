@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gesr_jax.data.batch import BatchSchema, random_batch, validate_batch
-from gesr_jax.models.stochastic_length import kept_length, stochastic_length
+from gesr_jax.data.batch import BatchSchema, random_batch, split_batch, validate_batch
+from gesr_jax.layers.stochastic_length import kept_length
+from gesr_jax.layers.stochastic_length import stochastic_length as _stochastic_length
+
+
+def stochastic_length(batch, key, **kwargs):
+    """The transform on the request part of ``batch``, the rest passed through (as the model uses it)."""
+    request, _ = split_batch(batch, SCHEMA)
+    return {**batch, **_stochastic_length(request, key, **kwargs)}
 
 SCHEMA = BatchSchema(
     num_users=50, num_items=10_000, user_features=(), item_features=(("category", 5),),

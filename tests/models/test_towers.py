@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gesr_jax.models.towers import Interaction
+from gesr_jax.models.two_tower.towers import Interaction
 from model_helpers import TINY
 
 

@@ -34,7 +34,11 @@ def kept_length(history_capacity: int, alpha: float) -> int:
 def stochastic_length(
     batch: Mapping[str, jax.Array], key: jax.Array, *, alpha: float, sampling: str = "recency"
 ) -> dict[str, jax.Array]:
-    """A copy of ``batch`` whose history_* arrays and history_len are subsampled per request."""
+    """A copy of a request (or batch) whose history arrays and history_len are subsampled per request.
+
+    ``batch`` is the request part of a batch (``data.batch.split_batch``): its [B, N] arrays are exactly
+    the history arrays, which move together; per-request arrays are kept.
+    """
     if sampling not in ("recency", "uniform", "recent"):
         raise ValueError(f"model.sl_sampling must be 'recency', 'uniform' or 'recent', got {sampling!r}")
     out = dict(batch)
@@ -66,7 +70,7 @@ def stochastic_length(
     new_len = jnp.where(subsample, keep, n).astype(batch["history_len"].dtype)
     new_valid = pos < new_len[:, None]
     for name, value in batch.items():
-        if name.startswith("history_") and name != "history_len":
+        if jnp.ndim(value) == 2:
             moved = jnp.take_along_axis(value, order, axis=1)
             out[name] = jnp.where(new_valid, moved, jnp.zeros_like(moved))
     out["history_len"] = new_len

@@ -10,17 +10,22 @@ Counting never materialises the [B, C, P, N] comparison: each request's history 
 once per pair (padding and id 0 replaced by a sentinel that no candidate id can equal),
 and each candidate's count is the difference of two binary searches, O((N + C) log N).
 The counts are integer functions of the ids, so gradients reach only E and the MLP.
+
+Stages: :meth:`HardMatching.encode` sorts the history once per request (RO work); :meth:`HardMatching.score`
+counts and embeds any chunk of candidates against it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.features import Batch
-from gesr_jax.models.layers import MLP, Embed
+from gesr_jax.layers.core import MLP, Embed
+
+Batch = Mapping[str, jax.Array]
 
 SENTINEL = jnp.iinfo(jnp.int32).max  # ids are < vocab sizes far below int32 max, so it never matches
 
@@ -58,32 +63,52 @@ def brute_force_counts(history: jax.Array, valid: jax.Array, candidates: jax.Arr
 
 
 class HardMatching(nnx.Module):
-    """T_match = MLP(flatten_p E[min(count_p, M) + p (M + 1)]) -> [B, C, hma_mlp[-1]]."""
+    """T_match = MLP(flatten_p E[min(count_p, M) + p (M + 1)]) -> [B, C, mlp_widths[-1]]."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.pairs = tuple(tuple(p) for p in config.hma_pairs)
-        self.max_count = config.hma_max_count
+    def __init__(
+        self,
+        pairs: tuple[tuple[str, str], ...],
+        *,
+        max_count: int,
+        dim: int,
+        mlp_widths: tuple[int, ...],
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        self.pairs = tuple(tuple(p) for p in pairs)
+        self.max_count = max_count
         num_pairs = len(self.pairs)
-        self.table = Embed(num_pairs * (self.max_count + 1), config.hma_dim, rngs=rngs)
-        self.mlp = MLP(num_pairs * config.hma_dim, config.hma_mlp, rngs=rngs, dropout_rate=config.dropout)
-        self.out_dim = config.hma_mlp[-1]
+        self.table = Embed(num_pairs * (self.max_count + 1), dim, rngs=rngs)
+        self.mlp = MLP(num_pairs * dim, mlp_widths, rngs=rngs, dropout_rate=dropout_rate)
+        self.out_dim = mlp_widths[-1]
 
-    def counts(self, batch: Batch) -> jax.Array:
-        """Capped match counts, int32 [B, C, P]."""
-        n = batch["history_item"].shape[1]
-        valid = jnp.arange(n)[None, :] < batch["history_len"][:, None]
-        # Sort each distinct history field once, even when several pairs share it.
+    def encode(self, request: Batch) -> dict[str, jax.Array]:
+        """Each distinct history field of the pairs, sorted once per request: {field: [B, N]}."""
+        n = request["history_item"].shape[1]
+        valid = jnp.arange(n)[None, :] < request["history_len"][:, None]
         fields = dict.fromkeys(h for h, _ in self.pairs)
-        sorted_by_field = {f: sorted_history(batch[f"history_{f}"], valid) for f in fields}
-        counts = [match_counts(sorted_by_field[h], batch[f"cand_{c}"]) for h, c in self.pairs]
+        return {f: sorted_history(request[f"history_{f}"], valid) for f in fields}
+
+    def counts_from(self, sorted_by_field: Mapping[str, jax.Array], candidates: Batch) -> jax.Array:
+        """Capped match counts, int32 [B, C, P]."""
+        counts = [match_counts(sorted_by_field[h], candidates[f"cand_{c}"]) for h, c in self.pairs]
         return jnp.minimum(jnp.stack(counts, axis=-1), self.max_count)
 
-    def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
-        counts = self.counts(batch)
+    def counts(self, batch: Batch) -> jax.Array:
+        """Capped match counts of a whole batch, int32 [B, C, P]."""
+        return self.counts_from(self.encode(batch), batch)
+
+    def score(
+        self, sorted_by_field: Mapping[str, jax.Array], candidates: Batch, *, key: jax.Array | None = None
+    ) -> jax.Array:
+        counts = self.counts_from(sorted_by_field, candidates)
         offsets = jnp.arange(len(self.pairs), dtype=jnp.int32) * (self.max_count + 1)
         e = self.table(counts + offsets)  # [B, C, P, D]
         flat = e.reshape(*e.shape[:-2], -1)
         return self.mlp(flat, key=key)
+
+    def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+        return self.score(self.encode(batch), batch, key=key)
 
     def needed_keys(self) -> tuple[str, ...]:
         keys = [f"history_{h}" for h, _ in self.pairs] + [f"cand_{c}" for _, c in self.pairs]

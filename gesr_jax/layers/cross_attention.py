@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.layers import MLP, Dense, LayerNorm, MultiInputDense, fold, make_param
+from gesr_jax.layers.core import MLP, Dense, LayerNorm, MultiInputDense, fold, make_param
 
 
 def attend(
@@ -66,14 +65,14 @@ class HistoryKV(nnx.Module):
 
 
 class _CrossBase(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, dh = config.embed_dim, config.cross_heads, config.cross_head_dim
+    def __init__(self, dim: int, *, heads: int, head_dim: int, kind: str, normalizer: float, rngs: nnx.Rngs):
+        d, h, dh = dim, heads, head_dim
         self.heads, self.head_dim = h, dh
         self.kv = HistoryKV(d, h, dh, rngs=rngs)
         self.q = Dense(d, h * dh, rngs=rngs, names=("embed", "heads"), use_bias=False)
         self.o = Dense(h * dh, d, rngs=rngs, names=("heads", "embed"))
-        self.kind = config.cross_attention
-        self.normalizer = float(config.hstu_normalizer)
+        self.kind = kind
+        self.normalizer = float(normalizer)
 
     def _attend(self, queries: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
         q = self.q(queries)
@@ -85,14 +84,23 @@ class _CrossBase(nnx.Module):
 class ROCrossAttention(_CrossBase):
     """Learnable seeds (and optionally the user profile) attend into the history: RO outputs."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
-        d = config.embed_dim
-        self.num_seeds = config.ro_num_seeds
-        self.seeds = make_param(rngs, nnx.initializers.normal(1.0), (config.ro_num_seeds, d), (None, "embed"))
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_seeds: int,
+        profile_query: bool,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+        **attention_args,
+    ):
+        super().__init__(dim, rngs=rngs, **attention_args)
+        d = dim
+        self.num_seeds = num_seeds
+        self.seeds = make_param(rngs, nnx.initializers.normal(1.0), (num_seeds, d), (None, "embed"))
         self.norm = LayerNorm(d, rngs=rngs)
-        self.ffn = MLP(d, (2 * d, d), rngs=rngs, in_name="embed", out_name="embed", dropout_rate=config.dropout)
-        self.profile_query = config.ro_profile_query
+        self.ffn = MLP(d, (2 * d, d), rngs=rngs, in_name="embed", out_name="embed", dropout_rate=dropout_rate)
+        self.profile_query = profile_query
 
     def __call__(
         self,
@@ -122,13 +130,19 @@ class ROCrossAttention(_CrossBase):
 class NROCrossAttention(_CrossBase):
     """Per-candidate queries attend into the request's history; gated update. Output [B, C, D]."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
-        d = config.embed_dim
-        self.gate = MultiInputDense((d, d), d, rngs=rngs, out_name="embed")
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, **attention_args):
+        super().__init__(dim, rngs=rngs, **attention_args)
+        self.gate = MultiInputDense((dim, dim), dim, rngs=rngs, out_name="embed")
 
-    def __call__(self, query: jax.Array, history: jax.Array, valid: jax.Array) -> jax.Array:
-        k, v = self.kv(history)  # [B, N, H, dh], shared by all candidates of the request
-        a = self._attend(query, k, v, valid)
+    def encode(self, history: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """History keys and values [B, N, H, dh]: once per request, shared by all its candidates."""
+        return self.kv(history)
+
+    def score(self, query: jax.Array, kv: tuple[jax.Array, jax.Array], valid: jax.Array) -> jax.Array:
+        """Gated cross attention of candidate queries [B, C, D] into the cached history K/V."""
+        a = self._attend(query, kv[0], kv[1], valid)
         g = jax.nn.sigmoid(self.gate([query, a]))
         return g * a + (1.0 - g) * query
+
+    def __call__(self, query: jax.Array, history: jax.Array, valid: jax.Array) -> jax.Array:
+        return self.score(query, self.encode(history), valid)

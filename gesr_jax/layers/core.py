@@ -1,4 +1,4 @@
-"""Building blocks: parameters with logical axis names, Dense, MLP, Embed, LayerNorm, functional dropout.
+"""Building blocks: parameters with logical axis names, Dense, MLP, Embed, field tables, LayerNorm, dropout.
 
 Every parameter carries logical axis names (``out_sharding`` metadata read by
 ``nnx.get_partition_spec``): "vocab" for embedding rows, "embed" for the model width,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -215,3 +215,19 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
     total = jnp.sum(x * jnp.expand_dims(m, -1), axis=axis)
     count = jnp.sum(m, axis=axis)[..., None]
     return total / jnp.maximum(count, 1.0)
+
+
+class FieldTables(nnx.Module):
+    """One embedding table per item field (``vocabs``: field -> vocabulary incl. id 0), in the given order.
+
+    Shared by the history (RO) and candidate (NRO) sides, so a history event and a candidate with the same
+    id get the same embedding.
+    """
+
+    def __init__(self, vocabs: Mapping[str, int], dim: int, *, rngs: nnx.Rngs):
+        self.fields = tuple(vocabs)
+        self.tables = nnx.Dict({f: Embed(vocab, dim, rngs=rngs) for f, vocab in vocabs.items()})
+
+    def sum(self, batch: Mapping[str, jax.Array], fields: tuple[str, ...], prefix: str) -> jax.Array:
+        """Sum of the embeddings of ``fields`` read from ``batch[prefix + field]``."""
+        return sum(self.tables[f](batch[prefix + f]) for f in fields)

@@ -1,7 +1,8 @@
-"""ModelConfig: the two-tower backbone, the Mixture-of-Attention (MoA) config and MLPG.
+"""GESRConfig (``model.kind = "gesr"``): the two-tower backbone, the Mixture-of-Attention (MoA) config and MLPG.
 
-Every MoA component has a switch; with all of them off the model is exactly the
-two-tower baseline (``ModelConfig.two_tower()``) and no MoA parameter is created.
+It extends :class:`~gesr_jax.models.two_tower.config.TwoTowerConfig` (the tower fields). Every MoA component
+has a switch; with all of them off (:meth:`GESRConfig.moa_off`) the model is exactly the two-tower baseline
+and no MoA parameter is created.
 Choices the GESR paper leaves unconfirmed (see ../shared/spec/PAPERS_SPEC.md) are
 fields here, with the spec's proposal as the default, and each is marked UNCONFIRMED.
 
@@ -16,30 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from gesr_jax.models.gesr import components
+from gesr_jax.models.two_tower.config import TwoTowerConfig
+
 CROSS_ATTENTION_KINDS = ("softmax", "silu")
 MLPG_BRANCH_KINDS = ("gated", "mlp")
-MLPG_INPUTS = ("hstu", "nro_cross", "ro_summary", "ro_profile", "hma", "unified_item")
-MLPG_DEFAULT_INPUTS = ("hstu", "nro_cross", "ro_summary", "ro_profile")  # spec §1.9 routing (UNCONFIRMED)
 MLPG_GATES = ("sigmoid", "lhuc")
 SL_SAMPLING = ("recency", "uniform", "recent")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    # --- two-tower backbone (the paper's baseline and GESR's primary path) ---
-    embed_dim: int = 32  # width of every embedding table and of the MoA token stream
-    tower_mlp: tuple[int, ...] = (64, 32)  # user and item tower MLP widths; the last is the tower output width
-    # user tower embeds user_id; off by default: with a few requests per user (synthetic: 4 train requests) the id
-    # table memorises (test NE 0.835 without vs 0.862 with, two-tower, synthetic defaults, 200 steps)
-    use_user_id: bool = False
-    tower_history_pool: bool = True  # user tower also sees the mean of its history token embeddings
-    # > 0: both tower outputs are L2-normalised and rescaled to this norm before they meet, so the dot
-    # product starts at a useful scale. Raw tower outputs start near 0 and the product u.i sits at a saddle:
-    # on ML-1M with popularity-matched negatives (item bias useless) the raw two-tower learned nothing in 400
-    # steps (consume AUC 0.54) and the normalised one reached AUC 0.78. 0 = raw outputs.
-    tower_norm_scale: float = 3.0
-    interaction_mlp: tuple[int, ...] = (32,)  # MLP over [u*i, hma, unified item] next to the dot product; UNCONFIRMED
+class GESRConfig(TwoTowerConfig):
+    kind: str = "gesr"  # registry key
     # --- MoA switches ---
     use_hma: bool = True  # hard matching attention (explicit match counts)
     use_hstu: bool = True  # HSTU self-attention (off = no self attention at all)
@@ -47,6 +37,7 @@ class ModelConfig:
     use_ro_cross: bool = True  # RO cross attention with learnable seeds
     use_nro_cross: bool = True  # NRO cross attention with gated update
     use_mlpg: bool = True  # multi-logit parameterized gating; off = its inputs join the main interaction MLP
+    extra_moa: tuple[str, ...] = ()  # names of user MoA components (components.register_component) to switch on
     # --- MoA config: which inputs feed which module ---
     history_fields: tuple[str, ...] = ("item", "category", "creator", "action")  # summed into a history token
     candidate_fields: tuple[str, ...] = ("item", "category", "creator")  # summed into a candidate token
@@ -75,8 +66,9 @@ class ModelConfig:
     cross_head_dim: int = 16  # per-head width in RO/NRO cross attention
     cross_attention: str = "softmax"  # "softmax" or "silu" (HSTU-style pointwise, divided by hstu_normalizer)
     # --- MLPG ---
-    # One entry per branch: "KIND" or "KIND:IN+IN" with KIND in MLPG_BRANCH_KINDS and IN in MLPG_INPUTS;
-    # without inputs a branch reads MLPG_DEFAULT_INPUTS that are switched on. At least one "gated" branch.
+    # One entry per branch: "KIND" or "KIND:IN+IN" with KIND in MLPG_BRANCH_KINDS and IN a MoA output name
+    # (components.py); without inputs a branch reads the MLPG-routed outputs that are on (spec §1.9 routing,
+    # UNCONFIRMED). At least one "gated" branch.
     mlpg_branches: tuple[str, ...] = ("gated", "mlp")
     mlpg_hidden: int = 32  # hidden width inside each branch
     mlpg_gate: str = "sigmoid"  # "sigmoid" or "lhuc" (2*sigmoid); UNCONFIRMED
@@ -84,11 +76,10 @@ class ModelConfig:
     stochastic_length: bool = False  # HSTU stochastic-length history subsampling during training
     sl_alpha: float = 1.6  # SL exponent: keep full history if len <= N^(alpha/2)
     sl_sampling: str = "recency"  # which events a subsampled history keeps: "recency", "uniform" or "recent"
-    dropout: float = 0.1  # dropout on MLP hidden layers and HSTU outputs when apply(train=True, key=...)
     compute_dtype: str = "float32"  # activation dtype of the HSTU stack ("bfloat16" on accelerators)
 
-    def two_tower(self) -> "ModelConfig":
-        """The same backbone with every MoA component off: the two-tower baseline."""
+    def moa_off(self) -> "GESRConfig":
+        """The same backbone with every MoA component off: the two-tower baseline as a GESR config."""
         return dataclasses.replace(
             self, use_hma=False, use_hstu=False, use_ro_cross=False, use_nro_cross=False, use_mlpg=False
         )
@@ -108,46 +99,32 @@ class ModelConfig:
         specs = []
         for entry in self.mlpg_branches:
             kind, _, rest = entry.partition(":")
-            inputs = tuple(rest.split("+")) if rest else tuple(i for i in MLPG_DEFAULT_INPUTS if i in available)
+            default = components.mlpg_route_outputs(self)
+            inputs = tuple(rest.split("+")) if rest else tuple(i for i in default if i in available)
             specs.append((kind, inputs))
         return tuple(specs)
 
     def mlpg_available_inputs(self) -> tuple[str, ...]:
-        """MoA outputs that exist under the current switches."""
-        on = {
-            "hstu": self.use_hstu,
-            "nro_cross": self.use_nro_cross,
-            "ro_summary": self.use_ro_cross,
-            "ro_profile": self.use_ro_cross and self.ro_profile_query,
-            "hma": self.use_hma,
-            "unified_item": self.uses_tokens,
-        }
-        return tuple(name for name in MLPG_INPUTS if on[name])
+        """MoA outputs that exist under the current switches (the component table's enabled outputs)."""
+        return tuple(name for name, _ in components.enabled_outputs(self))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field (schema-dependent names are checked by the model)."""
+        super().validate()
         positive = (
-            "embed_dim", "hma_max_count", "hma_dim", "hstu_layers", "hstu_heads", "hstu_qk_dim", "hstu_v_dim",
+            "hma_max_count", "hma_dim", "hstu_layers", "hstu_heads", "hstu_qk_dim", "hstu_v_dim",
             "num_time_buckets", "ro_num_seeds", "cross_heads", "cross_head_dim", "mlpg_hidden",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("tower_mlp", "hma_mlp"):
-            widths = getattr(self, name)
-            if not widths or min(widths) < 1:
-                raise ValueError(f"model.{name} needs at least one width and all >= 1, got {widths}")
-        if any(w < 1 for w in self.interaction_mlp):
-            raise ValueError(f"model.interaction_mlp widths must be >= 1, got {self.interaction_mlp}")
-        if self.tower_norm_scale < 0:
-            raise ValueError(f"model.tower_norm_scale must be >= 0, got {self.tower_norm_scale}")
+        if not self.hma_mlp or min(self.hma_mlp) < 1:
+            raise ValueError(f"model.hma_mlp needs at least one width and all >= 1, got {self.hma_mlp}")
         for name in ("hstu_normalizer", "time_bucket_width"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
-        if self.hstu_alpha is not None and not self.hstu_alpha > 0:
-            raise ValueError(f"model.hstu_alpha must be None or > 0, got {self.hstu_alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"model.{name} must be finite and > 0, got {getattr(self, name)}")
+        if self.hstu_alpha is not None and not 0 < self.hstu_alpha < float("inf"):
+            raise ValueError(f"model.hstu_alpha must be None or finite and > 0, got {self.hstu_alpha}")
         if not 1.0 < self.sl_alpha <= 2.0:
             raise ValueError(f"model.sl_alpha must be in (1, 2], got {self.sl_alpha}")
         _one_of("cross_attention", self.cross_attention, CROSS_ATTENTION_KINDS)
@@ -178,11 +155,10 @@ class ModelConfig:
         for entry in self.mlpg_branches:
             kind, _, rest = entry.partition(":")
             _one_of("mlpg_branches", kind, MLPG_BRANCH_KINDS)
+            known = components.all_output_names(self)
             for name in rest.split("+") if rest else ():
-                if name not in MLPG_INPUTS:
-                    raise ValueError(
-                        f"model.mlpg_branches entry {entry!r}: unknown input {name!r}; known {MLPG_INPUTS}"
-                    )
+                if name not in known:
+                    raise ValueError(f"model.mlpg_branches entry {entry!r}: unknown input {name!r}; known {known}")
         if not any(e.partition(":")[0] == "gated" for e in self.mlpg_branches):
             raise ValueError(f"model.mlpg_branches needs at least one 'gated' branch, got {self.mlpg_branches}")
 

@@ -18,16 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gesr_jax.data.batch import BatchSchema
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.layers import EMBED_INIT, Embed, make_param
+from gesr_jax.data.batch import REQUEST, BatchSchema, batch_layout
+from gesr_jax.layers.core import EMBED_INIT, Embed, FieldTables, make_param
+from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
+from gesr_jax.models.two_tower.towers import item_field_names
 
 Batch = Mapping[str, jax.Array]
-
-
-def item_field_names(schema: BatchSchema) -> tuple[str, ...]:
-    """Fields a history or candidate slot can carry: the item id and every item feature."""
-    return ("item", *schema.item_feature_names)
 
 
 def check_fields(config: ModelConfig, schema: BatchSchema) -> None:
@@ -61,52 +57,36 @@ def candidate_key(field: str) -> str:
     return f"cand_{field}"
 
 
-def check_batch(batch: Batch, keys: tuple[str, ...]) -> tuple[int, int, int]:
-    """Check the keys the model reads exist with consistent shapes and integer dtypes; return (B, N, C).
+def check_part(part: Batch, keys: tuple[str, ...], schema: BatchSchema, group: str) -> tuple[int, int]:
+    """Check that the ``group`` part (REQUEST or CANDIDATES) has ``keys`` with consistent shapes; (B, N or C).
 
-    Shape-only (works on tracers); value checks live in ``data.batch.validate_batch``.
+    Shape-only (works on tracers); value checks live in ``data.batch.validate_batch``. The second dim
+    may differ from the schema's N / C (serving scores chunks of any size).
     """
-    for key in ("history_item", "cand_item", "history_len", "num_candidates", *keys):
-        if key not in batch:
-            raise ValueError(f"batch has no {key!r}; the layout is documented in gesr_jax/data/batch.py")
-    for key in ("history_item", "cand_item"):
-        if len(np.shape(batch[key])) != 2:
-            raise ValueError(f"batch[{key!r}] must be 2-D [B, N or C], got shape {tuple(np.shape(batch[key]))}")
-    b, n = np.shape(batch["history_item"])
-    c = np.shape(batch["cand_item"])[1]
-    per_request = ("history_len", "num_candidates", "request_time", "user_id")
-    for key in dict.fromkeys(("history_len", "num_candidates", "cand_item", *keys)):
-        if key in per_request or key.startswith("user_"):
-            expected: tuple[int, ...] = (b,)
-        else:
-            expected = (b, n) if key.startswith("history_") else (b, c)
-        shape = tuple(np.shape(batch[key]))
+    layout = batch_layout(schema, 1)
+    anchor = "history_item" if group == REQUEST else "cand_item"
+    lengths = "history_len" if group == REQUEST else "num_candidates"
+    for key in dict.fromkeys((anchor, lengths, *keys)):
+        if key not in part:
+            raise ValueError(f"the {group} part of the batch has no {key!r}; the layout is in gesr_jax/data/batch.py")
+    if len(np.shape(part[anchor])) != 2:
+        raise ValueError(f"batch[{anchor!r}] must be 2-D [B, N or C], got shape {tuple(np.shape(part[anchor]))}")
+    b, width = np.shape(part[anchor])
+    for key in dict.fromkeys((lengths, *keys)):
+        if key not in layout or layout[key][2] != group:
+            raise ValueError(f"batch key {key!r} is not in the {group} group of this schema")
+        expected = (b,) if len(layout[key][0]) == 1 else (b, width)
+        shape = tuple(np.shape(part[key]))
         if shape != expected:
             raise ValueError(f"batch[{key!r}] has shape {shape}, expected {expected}")
-        if not jnp.issubdtype(batch[key].dtype, jnp.integer):
-            raise ValueError(f"batch[{key!r}] has dtype {batch[key].dtype}, expected an integer type")
-    return int(b), int(n), int(c)
+        if not jnp.issubdtype(part[key].dtype, jnp.integer):
+            raise ValueError(f"batch[{key!r}] has dtype {part[key].dtype}, expected an integer type")
+    return int(b), int(width)
 
 
-def valid_masks(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(history valid [B, N], candidate valid [B, C]) from the explicit lengths."""
-    n = batch["history_item"].shape[1]
-    c = batch["cand_item"].shape[1]
-    hist = jnp.arange(n)[None, :] < batch["history_len"][:, None]
-    cand = jnp.arange(c)[None, :] < batch["num_candidates"][:, None]
-    return hist, cand
-
-
-class FieldTables(nnx.Module):
-    """One embedding table per item field, shared by the history (RO) and candidate (NRO) sides."""
-
-    def __init__(self, schema: BatchSchema, fields: tuple[str, ...], dim: int, *, rngs: nnx.Rngs):
-        self.fields = tuple(dict.fromkeys(fields))  # ordered, deduplicated
-        self.tables = nnx.Dict({f: Embed(schema.item_vocab(f), dim, rngs=rngs) for f in self.fields})
-
-    def sum(self, batch: Batch, fields: tuple[str, ...], prefix: str) -> jax.Array:
-        """Sum of the embeddings of ``fields`` read from ``batch[prefix + field]``."""
-        return sum(self.tables[f](batch[prefix + f]) for f in fields)
+def valid_mask(lengths: jax.Array, width: int) -> jax.Array:
+    """[B, width] mask of the slots below ``lengths``."""
+    return jnp.arange(width)[None, :] < lengths[:, None]
 
 
 class TokenEmbedder(nnx.Module):
@@ -117,8 +97,8 @@ class TokenEmbedder(nnx.Module):
         self.history_fields = tuple(config.history_fields)
         self.candidate_fields = tuple(config.candidate_fields)
         self.query_fields = tuple(config.query_fields) if config.use_nro_cross else ()
-        fields = (*self.history_fields, *self.candidate_fields, *self.query_fields)
-        self.tables = FieldTables(schema, fields, d, rngs=rngs)
+        fields = dict.fromkeys((*self.history_fields, *self.candidate_fields, *self.query_fields))
+        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
         uses_action = "action" in self.history_fields
         self.mask_action = make_param(rngs, EMBED_INIT, (d,), ("embed",)) if uses_action else None
         # Position 0 is the shared candidate position; history positions are 1..N (1 = most recent).

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.layers import Dense, MultiInputDense, dropout, fold
+from gesr_jax.layers.core import Dense, MultiInputDense, dropout, fold
 
 
 class MLPGBranch(nnx.Module):
@@ -37,13 +36,14 @@ class MLPGBranch(nnx.Module):
         inputs: tuple[str, ...],
         dims: Mapping[str, int],
         num_tasks: int,
-        config: ModelConfig,
         *,
+        hidden: int,
+        gate: str,
+        dropout_rate: float,
         rngs: nnx.Rngs,
     ):
         self.kind, self.inputs = kind, inputs
         in_dims = [dims[name] for name in inputs]
-        hidden = config.mlpg_hidden
         self.hidden = MultiInputDense(in_dims, hidden, rngs=rngs)
         if kind == "gated":
             self.gate = MultiInputDense(in_dims, hidden, rngs=rngs)
@@ -52,8 +52,8 @@ class MLPGBranch(nnx.Module):
             self.gate = None
             self.mix = None
         self.out = Dense(hidden, num_tasks, rngs=rngs, names=("mlp", None))
-        self.lhuc = config.mlpg_gate == "lhuc"
-        self.dropout_rate = config.dropout
+        self.lhuc = gate == "lhuc"
+        self.dropout_rate = dropout_rate
 
     def __call__(self, values: Mapping[str, jax.Array], *, key: jax.Array | None = None) -> jax.Array:
         z = [values[name] for name in self.inputs]
@@ -69,13 +69,22 @@ class MLPGBranch(nnx.Module):
 class MLPG(nnx.Module):
     """Sum of the configured branches: the amplified logits [B, C, T]."""
 
-    def __init__(self, config: ModelConfig, dims: Mapping[str, int], num_tasks: int, *, rngs: nnx.Rngs):
-        specs = config.mlpg_branch_specs()
+    def __init__(
+        self,
+        specs: tuple[tuple[str, tuple[str, ...]], ...],
+        dims: Mapping[str, int],
+        num_tasks: int,
+        *,
+        rngs: nnx.Rngs,
+        **branch_args,
+    ):
+        """``specs``: (kind, input names) per branch; ``dims``: width of every available input;
+        ``branch_args``: ``hidden``, ``gate``, ``dropout_rate`` of :class:`MLPGBranch`."""
         missing = sorted({name for _, inputs in specs for name in inputs} - set(dims))
         if missing:
             raise ValueError(f"model.mlpg_branches reads {missing}, which this model does not compute")
         self.branches = nnx.List(
-            [MLPGBranch(kind, inputs, dims, num_tasks, config, rngs=rngs) for kind, inputs in specs]
+            [MLPGBranch(kind, inputs, dims, num_tasks, rngs=rngs, **branch_args) for kind, inputs in specs]
         )
 
     def __call__(self, values: Mapping[str, jax.Array], num_candidates: int, *, key: jax.Array | None = None):

@@ -2,7 +2,7 @@
 
 Each selected kernel W [in, out] is stored as ``float8_e4m3fn`` values ``Q`` with a float32
 per-output-column scale ``s = max_i |W[i, o]| / 448`` (448 = the format's largest finite
-value), and :class:`~gesr_jax.models.layers.Dense` computes with ``Q * s``. Weight-only: it
+value), and :class:`~gesr_jax.layers.core.Dense` computes with ``Q * s``. Weight-only: it
 quarters kernel memory and bandwidth; activations and embedding tables are untouched. No
 retraining, as in the paper; ``api.quantize_fp8`` is the entry point.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.models.layers import Dense
+from gesr_jax.layers.core import Dense
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)

@@ -22,9 +22,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema
-from gesr_jax.models.config import ModelConfig
-from gesr_jax.models.features import Batch, FieldTables, item_field_names
-from gesr_jax.models.layers import MLP, Embed, make_param, masked_mean
+from gesr_jax.layers.core import MLP, Embed, FieldTables, make_param, masked_mean
+from gesr_jax.models.two_tower.config import TwoTowerConfig
+
+Batch = Mapping[str, jax.Array]
+ModelConfig = TwoTowerConfig  # GESR's config extends it, so both models build these towers
+
+
+def item_field_names(schema: BatchSchema) -> tuple[str, ...]:
+    """Fields a history or candidate slot can carry: the item id and every item feature."""
+    return ("item", *schema.item_feature_names)
 
 
 class UserTower(nnx.Module):
@@ -104,11 +111,14 @@ class Interaction(nnx.Module):
         self.mlp = MLP(dt + extra_dim, (*config.interaction_mlp, num_tasks), rngs=rngs, dropout_rate=config.dropout)
         self.norm_scale = config.tower_norm_scale
 
+    def normalised(self, x: jax.Array) -> jax.Array:
+        """A tower output as it enters the dot product (rescaled to ``norm_scale`` when that is > 0)."""
+        return _rescaled_unit(x, self.norm_scale) if self.norm_scale > 0 else x
+
     def __call__(
         self, u: jax.Array, i: jax.Array, extras: list[jax.Array], *, key: jax.Array | None = None
     ) -> jax.Array:
-        if self.norm_scale > 0:
-            u, i = _rescaled_unit(u, self.norm_scale), _rescaled_unit(i, self.norm_scale)
+        u, i = self.normalised(u), self.normalised(i)
         u = u[:, None, :]  # broadcast the RO user embedding over candidates, never copied
         dot = jnp.sum(u * i, axis=-1, keepdims=True)
         x = jnp.concatenate([u * i, *extras], axis=-1)
@@ -127,7 +137,7 @@ class TwoTower(nnx.Module):
         self, config: ModelConfig, schema: BatchSchema, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs
     ):
         fields = item_field_names(schema) + (("action",) if config.tower_history_pool else ())
-        self.tables = FieldTables(schema, fields, config.embed_dim, rngs=rngs)
+        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, config.embed_dim, rngs=rngs)
         self.user = UserTower(config, schema, self.tables, rngs=rngs)
         self.item = ItemTower(config, schema, rngs=rngs)
         self.interaction = Interaction(config, extra_dim, num_tasks, rngs=rngs)
@@ -141,6 +151,14 @@ class TwoTower(nnx.Module):
     def candidate_fields(self, batch: Batch) -> dict[str, jax.Array]:
         """The item tower's inputs for the batch's candidates, keyed by field name."""
         return {f: batch[f"cand_{f}"] for f in self.item.fields}
+
+    def candidate_embedding(
+        self, candidates: Batch, *, item_cache: jax.Array | None = None, key: jax.Array | None = None
+    ) -> jax.Array:
+        """Item-tower outputs of the candidates [B, C, Dt], looked up in ``item_cache`` when given."""
+        if item_cache is not None:
+            return jnp.take(item_cache, candidates["cand_item"], axis=0, mode="clip")
+        return self.item_embedding(self.candidate_fields(candidates), key=key)
 
     def needed_keys(self) -> tuple[str, ...]:
         return (*self.user.needed_keys(), *(f"cand_{f}" for f in self.item.fields))

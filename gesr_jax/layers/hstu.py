@@ -1,0 +1,268 @@
+"""HSTU layers (spec §2.2, §2.7) and the target-aware stack over [history ; candidates] (spec §1.6).
+
+One layer (HSTU paper eq. 1-3, research-code form with a learnable input LayerNorm)::
+
+    u, v, q, k = split(silu(W_uvqk LayerNorm(x)))       fused projection, SiLU on all four
+    a          = attention(q, k, v)                      pointwise silu(alpha q.k) / normalizer, target-aware mask
+    x         <- x + W_o dropout(LayerNorm(a) * u)
+
+With the target-aware mask, history rows never attend to candidates, so the history half of every layer is
+candidate-independent. :class:`HSTUStack` therefore runs in two stages:
+
+* :meth:`HSTUStack.encode` (once per request): causal self attention over the history alone, keeping each
+  layer's history keys/values -- O(N^2);
+* :meth:`HSTUStack.score` (per candidate chunk): each candidate row attends to the cached history K/V of its
+  layer and to itself (the kernels' cached-prefix mode) -- O(C N).
+
+The candidate rows equal those of one pass over the packed [history ; candidates] sequence (tested), which
+:meth:`HSTUStack.sequence` still computes for inspection. All attention goes through ``kernels.hstu_attention``;
+the normaliser is fixed, so outputs never depend on padding. Position and time are in the input tokens, so
+there is no attention bias.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold
+from kernels.hstu_attention import hstu_attention
+
+try:  # TRANSITION: until the kernel's cached-prefix mode lands
+    from kernels.hstu_attention import hstu_attention_cached
+except ImportError:
+
+    def hstu_attention_cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries=None, *, self_term=True,
+                              score_fn="silu", normalizer=None, alpha=None, implementation=None):
+        alpha = q.shape[-1] ** -0.5 if alpha is None else alpha
+        hi = jax.lax.Precision.HIGHEST
+        f32 = jnp.float32
+        s = alpha * jnp.einsum("bchd,bnhd->bhcn", q.astype(f32), k_prefix.astype(f32), precision=hi)
+        mask = (jnp.arange(k_prefix.shape[1])[None, :] < prefix_len[:, None])[:, None, None, :]
+        p = jnp.where(mask, jax.nn.silu(s), 0.0) / normalizer
+        out = jnp.einsum("bhcn,bnhd->bchd", p, v_prefix.astype(f32), precision=hi)
+        own = alpha * jnp.sum(q.astype(f32) * k.astype(f32), -1)
+        out = out + (jax.nn.silu(own) / normalizer)[..., None] * v.astype(f32)
+        if num_queries is not None:
+            out = jnp.where((jnp.arange(q.shape[1])[None, :] < num_queries[:, None])[..., None, None], out, 0.0)
+        return out.astype(q.dtype)
+
+HistoryKV = tuple[jax.Array, jax.Array]  # (k [B, N, H, Dqk], v [B, N, H, Dv]) of one layer
+
+
+def pack(history: jax.Array, candidates: jax.Array, history_len: jax.Array, num_candidates: jax.Array) -> jax.Array:
+    """[B, N, D] history and [B, C, D] candidates -> [B, N + C, D] rows [hist[:len] ; cand[:nc] ; zeros]."""
+    n, c = history.shape[1], candidates.shape[1]
+    p = jnp.arange(n + c)[None, :]
+    hlen, nc = history_len[:, None], num_candidates[:, None]
+    idx = jnp.where(p < hlen, p, n + p - hlen)
+    valid = p < hlen + nc
+    both = jnp.concatenate([history, candidates], axis=1)
+    out = jnp.take_along_axis(both, jnp.clip(idx, 0, n + c - 1)[..., None], axis=1)
+    return jnp.where(valid[..., None], out, 0.0)
+
+
+def unpack_candidates(seq: jax.Array, history_len: jax.Array, num_candidates: jax.Array, c: int) -> jax.Array:
+    """Rows of the packed sequence that hold candidates, back in candidate-slot order [B, C, D]; padding zero."""
+    length = seq.shape[1]
+    slot = jnp.arange(c)[None, :]
+    idx = jnp.clip(history_len[:, None] + slot, 0, length - 1)
+    out = jnp.take_along_axis(seq, idx[..., None], axis=1)
+    return jnp.where((slot < num_candidates[:, None])[..., None], out, 0.0)
+
+
+def last_history(seq: jax.Array, history_len: jax.Array) -> jax.Array:
+    """Output at the most recent history position, [B, D] (zero for an empty history)."""
+    idx = jnp.clip(history_len - 1, 0, seq.shape[1] - 1)
+    out = jnp.take_along_axis(seq, idx[:, None, None], axis=1)[:, 0]
+    return jnp.where((history_len > 0)[:, None], out, 0.0)
+
+
+def _rows_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    return (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+
+
+class HSTULayer(nnx.Module):
+    """One HSTU layer: fused UVQK projection, U-gated and LayerNorm'd pointwise attention, residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        qk_dim: int,
+        v_dim: int,
+        normalizer: float,
+        alpha: float | None,
+        attention_impl: str | None,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        self.heads, self.qk_dim, self.v_dim = heads, qk_dim, v_dim
+        self.norm_in = LayerNorm(dim, rngs=rngs)
+        self.uvqk = Dense(dim, 2 * heads * (v_dim + qk_dim), rngs=rngs, names=("embed", "heads"))
+        self.norm_attn = LayerNorm(heads * v_dim, rngs=rngs, name="heads")
+        self.out = Dense(heads * v_dim, dim, rngs=rngs, names=("heads", "embed"))
+        self.normalizer = float(normalizer)
+        self.alpha = alpha
+        self.implementation = attention_impl
+        self.dropout_rate = dropout_rate
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(u [B, L, H*Dv], v [B, L, H, Dv], q, k [B, L, H, Dqk]) of tokens x [B, L, D]."""
+        b, length, _ = x.shape
+        h, dqk, dv = self.heads, self.qk_dim, self.v_dim
+        uvqk = jax.nn.silu(self.uvqk(self.norm_in(x)))
+        u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
+        return u, v.reshape(b, length, h, dv), q.reshape(b, length, h, dqk), k.reshape(b, length, h, dqk)
+
+    def _residual(self, x: jax.Array, attn: jax.Array, u: jax.Array, key: jax.Array | None) -> jax.Array:
+        attn = attn.reshape(*attn.shape[:2], self.heads * self.v_dim)
+        return x + self.out(dropout(self.norm_attn(attn) * u, self.dropout_rate, key))
+
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array, num_targets: jax.Array, *, key: jax.Array | None = None
+    ) -> jax.Array:
+        """The layer over a packed [history ; candidates] sequence (target-aware mask)."""
+        u, v, q, k = self.project(x)
+        attn = hstu_attention(
+            q, k, v, lengths, num_targets, normalizer=self.normalizer, alpha=self.alpha,
+            implementation=self.implementation,
+        )  # fmt: skip
+        return self._residual(x, attn, u, key)
+
+    def history(self, x: jax.Array, lengths: jax.Array, *, key: jax.Array | None = None) -> tuple[jax.Array, HistoryKV]:
+        """Causal self attention over history tokens alone: (next tokens, this layer's (k, v) for candidates)."""
+        u, v, q, k = self.project(x)
+        attn = hstu_attention(
+            q, k, v, lengths, None, normalizer=self.normalizer, alpha=self.alpha, implementation=self.implementation
+        )
+        return self._residual(x, attn, u, key), (k, v)
+
+    def history_kv(self, x: jax.Array) -> HistoryKV:
+        """Only the (k, v) of history tokens: the last layer's history outputs are never read."""
+        _, v, _, k = self.project(x)
+        return k, v
+
+    def candidates(
+        self,
+        x: jax.Array,
+        kv: HistoryKV,
+        history_len: jax.Array,
+        num_candidates: jax.Array,
+        *,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Candidate tokens [B, C, D] through the layer: each attends to the cached history (k, v) and itself."""
+        u, v, q, k = self.project(x)
+        attn = hstu_attention_cached(
+            q, k, v, kv[0], kv[1], history_len, num_candidates, self_term=True, score_fn="silu",
+            normalizer=self.normalizer, alpha=self.alpha, implementation=self.implementation,
+        )  # fmt: skip
+        return self._residual(x, attn, u, key)
+
+
+class HSTUStack(nnx.Module):
+    """``num_layers`` HSTU layers and a final LayerNorm; rows at or beyond the valid length are zero."""
+
+    def __init__(self, dim: int, *, num_layers: int, compute_dtype: str = "float32", rngs: nnx.Rngs, **layer_args):
+        self.layers = nnx.List([HSTULayer(dim, rngs=rngs, **layer_args) for _ in range(num_layers)])
+        self.norm_out = LayerNorm(dim, rngs=rngs)
+        self.dtype = jnp.dtype(compute_dtype)
+
+    def _finish(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+        return jnp.where(valid, self.norm_out(x), 0.0).astype(jnp.float32)
+
+    def sequence(
+        self, x: jax.Array, lengths: jax.Array, num_targets: jax.Array, *, key: jax.Array | None = None
+    ) -> jax.Array:
+        """The stack over a packed sequence [B, L, D] in one pass (inspection and tests)."""
+        valid = _rows_valid(x, lengths)
+        x = x.astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            # Re-zero padding rows: they never reach valid rows (the kernel masks them), but zeros keep
+            # the residual stream free of whatever the projections make of padding.
+            x = jnp.where(valid, layer(x, lengths, num_targets, key=fold(key, i)), 0.0).astype(self.dtype)
+        return self._finish(x, valid)
+
+    def encode(
+        self, history: jax.Array, history_len: jax.Array, *, need_outputs: bool, key: jax.Array | None = None
+    ) -> tuple[jax.Array | None, list[HistoryKV]]:
+        """(history outputs [B, N, D] or None, per-layer history (k, v)). Once per request.
+
+        Without ``need_outputs`` the last layer computes only its (k, v), the part candidates read.
+        """
+        valid = _rows_valid(history, history_len)
+        x = history.astype(self.dtype)
+        cache: list[HistoryKV] = []
+        for i, layer in enumerate(self.layers):
+            if not need_outputs and i == len(self.layers) - 1:
+                cache.append(layer.history_kv(x))
+                return None, cache
+            x, kv = layer.history(x, history_len, key=fold(key, i))
+            x = jnp.where(valid, x, 0.0).astype(self.dtype)
+            cache.append(kv)
+        return self._finish(x, valid), cache
+
+    def score(
+        self,
+        candidates: jax.Array,
+        cache: list[HistoryKV],
+        history_len: jax.Array,
+        num_candidates: jax.Array,
+        *,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Candidate rows [B, C, D] of the stack, from the cached history K/V of every layer."""
+        valid = _rows_valid(candidates, num_candidates)
+        x = candidates.astype(self.dtype)
+        for i, (layer, kv) in enumerate(zip(self.layers, cache, strict=True)):
+            x = layer.candidates(x, kv, history_len, num_candidates, key=fold(key, i))
+            x = jnp.where(valid, x, 0.0).astype(self.dtype)
+        return self._finish(x, valid)
+
+
+class TargetAwareHSTU(nnx.Module):
+    """Target-aware user embeddings: candidate rows of HSTU([history ; candidates]), or, as the paper's
+    ablation (``target_aware=False``), the last history output broadcast to every candidate."""
+
+    def __init__(self, dim: int, *, target_aware: bool, rngs: nnx.Rngs, **stack_args):
+        self.stack = HSTUStack(dim, rngs=rngs, **stack_args)
+        self.target_aware = target_aware
+
+    def encode(self, history: jax.Array, history_len: jax.Array, *, key: jax.Array | None = None) -> dict:
+        """Request-only part: per-layer history K/V (target-aware) or the last history output [B, 1, D]."""
+        # Distinct streams for the history rows here and the candidate rows in score().
+        outputs, cache = self.stack.encode(
+            history, history_len, need_outputs=not self.target_aware, key=fold(key, 0)
+        )
+        if not self.target_aware:
+            return {"last": last_history(outputs, history_len)[:, None, :]}
+        return {"kv": cache}
+
+    def score(
+        self,
+        cache: dict,
+        candidates: jax.Array,
+        history_len: jax.Array,
+        num_candidates: jax.Array,
+        *,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """[B, C, D] target-aware user embeddings, or [B, 1, D] (one per request) in the ablation."""
+        if not self.target_aware:
+            return cache["last"]
+        return self.stack.score(candidates, cache["kv"], history_len, num_candidates, key=fold(key, 1))
+
+    def __call__(self, history, candidates, history_len, num_candidates, *, key=None) -> jax.Array:
+        """``score(encode(history), candidates)``: the target-aware user embeddings of a whole batch."""
+        cache = self.encode(history, history_len, key=key)
+        return self.score(cache, candidates, history_len, num_candidates, key=key)
+
+    def sequence(self, history, candidates, history_len, num_candidates, *, key=None) -> jax.Array:
+        """The packed one-pass output [B, N + C, D] (target-aware) or [B, N, D] over history (ablation)."""
+        if not self.target_aware:
+            return self.stack.sequence(history, history_len, jnp.zeros_like(history_len), key=key)
+        seq = pack(history, candidates, history_len, num_candidates)
+        return self.stack.sequence(seq, history_len + num_candidates, num_candidates, key=key)

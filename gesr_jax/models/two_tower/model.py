@@ -1,0 +1,59 @@
+"""The two-tower model (``model.kind = "two_tower"``): user tower once per request, item tower per item.
+
+``encode_request`` runs the user tower (RO); ``score`` runs the item tower, or looks candidates up in a
+cached item-tower table, and the interaction. It builds exactly the modules GESR builds with every MoA
+switch off, in the same order, so the two produce identical logits from one seed (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gesr_jax.data.batch import BatchSchema
+from gesr_jax.layers.core import fold
+from gesr_jax.models.base import Batch, RankingModel
+from gesr_jax.models.two_tower.config import TwoTowerConfig
+from gesr_jax.models.two_tower.towers import TwoTower
+
+# fold_in tags, shared with GESR so both draw the same dropout for the same key.
+USER_TAG, ITEM_TAG, INTERACTION_TAG = 1, 2, 6
+
+
+class TwoTowerModel(RankingModel):
+    """u = UserTower(request), i = ItemTower(candidate), logits = Interaction(u, i)."""
+
+    def __init__(self, config: TwoTowerConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
+        config.validate_for_build()
+        self.config, self.schema = config, schema
+        self.towers = TwoTower(config, schema, 0, len(schema.tasks), rngs=rngs)
+
+    def encode_request(self, request: Batch, *, key: jax.Array | None = None, train: bool = False) -> dict:
+        """{"user": [B, Dt]} the user-tower output."""
+        key = key if train else None
+        return {"user": self.towers.user_embedding(request, key=fold(key, USER_TAG))}
+
+    def score(self, state, candidates: Batch, *, key=None, train=False, item_cache=None) -> dict[str, jax.Array]:
+        key = key if train else None
+        i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, ITEM_TAG))
+        logits = self.towers.interaction(state["user"], i, [], key=fold(key, INTERACTION_TAG))
+        c = candidates["cand_item"].shape[1]
+        valid = jnp.arange(c)[None, :] < candidates["num_candidates"][:, None]
+        logits = jnp.where(valid[..., None], logits, 0.0)
+        return {task: logits[..., t] for t, task in enumerate(self.schema.tasks)}
+
+    def item_cache_fields(self) -> tuple[str, ...]:
+        return self.towers.item.fields
+
+    def item_cache(self, item_fields: Mapping[str, jax.Array]) -> jax.Array:
+        return self.towers.item_embedding(item_fields)
+
+    def user_embedding(self, state) -> jax.Array:
+        """The (normalised) user vector a retrieval stage dots with the item cache, [B, Dt]."""
+        return self.towers.interaction.normalised(state["user"])
+
+    def item_embedding_for_retrieval(self, item_cache: jax.Array) -> jax.Array:
+        return self.towers.interaction.normalised(item_cache)
