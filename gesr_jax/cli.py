@@ -7,8 +7,9 @@
     gesr eval  --workdir /tmp/run                 # restore the latest checkpoint, print valid+test metrics
     gesr data  download ml-1m --to DIR | gesr data inspect --path DIR
 
-Configuration errors and bad data print one ``error: ...`` line and exit with status 2; a run that
-diverges (NaN/Inf loss) prints one line and exits with status 1, its last good checkpoint kept.
+Usage errors (:func:`usage_errors`: a bad config, workdir, data file or checkpoint) print one
+``error: ...`` line and exit with status 2; a run that diverges (NaN/Inf loss) prints one line and exits
+with status 1, its last good checkpoint kept. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the user asked for something that cannot work", not a bug."""
+    from gesr_jax.data.datasets import DataError
+    from gesr_jax.data.movielens import DataFormatError
+    from gesr_jax.train import checkpoint
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, DataFormatError]
+    checkpoint_error = getattr(checkpoint, "CheckpointError", None)  # a bad or mismatched checkpoint
+    if checkpoint_error is not None:
+        errors.append(checkpoint_error)
+    try:
+        from gesr_jax.models.registry import UnknownModelKindError
+    except ImportError:
+        pass
+    else:
+        errors.append(UnknownModelKindError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gesr`` console script; returns the process exit status."""
     args: Any = build_parser().parse_args(argv)
@@ -105,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        # ConfigError is a ValueError; data and checkpoint problems raise ValueError with the file named.
+    except usage_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

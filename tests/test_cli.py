@@ -10,6 +10,10 @@ import sys
 import pytest
 
 from gesr_jax import cli
+from gesr_jax.config import ConfigError
+from gesr_jax.data.datasets import DataError
+from gesr_jax.data.movielens import DataFormatError
+from gesr_jax.train import setup as setup_lib
 from gesr_jax.train import trainer
 
 
@@ -29,8 +33,8 @@ fx = _fixtures()
 def fake_model_and_data(monkeypatch):
     """Route the CLI's model and data to the fast linear fixture (the real ones have their own tests)."""
     splits = fx.make_splits()
-    monkeypatch.setattr(trainer, "default_model_api", lambda: fx.linear_api())
-    monkeypatch.setattr(trainer, "default_splits", lambda config: splits)
+    monkeypatch.setattr(setup_lib, "default_model_api", lambda: fx.linear_api())
+    monkeypatch.setattr(setup_lib, "default_splits", lambda config: splits)
     return splits
 
 
@@ -83,3 +87,39 @@ def test_diverged_training_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(trainer, "train_and_evaluate", diverge)
     assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == "error: loss became nan at step 3; training stopped"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [DataError("data.source 'x' is unknown"), DataFormatError("ratings.dat:3: bad line"), ConfigError("bad key")],
+)
+def test_usage_errors_exit_2_with_one_line(error, monkeypatch, tmp_path, capsys):
+    def fail(config, workdir):
+        raise error
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+    assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {error}"
+
+
+@pytest.mark.parametrize("bug", [ValueError("shapes (3,) and (4,) differ"), KeyError("cand_item"), TypeError("x")])
+def test_other_exceptions_keep_their_traceback(bug, monkeypatch, tmp_path, capsys):
+    def fail(config, workdir):
+        raise bug
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+    with pytest.raises(type(bug)):
+        cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_eval_refuses_a_workdir_trained_by_another_model_api(tmp_path, capsys):
+    workdir = tmp_path / "custom"
+    config = fx.tiny_config(num_steps=2)
+    trainer.train_and_evaluate(config, workdir, model_api=fx.linear_api(), splits=fx.make_splits())
+    # `gesr eval` uses the default model API (gesr_jax.api); it must not silently score the stock model.
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "trained by the model API 'train_fixtures:linear_api'" in err
+    assert "'gesr_jax.api'" in err and "\n" not in err
+    assert not (workdir / "eval.json").exists()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gesr_jax.data import download as download_lib
-from gesr_jax.data import sources
+from gesr_jax.data import datasets, movielens, movielens_dataset
 from gesr_jax.data.config import DataConfig
 
 
@@ -68,7 +68,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         overrides = [o.removeprefix("data.") for o in args.overrides]
         data_config = apply_overrides(DataConfig(source="movielens", path=args.path), overrides)
         report = inspect(data_config, build_requests=args.requests)
-    except (ValueError, ConfigError) as err:  # DataFormatError is a ValueError
+    except (ConfigError, datasets.DataError, movielens.DataFormatError) as err:  # usage errors; bugs keep a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(report))
@@ -83,7 +83,7 @@ def inspect(data_config: DataConfig, build_requests: bool = False) -> dict[str, 
     exact counts (which also drop requests whose history is hidden by same-second ratings) are
     reported under ``requests``.
     """
-    inter = sources.load_interactions_cached(data_config)
+    inter = movielens_dataset.load_interactions_cached(data_config)
     per_user = np.bincount(inter.user)
     per_user = per_user[per_user > 0]
     needed = data_config.min_history + data_config.num_positives
@@ -111,7 +111,7 @@ def inspect(data_config: DataConfig, build_requests: bool = False) -> dict[str, 
         "ratings_file": inter.files.ratings.name,
     }
     if build_requests:
-        splits = sources.load_splits(data_config)
+        splits = datasets.load_splits(data_config)
         report["requests"] = splits.stats
         report["schema"] = dataclasses.asdict(splits.schema)
     return report

@@ -7,6 +7,8 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Optimizer, schedule, loop length, evaluation and checkpoint cadence of one run."""
+
     batch_size: int = 64  # requests per global batch (sharded over the `data` mesh axis)
     eval_batch_size: int = 256  # requests per eval batch; the last batch is padded with empty rows
     num_steps: int = 1000  # total optimizer steps
@@ -21,6 +23,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between Orbax checkpoints; 0 = only the last step
     max_checkpoints: int = 3  # checkpoints kept in the workdir
     task_weights: tuple[float, ...] = ()  # per-task BCE weights; () = 1 for every task
+    evaluators: tuple[str, ...] = ("candidate",)  # registered evaluators (train/evaluators.py): candidate, ranking
+    ranking_ks: tuple[int, ...] = (1, 10, 50)  # K of HR@K / NDCG@K for the "ranking" evaluator
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its valid range."""
@@ -38,3 +42,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if any(not w >= 0 for w in self.task_weights):
             raise ValueError(f"train.task_weights must be non-negative, got {self.task_weights}")
+        if not self.evaluators or len(set(self.evaluators)) != len(self.evaluators):
+            raise ValueError(f"train.evaluators must name at least one evaluator, each once, got {self.evaluators}")
+        if not self.ranking_ks or any(k < 1 for k in self.ranking_ks):
+            raise ValueError(f"train.ranking_ks must be K >= 1 values, got {self.ranking_ks}")

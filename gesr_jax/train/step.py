@@ -2,11 +2,12 @@
 
 The model enters only through a *model API*: any object with
 
-* ``init(config, seed) -> (graphdef, params)`` and
+* ``init(config, seed, schema) -> (graphdef, params)``, the model for the batch schema the data gave, and
 * ``apply(graphdef, params, batch, *, key=None, train=False) -> {task: logits [B, C]}``
 
-(``gesr_jax.api`` for GESR, a tiny linear scorer in the tests). Steps never hold RNG state: the
-trainer passes ``fold_in(base_key, step)``.
+(``gesr_jax.api``, which builds ``config.model.kind`` from the model registry; a tiny linear scorer in
+the tests). The "ranking" evaluator also needs ``item_cache`` and ``retrieval_scores``
+(gesr_jax/train/evaluators.py). Steps never hold RNG state: the trainer passes ``fold_in(base_key, step)``.
 
 Loss: per task, binary cross-entropy on the final logits averaged over the valid candidates of the
 global batch (padding slots and empty rows count 0), then a weighted sum over tasks with
@@ -33,7 +34,7 @@ Metrics = dict[str, jax.Array]
 class ModelAPI(Protocol):
     """The pure-function surface the trainer needs from a model."""
 
-    def init(self, config: Any, seed: int) -> tuple[Any, Any]: ...
+    def init(self, config: Any, seed: int, schema: Any) -> tuple[Any, Any]: ...
 
     def apply(
         self, graphdef: Any, params: Any, batch: Batch, *, key: jax.Array | None = None, train: bool = False

@@ -13,6 +13,7 @@ import train_fixtures as fx
 from gesr_jax import config as config_lib
 from gesr_jax.config import ConfigError
 from gesr_jax.data import pipeline
+from gesr_jax.train import setup as setup_lib
 from gesr_jax.train import sharding, trainer
 from gesr_jax.train.checkpoint import Checkpointer
 
@@ -122,7 +123,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_evaluate_workdir_and_evaluate_reproduce_final_metrics(full_run, monkeypatch):
     workdir, results = full_run
-    monkeypatch.setattr(trainer, "default_splits", lambda config: SPLITS)
+    monkeypatch.setattr(setup_lib, "default_splits", lambda config: SPLITS)
     got = trainer.evaluate_workdir(workdir, model_api=fx.linear_api())
     assert got["step"] == 12
     for split in ("valid", "test"):

@@ -56,15 +56,32 @@ class LinearScorer(nnx.Module):
 
 
 def linear_api(schema: batch_lib.BatchSchema = SCHEMA, dim: int = 8, poison_user: int | None = None):
-    """A model API (``init``/``apply``) around :class:`LinearScorer`."""
+    """A model API (``init``/``apply``/``item_cache``/``retrieval_scores``) around :class:`LinearScorer`.
 
-    def init(config: Config, seed: int) -> tuple[Any, Any]:
-        return nnx.split(LinearScorer(schema, dim, seed, poison_user))
+    ``init`` builds the scorer for the schema it is given (the trainer passes the data's), else ``schema``.
+    ``retrieval_scores`` is exactly the first task's logit of every catalogue item.
+    """
+
+    default_schema = schema
+
+    def init(config: Config, seed: int, schema: batch_lib.BatchSchema | None = None) -> tuple[Any, Any]:
+        return nnx.split(LinearScorer(schema or default_schema, dim, seed, poison_user))
 
     def apply(graphdef: Any, params: Any, batch: Any, *, key: jax.Array | None = None, train: bool = False):
         return nnx.merge(graphdef, params)(batch, key, train)
 
-    return types.SimpleNamespace(init=init, apply=apply)
+    def item_cache(graphdef: Any, params: Any, item_fields: Any) -> jax.Array:
+        return nnx.merge(graphdef, params).item[...]  # [V, dim]
+
+    def retrieval_scores(graphdef: Any, params: Any, request: Any, cache: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        u = model.user[...][request["user_id"]]  # logit_0 = <(u + 1) * item, w_0> + b_0
+        return ((u + 1.0) * model.w[...][:, 0]) @ cache.T + model.b[...][0]
+
+    return types.SimpleNamespace(
+        init=init, apply=apply, item_cache=item_cache, retrieval_scores=retrieval_scores,
+        api_name="train_fixtures:linear_api",
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +91,7 @@ class FakeSplits:
     test: dict[str, np.ndarray]
     schema: batch_lib.BatchSchema
     stats: dict[str, Any]
+    item_table: dict[str, np.ndarray] | None = None
 
 
 def make_splits(n_train: int = 96, n_eval: int = 37, schema: batch_lib.BatchSchema = SCHEMA) -> FakeSplits:
@@ -89,10 +107,12 @@ def make_splits(n_train: int = 96, n_eval: int = 37, schema: batch_lib.BatchSche
             arrays[f"prob_{task}"] = np.where(valid, p, 0).astype(np.float32)
             arrays[f"label_{task}"] = np.where(valid, rng.uniform(size=p.shape) < p, 0).astype(np.float32)
         parts.append(arrays)
-    return FakeSplits(*parts, schema=schema, stats={"requests": n_train})
+    table = {name: (np.arange(schema.num_items + 1) % vocab).astype(np.int32) for name, vocab in schema.item_features}
+    return FakeSplits(*parts, schema=schema, stats={"requests": n_train}, item_table=table)
 
 
 def tiny_config(**train: Any) -> Config:
+    """The fixture run: 12 steps of batch 16, log every 3, valid every 6, checkpoint every 4."""
     defaults = dict(batch_size=16, eval_batch_size=16, num_steps=12, learning_rate=0.05, warmup_steps=2,
                     log_every=3, eval_every=6, checkpoint_every=4, max_checkpoints=10)
     return Config(name="fixture", data=DataConfig(history_len=4, num_positives=2, num_negatives=3),

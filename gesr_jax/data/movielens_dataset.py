@@ -1,21 +1,18 @@
-"""Dataset entry points: the batch schema of a DataConfig and its train/valid/test splits.
+"""The MovieLens dataset: its schema, ESR request splits and item table, with an on-disk cache.
 
-:func:`schema_for` is cheap (no rating log is read for synthetic data or for MovieLens folders
-with a users file) so models can be built before any data is loaded. :func:`load_splits`
-builds every request once, as three big batches, and caches MovieLens builds as ``.npz``
-under ``$GESR_CACHE_DIR`` (default ``~/.cache/gesr_jax``), keyed by the data config and the
-size and mtime of every input file.
+Registered as ``data.source = "movielens"``; reads the folder ``data.path`` (any format
+:mod:`gesr_jax.data.movielens` detects). :func:`schema` is cheap when the folder has a users file (no
+rating log is read). :func:`load_splits` builds every request once (gesr_jax/data/requests.py), as
+three big batches, and caches the parsed log and the built splits as ``.npz`` under
+``$GESR_CACHE_DIR`` (default ``~/.cache/gesr_jax``), keyed by the data config and the size and mtime
+of every input file.
 
-Feature encodings (id 0 is padding everywhere, id 1 is "unknown / other"):
-
-* synthetic -- user ``segment``, ``activity``; item ``category``, ``creator``; actions
-  1 = consumed, 2 = consumed and engaged.
-* MovieLens -- item ``genre`` (primary = first listed genre), ``year`` (release year
-  bucketed by :data:`YEAR_EDGES`), ``director`` (only with ``extra/movies_extrainfos.dat``:
-  the ``data.director_vocab`` directors with most movies, the rest "other"); user ``gender``,
-  ``age``, ``occupation`` when the folder has ``users.dat`` / ``u.user``. Actions are the
-  star rating rounded up (csv half stars 0.5 -> 1, 3.5 -> 4), so ``num_actions`` is 6 for every
-  format; ``engage`` compares the unrounded rating with ``data.engage_threshold``.
+Feature encodings (id 0 is padding everywhere, id 1 is "unknown / other"): item ``genre`` (primary =
+first listed genre), ``year`` (release year bucketed by :data:`YEAR_EDGES`), ``director`` (only with
+``extra/movies_extrainfos.dat``: the ``data.director_vocab`` directors with most movies, the rest
+"other"); user ``gender``, ``age``, ``occupation`` when the folder has ``users.dat`` / ``u.user``.
+Actions are the star rating rounded up (csv half stars 0.5 -> 1, 3.5 -> 4), so ``num_actions`` is 6
+for every format; ``engage`` compares the unrounded rating with ``data.engage_threshold``.
 """
 
 from __future__ import annotations
@@ -27,17 +24,16 @@ import json
 import os
 import pathlib
 import warnings
-from typing import Any
 
 import numpy as np
 
-from gesr_jax.data import movielens
+from gesr_jax.data import movielens, requests
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
+from gesr_jax.data.datasets import Splits, register_dataset
 
 YEAR_EDGES: tuple[int, ...] = (1930, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1995, 2000, 2005, 2010, 2015, 2020)
-SYNTHETIC_ACTIVITY_LEVELS = 4  # "activity" user feature: quartile of the user's consumption propensity
-SYNTHETIC_NUM_ACTIONS = 3  # 0 pad, 1 consumed, 2 consumed and engaged
+TASKS = ("consume", "engage")  # consume = rated; engage = rating >= data.engage_threshold (requests.py)
 MOVIELENS_NUM_ACTIONS = 6  # 0 pad, ratings 1..5
 MOVIELENS_USER_FEATURES: tuple[tuple[str, int], ...] = (
     ("gender", 3),
@@ -45,48 +41,6 @@ MOVIELENS_USER_FEATURES: tuple[tuple[str, int], ...] = (
     ("occupation", len(movielens.OCCUPATIONS_100K) + 1),
 )
 _CACHE_VERSION = 1  # bump when the request construction changes, so stale caches are not reused
-
-
-@dataclasses.dataclass(frozen=True)
-class Splits:
-    """Every request of a dataset as three batches in the batch.py layout (leading dim = requests)."""
-
-    train: dict[str, np.ndarray]
-    valid: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
-    schema: BatchSchema
-    stats: dict[str, Any]  # counts: users, requests per split, skipped users, events, ...
-
-
-def schema_for(data_config: DataConfig) -> BatchSchema:
-    """The :class:`BatchSchema` of ``data_config`` without building any request."""
-    data_config.validate()
-    common = dict(history_len=data_config.history_len, num_candidates=data_config.num_candidates)
-    if data_config.source == "synthetic":
-        sc = data_config.synthetic
-        return BatchSchema(
-            num_users=sc.num_users,
-            num_items=sc.num_items,
-            user_features=(("segment", sc.num_segments + 1), ("activity", SYNTHETIC_ACTIVITY_LEVELS + 1)),
-            item_features=(("category", sc.num_categories + 1), ("creator", sc.num_creators + 1)),
-            num_actions=SYNTHETIC_NUM_ACTIONS,
-            has_true_probs=True,
-            **common,
-        )
-    files = movielens.detect_format(data_config.path)
-    if files.users is not None:
-        num_users = movielens.read_max_user_id(files)
-    else:
-        num_users = load_interactions_cached(data_config).num_users  # only the ratings know the users
-    return BatchSchema(
-        num_users=num_users,
-        num_items=movielens.read_max_movie_id(files),
-        user_features=MOVIELENS_USER_FEATURES if files.users is not None else (),
-        item_features=movielens_item_features(data_config, files.directors is not None),
-        num_actions=MOVIELENS_NUM_ACTIONS,
-        has_true_probs=False,
-        **common,
-    )
 
 
 def movielens_item_features(data_config: DataConfig, has_directors: bool) -> tuple[tuple[str, int], ...]:
@@ -110,40 +64,64 @@ def movielens_item_table(inter: movielens.Interactions, data_config: DataConfig)
     return table
 
 
-def item_table(data_config: DataConfig) -> dict[str, np.ndarray]:
-    """Each item feature's id per item id (name -> [num_items+1] int32, row 0 = padding), e.g. for an item cache."""
-    data_config.validate()
-    if data_config.source == "synthetic":
-        from gesr_jax.data import synthetic
+def schema(data_config: DataConfig) -> BatchSchema:
+    """The batch schema of a MovieLens folder; reads only the users and movies files when there is a users file."""
+    files = movielens.detect_format(data_config.path)
+    if files.users is not None:
+        num_users = movielens.read_max_user_id(files)
+    else:
+        num_users = load_interactions_cached(data_config).num_users  # only the ratings know the users
+    return BatchSchema(
+        num_users=num_users,
+        num_items=movielens.read_max_movie_id(files),
+        user_features=MOVIELENS_USER_FEATURES if files.users is not None else (),
+        item_features=movielens_item_features(data_config, files.directors is not None),
+        num_actions=MOVIELENS_NUM_ACTIONS,
+        history_len=data_config.history_len,
+        num_candidates=data_config.num_candidates,
+        tasks=TASKS,
+        has_true_probs=False,
+    )
 
-        return synthetic.item_table(data_config)
+
+def item_table(data_config: DataConfig) -> dict[str, np.ndarray]:
+    """Encoded item features per movie id of ``data_config``'s folder (see :func:`movielens_item_table`)."""
     return movielens_item_table(load_interactions_cached(data_config), data_config)
 
 
 def load_splits(data_config: DataConfig) -> Splits:
     """Build (or read from cache) the train/valid/test requests of ``data_config``."""
-    data_config.validate()
-    if data_config.source == "synthetic":
-        from gesr_jax.data import synthetic
-
-        return synthetic.generate_splits(data_config)
-    from gesr_jax.data import requests
-
-    schema = schema_for(data_config)
+    batch_schema = schema(data_config)
     path = _cache_path("splits", data_config, movielens.detect_format(data_config.path)) if data_config.cache else None
     if path is not None and path.is_file():
         cached = _read_npz(path)
         if cached is not None:
             arrays, stats = cached
             parts = {s: {k[len(s) + 1 :]: v for k, v in arrays.items() if k.startswith(s + "/")} for s in _SPLITS}
-            return Splits(**parts, schema=schema, stats=stats)
+            return Splits(**parts, schema=batch_schema, stats=stats)
     inter = load_interactions_cached(data_config)
-    built = requests.build_requests(inter, movielens_item_table(inter, data_config), schema, data_config)
-    splits = Splits(built.train, built.valid, built.test, schema, built.stats)
+    built = requests.build_requests(inter, movielens_item_table(inter, data_config), batch_schema, data_config)
+    splits = Splits(built.train, built.valid, built.test, batch_schema, built.stats)
     if path is not None:
         flat = {f"{s}/{k}": v for s in _SPLITS for k, v in getattr(splits, s).items()}
         _write_npz(path, flat, splits.stats)
     return splits
+
+
+class MovieLensDataset:
+    """``data.source = "movielens"`` in the dataset registry (gesr_jax/data/datasets.py); reads ``data.path``."""
+
+    def schema(self, data_config: DataConfig) -> BatchSchema:
+        return schema(data_config)
+
+    def load_splits(self, data_config: DataConfig) -> Splits:
+        return load_splits(data_config)
+
+    def item_table(self, data_config: DataConfig) -> dict[str, np.ndarray]:
+        return item_table(data_config)
+
+
+register_dataset("movielens", MovieLensDataset())
 
 
 _SPLITS = ("train", "valid", "test")
