@@ -22,6 +22,7 @@ from flax import nnx
 from gesr_jax import config as config_lib
 from gesr_jax.config import Config, ConfigError
 from gesr_jax.data import datasets
+from gesr_jax.models import registry
 from gesr_jax.train import evaluators as evaluators_lib
 from gesr_jax.train import sharding as sharding_lib
 from gesr_jax.train import step as step_lib
@@ -188,7 +189,8 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, model_api: Any, resum
         check_resume_config(config_lib.load_json(config_path), config)
         check_model_record(workdir, config, model_api)
     config_lib.save_json(config, config_path)
-    record = {"kind": model_kind(config), "api": api_name(model_api)}
+    record = {"kind": model_kind(config), "api": api_name(model_api),
+              "config_module": type(config.model).__module__}  # fmt: skip
     (workdir / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
@@ -196,7 +198,28 @@ def read_workdir_config(workdir: pathlib.Path) -> Config:
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise WorkdirError(f"{workdir} has no config.json; is it a `gesr train` workdir?")
+    _import_model_kind(workdir)
     return config_lib.load_json(config_path)
+
+
+def _import_model_kind(workdir: pathlib.Path) -> None:
+    """Import the module that defines a custom model kind's config, so config.json can be read back.
+
+    A user's kind registers itself when its module is imported; ``model.json`` records that module.
+    """
+    path = workdir / MODEL_RECORD
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    module = record.get("config_module")
+    if module and not module.startswith("gesr_jax.") and record.get("kind") not in registry.kinds():
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise WorkdirError(
+                f"{workdir} was trained with model.kind {record.get('kind')!r} defined in module {module!r}, "
+                f"which cannot be imported here ({err}); put it on PYTHONPATH"
+            ) from None
 
 
 def check_model_record(workdir: pathlib.Path, config: Config, model_api: Any) -> None:

@@ -170,6 +170,10 @@ class GESRConfig(TwoTowerConfig):
         hold but not to build; the model calls this when it is built.
         """
         self.validate()
+        known = [c.name for c in components.MOA_COMPONENTS]
+        for name in self.extra_moa:
+            if name not in known:
+                raise ValueError(f"model.extra_moa names {name!r}, which is no registered MoA component; known {known}")
         if not self.use_mlpg:
             return
         available = self.mlpg_available_inputs()
