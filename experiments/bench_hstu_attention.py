@@ -42,7 +42,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from kernels.hstu_attention import BlockSizes, attention_mask, hstu_attention, hstu_attention_reference  # noqa: E402
-from kernels.hstu_attention.config import DEFAULT_BLOCK_SIZES, TUNING_CANDIDATES  # noqa: E402
+from kernels.hstu_attention.registry import BACKENDS  # noqa: E402
+
+# Read from the backend declarations (kernels/hstu_attention/backend_*.py), the same table the API selects from.
+DEFAULT_BLOCK_SIZES = {name: b.default_blocks for name, b in BACKENDS.items() if b.default_blocks is not None}
+TUNING_CANDIDATES = {name: list(b.tuning) for name, b in BACKENDS.items() if b.default_blocks is not None}
 
 Shape = tuple[int, int, int, int, int]  # (B, H, L, D, targets)
 
@@ -55,12 +59,12 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def default_implementations(platform: str) -> list[str]:
-    if platform == "gpu":
-        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-        return ["xla", "pallas_triton"] + (["pallas_mosaic_gpu"] if capability.startswith("9.") else [])
-    if platform == "tpu":
-        return ["xla", "pallas_tpu"]
-    return ["xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"]
+    """"xla" and every backend declared for this platform and device (on CPU, all of them: --smoke)."""
+    if platform not in ("gpu", "tpu"):
+        return ["xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"]
+    device = jax.devices()[0]
+    ranked = sorted(BACKENDS.values(), key=lambda b: b.priority)
+    return ["xla"] + [b.name for b in ranked if b.name != "xla" and b.runs_on(platform, device)]
 
 
 def make_inputs(shape: Shape, seed: int = 0):

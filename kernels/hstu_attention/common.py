@@ -12,6 +12,7 @@ from jax import lax
 
 from kernels.hstu_attention.config import BlockSizes
 from kernels.hstu_attention.masks import MaskSpec
+from kernels.hstu_attention.scores import ScoreSpec, silu, silu_and_grad  # noqa: F401  (kernels import them here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,21 +24,13 @@ class KernelParams:
     spec: MaskSpec
     blocks: BlockSizes
     interpret: object = False
+    score: ScoreSpec = ScoreSpec()
 
     @property
     def inv_normalizer(self) -> float:
         return 1.0 / self.normalizer
 
 
-def silu(x: jax.Array) -> jax.Array:
-    """x * sigmoid(x), written so that exp overflow for very negative x gives -0, never NaN."""
-    return x / (1.0 + jnp.exp(-x))
-
-
-def silu_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """silu(x) and d silu / dx = sigma(x) (1 + x (1 - sigma(x)))."""
-    sig = 1.0 / (1.0 + jnp.exp(-x))
-    return x * sig, sig * (1.0 + x * (1.0 - sig))
 
 
 def dot_precision(dtype: jnp.dtype) -> lax.Precision | None:

@@ -1,4 +1,5 @@
-"""Block sizes for the Pallas backends: one small frozen dataclass per call, defaults per backend."""
+"""Block sizes for the Pallas backends: one small frozen dataclass per call; each backend declares its defaults
+and tuning list (`base.Backend`), looked up here by name."""
 
 from __future__ import annotations
 
@@ -42,44 +43,24 @@ class BlockSizes:
         )
 
 
-# Starting points picked from the head dims GESR uses (64-128); the benchmark is where they get tuned.
-DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
-    "pallas_triton": BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3),
-    "pallas_mosaic_gpu": BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64),
-    "pallas_tpu": BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128),
-}
-
-
-# What `experiments/bench_hstu_attention.py --sweep` times: the defaults first, then tiles that trade registers
-# and shared memory for fewer steps. Every candidate must lower for its target (tests export each one).
-TUNING_CANDIDATES: dict[str, list[BlockSizes]] = {
-    "pallas_triton": [
-        DEFAULT_BLOCK_SIZES["pallas_triton"],
-        BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=3),
-        BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),
-        BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=2),
-        BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
-        BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=64, num_warps=4, num_stages=2),
-    ],
-    "pallas_mosaic_gpu": [
-        DEFAULT_BLOCK_SIZES["pallas_mosaic_gpu"],
-        BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64),
-        BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=64),
-        BlockSizes(block_q=64, block_k=64, block_q_bwd=128, block_k_bwd=64),
-    ],
-    "pallas_tpu": [
-        DEFAULT_BLOCK_SIZES["pallas_tpu"],
-        BlockSizes(block_q=256, block_k=128, block_q_bwd=128, block_k_bwd=256),
-        BlockSizes(block_q=256, block_k=256, block_q_bwd=256, block_k_bwd=256),
-    ],
-}
-
-
 def default_block_sizes(implementation: str, seq_len: int) -> BlockSizes:
-    """The default tiles of `implementation`, shrunk to fit `seq_len`."""
-    if implementation not in DEFAULT_BLOCK_SIZES:
-        raise ValueError(f"no block sizes for implementation {implementation!r}; known: {sorted(DEFAULT_BLOCK_SIZES)}")
-    if implementation == "pallas_mosaic_gpu":
-        # Its tiles are the warpgroup/wgmma shapes, not free parameters; L is padded to them instead.
-        return DEFAULT_BLOCK_SIZES[implementation]
-    return DEFAULT_BLOCK_SIZES[implementation].fitted(seq_len, 16)
+    """The default tiles of `implementation` (declared in its backend module), shrunk to fit `seq_len`."""
+    from kernels.hstu_attention.registry import BACKENDS  # lazy: the backends import this module
+
+    backend = BACKENDS.get(implementation)
+    if backend is None or backend.default_blocks is None:
+        known = sorted(name for name, b in BACKENDS.items() if b.default_blocks is not None)
+        raise ValueError(f"no block sizes for implementation {implementation!r}; known: {known}")
+    return backend.default_block_sizes(seq_len)
+
+
+def __getattr__(name: str):
+    # DEFAULT_BLOCK_SIZES / TUNING_CANDIDATES now live in each backend's declaration; these views keep the
+    # old names importable (built on first access, since the backends import this module).
+    if name not in ("DEFAULT_BLOCK_SIZES", "TUNING_CANDIDATES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from kernels.hstu_attention.registry import BACKENDS
+
+    if name == "DEFAULT_BLOCK_SIZES":
+        return {n: b.default_blocks for n, b in BACKENDS.items() if b.default_blocks is not None}
+    return {n: list(b.tuning) for n, b in BACKENDS.items() if b.default_blocks is not None}

@@ -1,23 +1,22 @@
-"""Pure-jnp target-aware HSTU attention: the oracle every backend is tested against.
+"""Pure-jnp ranking attention: the oracle every backend is tested against (plain autodiff, no custom_vjp).
 
 `attention_mask` expands `masks.tile_mask` (the one mask definition, shared with the kernels and tested
-against a literal transcription of the issue) to [B, L, L]; `hstu_attention_reference` is the plain forward,
-differentiated by ordinary JAX autodiff in the tests; `hstu_attention_xla` is the "xla" backend: the same
-forward under a `jax.custom_vjp` whose backward is written out by hand, so the gradient formulas the Pallas
-kernels implement are themselves checked against autodiff.
-
-Both materialise [B, H, L, L] scores. That is intended: this is the oracle and the CPU fallback, not the
-fast path.
+against a literal transcription of the issue) to [B, L, L]. `hstu_attention_reference` is the full-sequence
+forward, `hstu_attention_cached_reference` the cached-prefix one; `jax.grad` of either is the gradient oracle
+(slopes included). Scores, biases and activations come from `scores.py`. Both materialise the dense
+[B, H, rows, keys] scores and biases: this is the oracle and the CPU fallback, not the fast path.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from kernels.hstu_attention import scores
 from kernels.hstu_attention.masks import MaskSpec, tile_mask
+from kernels.hstu_attention.scores import ScoreSpec
+
+_HI = jax.lax.Precision.HIGHEST
 
 
 def attention_mask(
@@ -42,17 +41,75 @@ def attention_mask(
     )
 
 
-def _silu_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """silu(x) and its derivative sigma(x) * (1 + x * (1 - sigma(x)))."""
-    sig = jax.nn.sigmoid(x)
-    return x * sig, sig * (1.0 + x * (1.0 - sig))
-
-
 def _scores(q: jax.Array, k: jax.Array, alpha: float) -> jax.Array:
-    """alpha * q.k in float32, [B, H, L, L]."""
+    """alpha * q.k in float32, [B, H, Lq, Lk]."""
     qf = q.astype(jnp.float32)
     kf = k.astype(jnp.float32)
-    return alpha * jnp.einsum("bihd,bjhd->bhij", qf, kf, precision=jax.lax.Precision.HIGHEST)
+    return alpha * jnp.einsum("bihd,bjhd->bhij", qf, kf, precision=_HI)
+
+
+def _per_head(x):
+    return None if x is None else x.astype(jnp.float32)[None, :, None, None]
+
+
+def full_bias(spec: ScoreSpec, lengths, num_targets, seq_len, alibi_slopes, timestamps, time_slopes):
+    """Dense [B, H, L, L] bias of the full call (None when off): ALiBi on collapsed positions, time buckets."""
+    if not spec.has_bias:
+        return None
+    hist = (lengths - num_targets).astype(jnp.int32)
+    pos = jnp.arange(seq_len, dtype=jnp.int32)
+    dist = scores.position_distance(pos[None, None, :, None], pos[None, None, None, :], hist[:, None, None, None])
+    dt = None if timestamps is None else (timestamps[:, :, None] - timestamps[:, None, :])[:, None]
+    return scores.bias(spec, dist, dt, _per_head(alibi_slopes), _per_head(time_slopes))
+
+
+def cached_bias(spec: ScoreSpec, prefix_len, num_prefix, num_queries, alibi_slopes, timestamps,
+                prefix_timestamps, time_slopes):
+    """Dense [B, H, C, N + 1] bias of the cached call: N prefix keys (distance prefix_len - j), then the self key."""
+    if not spec.has_bias:
+        return None
+    j = jnp.arange(num_prefix, dtype=jnp.int32)
+    batch = prefix_len.shape[0]
+    dist_p = jnp.broadcast_to((prefix_len[:, None] - j[None, :])[:, None, :], (batch, num_queries, num_prefix))
+    dist = jnp.concatenate([dist_p, jnp.zeros((batch, num_queries, 1), jnp.int32)], -1)[:, None].astype(jnp.float32)
+    dt = None
+    if timestamps is not None:
+        dt_p = timestamps[:, :, None] - prefix_timestamps[:, None, :]
+        dt = jnp.concatenate([dt_p, jnp.zeros((batch, num_queries, 1), dt_p.dtype)], -1)[:, None]
+    return scores.bias(spec, dist, dt, _per_head(alibi_slopes), _per_head(time_slopes))
+
+
+def cached_mask(prefix_len, num_queries, num_prefix, num_rows, *, self_term, contextual_len, max_attn_len):
+    """Boolean [B, C, N + 1]: prefix keys j < prefix_len (window: prefix_len - j <= w unless j < contextual_len),
+    then the self key (when self_term); rows c >= num_queries see nothing."""
+    j = jnp.arange(num_prefix, dtype=jnp.int32)[None, :]
+    keys = j < prefix_len[:, None]
+    if max_attn_len is not None:
+        keys &= ((prefix_len[:, None] - j) <= max_attn_len) | (j < contextual_len)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)[None, :] < num_queries[:, None]
+    selfk = rows & self_term
+    return jnp.concatenate([rows[:, :, None] & keys[:, None, :], selfk[:, :, None]], -1)
+
+
+def softmax_weights(z: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(P, lse): softmax over the valid keys of each row; rows without a valid key get P = 0 and lse = 0."""
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, z, -jnp.inf), axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    # Masked scores are replaced before exp (not after), so a huge masked score cannot leak inf * 0 = NaN
+    # into the gradient.
+    e = jnp.where(mask, jnp.exp(jnp.where(mask, z, m) - m), 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    empty = l <= 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    return e / safe_l, jnp.where(empty, 0.0, m + jnp.log(safe_l))
+
+
+def weights(spec: ScoreSpec, z, mask, normalizer):
+    """Attention weights of dense scores z under mask: silu(z) / normalizer or the masked softmax."""
+    if spec.softmax:
+        return softmax_weights(z, mask)[0]
+    # `where`, not multiplication, so that a huge masked score can never turn into inf * 0.
+    return jnp.where(mask, jax.nn.silu(z), 0.0) / normalizer
 
 
 def hstu_attention_reference(
@@ -62,74 +119,57 @@ def hstu_attention_reference(
     lengths: jax.Array,
     num_targets: jax.Array | None = None,
     *,
-    normalizer: float,
+    score_fn: str = "silu",
+    normalizer: float | None = None,
     alpha: float | None = None,
+    alibi_slopes: jax.Array | None = None,
+    timestamps: jax.Array | None = None,
+    time_slopes: jax.Array | None = None,
     contextual_len: int = 0,
     max_attn_len: int | None = None,
 ) -> jax.Array:
-    """Plain forward: out[b, i] = sum_j mask * silu(alpha q_i.k_j) / normalizer * v_j, computed in float32.
-
-    No custom gradient: `jax.grad` of this function is the gradient oracle. Output has q's dtype.
-    """
+    """Plain full-sequence forward in float32 (see `api.hstu_attention` for the definition); output in q's dtype."""
     alpha = q.shape[-1] ** -0.5 if alpha is None else alpha
-    mask = attention_mask(
-        lengths, num_targets, q.shape[1], contextual_len=contextual_len, max_attn_len=max_attn_len
-    )[:, None]
-    s = _scores(q, k, alpha)
-    # `where`, not multiplication, so that a huge masked score can never turn into inf * 0.
-    p = jnp.where(mask, jax.nn.silu(s), 0.0) / normalizer
-    out = jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    lengths = lengths.astype(jnp.int32)
+    targets = jnp.zeros_like(lengths) if num_targets is None else num_targets.astype(jnp.int32)
+    spec = ScoreSpec(score_fn, alibi_slopes is not None, time_slopes is not None)
+    mask = attention_mask(lengths, targets, q.shape[1], contextual_len=contextual_len, max_attn_len=max_attn_len)
+    z = scores.add_bias(
+        _scores(q, k, alpha), full_bias(spec, lengths, targets, q.shape[1], alibi_slopes, timestamps, time_slopes)
+    )
+    p = weights(spec, z, mask[:, None], normalizer)
+    out = jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=_HI)
     return out.astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _xla_attention(q, k, v, lengths, num_targets, normalizer, alpha, contextual_len, max_attn_len):
-    return hstu_attention_reference(
-        q, k, v, lengths, num_targets,
-        normalizer=normalizer, alpha=alpha, contextual_len=contextual_len, max_attn_len=max_attn_len,
-    )
+def cached_scores(q, k, k_prefix, alpha):
+    """[B, H, C, N + 1] float32: alpha q.k_prefix, then alpha q.k of each row's own key."""
+    sp = _scores(q, k_prefix, alpha)
+    ss = alpha * jnp.einsum("bchd,bchd->bhc", q.astype(jnp.float32), k.astype(jnp.float32), precision=_HI)
+    return jnp.concatenate([sp, ss[..., None]], -1)
 
 
-def _xla_fwd(q, k, v, lengths, num_targets, normalizer, alpha, contextual_len, max_attn_len):
-    out = _xla_attention(q, k, v, lengths, num_targets, normalizer, alpha, contextual_len, max_attn_len)
-    # Scores are recomputed in the backward: residuals stay O(L), not O(L^2).
-    return out, (q, k, v, lengths, num_targets)
+def cached_values(p, v, v_prefix):
+    """sum over the N prefix keys and the self key of p [B, H, C, N + 1] times the values -> [B, C, H, Dv] f32."""
+    out = jnp.einsum("bhcj,bjhd->bchd", p[..., :-1], v_prefix.astype(jnp.float32), precision=_HI)
+    return out + jnp.swapaxes(p[..., -1], 1, 2)[..., None] * v.astype(jnp.float32)
 
 
-def _xla_bwd(normalizer, alpha, contextual_len, max_attn_len, res, d_out):
-    q, k, v, lengths, num_targets = res
-    mask = attention_mask(
-        lengths, num_targets, q.shape[1], contextual_len=contextual_len, max_attn_len=max_attn_len
-    )[:, None]
-    s = _scores(q, k, alpha)
-    act, act_grad = _silu_and_grad(s)
-    p = jnp.where(mask, act, 0.0) / normalizer
-    do = d_out.astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    dv = jnp.einsum("bhij,bihd->bjhd", p, do, precision=hi)
-    dp = jnp.einsum("bihd,bjhd->bhij", do, v.astype(jnp.float32), precision=hi)
-    ds = jnp.where(mask, dp * act_grad, 0.0) * (alpha / normalizer)
-    dq = jnp.einsum("bhij,bjhd->bihd", ds, k.astype(jnp.float32), precision=hi)
-    dk = jnp.einsum("bhij,bihd->bjhd", ds, q.astype(jnp.float32), precision=hi)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
-
-
-_xla_attention.defvjp(_xla_fwd, _xla_bwd)
-
-
-def hstu_attention_xla(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    lengths: jax.Array,
-    num_targets: jax.Array | None,
-    *,
-    normalizer: float,
-    alpha: float,
-    contextual_len: int,
-    max_attn_len: int | None,
-) -> jax.Array:
-    """The "xla" backend: reference forward with a hand-written, recomputing backward (custom_vjp)."""
-    if num_targets is None:
-        num_targets = jnp.zeros_like(lengths)
-    return _xla_attention(q, k, v, lengths, num_targets, float(normalizer), float(alpha), contextual_len, max_attn_len)
+def hstu_attention_cached_reference(
+    q, k, v, k_prefix, v_prefix, prefix_len, num_queries=None, *, self_term=True, score_fn="silu",
+    normalizer=None, alpha=None, alibi_slopes=None, timestamps=None, prefix_timestamps=None, time_slopes=None,
+    contextual_len=0, max_attn_len=None,
+):
+    """Plain cached-prefix forward in float32 (see `api.hstu_attention_cached`); output in q's dtype."""
+    batch, rows = q.shape[:2]
+    alpha = q.shape[-1] ** -0.5 if alpha is None else alpha
+    prefix_len = prefix_len.astype(jnp.int32)
+    nq = jnp.full((batch,), rows, jnp.int32) if num_queries is None else num_queries.astype(jnp.int32)
+    spec = ScoreSpec(score_fn, alibi_slopes is not None, time_slopes is not None)
+    mask = cached_mask(prefix_len, nq, k_prefix.shape[1], rows, self_term=self_term,
+                       contextual_len=contextual_len, max_attn_len=max_attn_len)
+    b = cached_bias(spec, prefix_len, k_prefix.shape[1], rows, alibi_slopes, timestamps, prefix_timestamps,
+                    time_slopes)
+    z = scores.add_bias(cached_scores(q, k, k_prefix, alpha), b)
+    p = weights(spec, z, mask[:, None], normalizer)
+    return cached_values(p, v, v_prefix).astype(q.dtype)

@@ -7,6 +7,7 @@ and every check asserts finite outputs, so an element a kernel forgets to write 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -20,6 +21,7 @@ from jax import export
 
 from kernels.hstu_attention import BlockSizes, hstu_attention, hstu_attention_reference
 from kernels.hstu_attention.config import TUNING_CANDIDATES
+from ranking_attention_cases import RankingAttentionBackendTests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ def compiled_fwd_bwd(implementation: str, blocks, normalizer: float, contextual_
     return jax.jit(fwd_bwd)
 
 
-class HSTUAttentionBackendTests:
+class HSTUAttentionBackendTests(RankingAttentionBackendTests):
     """Subclass with IMPLEMENTATION set; the knobs below trade coverage for interpret-mode time."""
 
     IMPLEMENTATION: str = ""
@@ -295,11 +297,18 @@ def export_fwd_bwd(implementation: str, platform: str, *, seq_len: int = 256, he
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    if implementation == "pallas_triton":
-        # Triton lowering reads the target GPU's compute capability; name an H100 instead of a local one.
-        from jax._src.mesh import AbstractDevice, AbstractMesh
+    with abstract_gpu_mesh(implementation):
+        return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, v, ints, ints)
 
-        device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
-            return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, v, ints, ints)
-    return export.export(fn, platforms=[platform], disabled_checks=checks)(q, q, v, ints, ints)
+
+@contextlib.contextmanager
+def abstract_gpu_mesh(implementation: str):
+    """Triton lowering reads the target GPU's compute capability: name an H100 instead of a local one."""
+    if implementation != "pallas_triton":
+        yield
+        return
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
+        yield

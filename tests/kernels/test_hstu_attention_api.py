@@ -97,6 +97,11 @@ def _inputs(dtype=jnp.float32):
         (dict(contextual_len=-1), "contextual_len must be a Python int >= 0"),
         (dict(max_attn_len=1.5), "max_attn_len must be None or a Python int"),
         (dict(implementation="cuda"), "implementation must be None or one of"),
+        (dict(score_fn="relu"), "score_fn must be one of"),
+        (dict(normalizer=None), "normalizer must be a static positive number"),
+        (dict(alibi_slopes=jnp.ones((2,))), "alibi_slopes must be a floating \\[H=1\\]"),
+        (dict(time_slopes=jnp.ones((1,))), "timestamps and time_slopes go together"),
+        (dict(timestamps=jnp.ones((2, 7)), time_slopes=jnp.ones((1,))), "timestamps must be a numeric"),
     ],
 )
 def test_bad_input_names_the_field(change, message):
@@ -130,20 +135,18 @@ def test_default_alpha_is_inverse_sqrt_dqk_and_lengths_are_clipped():
 
 
 def test_backend_raising_not_implemented_falls_back_once_per_reason(monkeypatch):
-    class Refusing:
-        calls = 0
+    import dataclasses
 
-        @staticmethod
-        def unsupported_reason(q, v):
-            return None
+    from kernels.hstu_attention.registry import BACKENDS
 
-        @classmethod
-        def hstu_attention(cls, *args, **kwargs):
-            cls.calls += 1
-            raise NotImplementedError("head dim 4 is too small")
+    calls = []
 
-    monkeypatch.setattr(api, "_auto_implementations", lambda: ["pallas_triton", "xla"])
-    monkeypatch.setattr(api, "_backend", lambda name: Refusing)
+    def refusing(*args, **kwargs):
+        calls.append(1)
+        raise NotImplementedError("head dim 4 is too small")
+
+    triton = dataclasses.replace(BACKENDS["pallas_triton"], attention=refusing)
+    monkeypatch.setattr(api, "_auto_candidates", lambda request: [triton, BACKENDS["xla"]])
     monkeypatch.setattr(api, "_warned", set())
     q, k, v, lengths, targets = _inputs()
     with pytest.warns(RuntimeWarning, match="pallas_triton unavailable \\(head dim 4 is too small\\)"):
@@ -151,21 +154,27 @@ def test_backend_raising_not_implemented_falls_back_once_per_reason(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = hstu_attention(q, k, v, lengths, targets, normalizer=8.0)
-    assert Refusing.calls == 2
+    assert len(calls) == 2
     ref = hstu_attention_reference(q, k, v, lengths, targets, normalizer=8.0)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(again, ref, rtol=1e-6, atol=1e-6)
+    monkeypatch.setitem(BACKENDS, "pallas_triton", triton)
     with pytest.raises(NotImplementedError):
         hstu_attention(q, k, v, lengths, targets, normalizer=8.0, implementation="pallas_triton")
 
 
 def test_unsupported_backends_are_skipped_silently(monkeypatch):
     """On Hopper float32 goes to Triton without a warning: Mosaic GPU declares it unsupported up front."""
-    monkeypatch.setattr(api, "_auto_implementations", lambda: ["pallas_mosaic_gpu", "xla"])
+    from kernels.hstu_attention import registry
+
+    hopper = type("Device", (), {"compute_capability": "9.0"})()
+    monkeypatch.setattr(api, "_auto_candidates", lambda request: registry.auto_candidates(request, "gpu", hopper))
     q, k, v, lengths, targets = _inputs(jnp.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = hstu_attention(q, k, v, lengths, targets, normalizer=8.0)
-    np.testing.assert_allclose(out, hstu_attention_reference(q, k, v, lengths, targets, normalizer=8.0), atol=1e-6)
+    names = [b.name for b in registry.auto_candidates(api.Request("full", "float32", "silu", frozenset(), 4, 4),
+                                                          "gpu", hopper)]
+    assert names == ["pallas_triton", "xla"]
+    bf16 = [b.name for b in registry.auto_candidates(api.Request("full", "bfloat16", "silu", frozenset(), 4, 4),
+                                                         "gpu", hopper)]
+    assert bf16 == ["pallas_mosaic_gpu", "pallas_triton", "xla"]
     with pytest.raises(NotImplementedError, match="bfloat16"):
         hstu_attention(q, k, v, lengths, targets, normalizer=8.0, implementation="pallas_mosaic_gpu", interpret=True)

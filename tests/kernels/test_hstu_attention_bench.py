@@ -87,3 +87,20 @@ def test_forward_flops_count_valid_pairs(bench, shape):
     hist = seq_len - targets
     pairs = hist * (hist + 1) // 2 + targets * hist + targets  # causal history; candidates see history + self
     assert bench.forward_flops(shape) == 4 * batch * heads * dim * pairs
+
+
+def test_ranking_benchmark_smoke(tmp_path):
+    """bench_ranking_attention.py --smoke: softmax + ALiBi and cached-prefix tables, every row checked ok."""
+    spec = importlib.util.spec_from_file_location("bench_ranking_attention", SCRIPT.parent / "bench_ranking_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        text = module.main(["--smoke", "--repeats", "1", "--out", str(tmp_path / "r.md")]).read_text()
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert "jax " in text and "date " in text and "device: " in text
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| (")]
+    calls = [row[1] for row in rows]
+    assert "dot_product_attention[xla], dense bias" in calls and "xla cached" in calls and "xla full L=N+C" in calls
+    assert all(row[2] == "ok" for row in rows), rows

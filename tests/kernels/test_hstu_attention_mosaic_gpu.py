@@ -14,8 +14,9 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hstu_attention_cases import CASES, Case, HSTUAttentionBackendTests, export_fwd_bwd
-from kernels.hstu_attention import BlockSizes, hstu_attention, pallas_mosaic_gpu
-from kernels.hstu_attention.config import DEFAULT_BLOCK_SIZES
+from kernels.hstu_attention import BlockSizes, hstu_attention
+from kernels.hstu_attention import backend_pallas_mosaic_gpu as pallas_mosaic_gpu
+from kernels.hstu_attention.registry import BACKENDS
 
 
 class TestPallasMosaicGpu(HSTUAttentionBackendTests):
@@ -52,7 +53,7 @@ class TestPallasMosaicGpu(HSTUAttentionBackendTests):
 def test_shared_memory_accounting_agrees_with_mosaic(dqk, dv, fitted_block_k, monkeypatch):
     """Tiles the backend accepts lower under Mosaic GPU's own shared-memory check; tiles it rejects (or
     shrinks from) exceed that check when forced through, so the estimate is neither loose nor too strict."""
-    default = DEFAULT_BLOCK_SIZES["pallas_mosaic_gpu"]
+    default = BACKENDS["pallas_mosaic_gpu"].default_blocks
     try:
         fitted = pallas_mosaic_gpu.fit_shared_memory(default, dqk, dv, 2, shrink=True)
     except NotImplementedError as err:
@@ -78,7 +79,7 @@ def test_oversized_head_dims_fall_back_with_one_warning(monkeypatch):
     """implementation=None on a Hopper whose kernels cannot hold the tiles: Mosaic GPU warns, Triton runs."""
     from kernels.hstu_attention import api
 
-    monkeypatch.setattr(api, "_auto_implementations", lambda: ["pallas_mosaic_gpu", "xla"])
+    monkeypatch.setattr(api, "_auto_candidates", lambda request: [BACKENDS["pallas_mosaic_gpu"], BACKENDS["xla"]])
     api._warned.clear()
     q = jnp.ones((1, 64, 1, 320), jnp.bfloat16)
     lengths = jnp.array([64], jnp.int32)

@@ -21,8 +21,23 @@ from jax.experimental.pallas import triton as pltr
 
 from kernels.hstu_attention import common
 from kernels.hstu_attention.common import KernelParams, silu, silu_and_grad
-from kernels.hstu_attention.config import BlockSizes, default_block_sizes
+from kernels.hstu_attention.base import Backend
+from kernels.hstu_attention.scores import ScoreSpec
+from kernels.hstu_attention.config import BlockSizes
 from kernels.hstu_attention.masks import MaskSpec, key_blocks_for_rows, row_blocks_for_keys, tile_mask, uncovered_diagonal
+
+DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=3)
+# What `experiments/bench_hstu_attention.py --sweep` times: the defaults first, then tiles that trade registers
+# and shared memory for fewer steps. Every candidate must lower for its target (tests export each one).
+TUNING = (
+    DEFAULT_BLOCKS,
+    BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=3),
+    BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=128, num_warps=8, num_stages=2),
+    BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=2),
+    BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64, num_warps=8, num_stages=2),
+    BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=64, num_warps=4, num_stages=2),
+)
+
 
 
 def _row_block_spec(block: int, dim: int, reverse_blocks: int | None = None) -> pl.BlockSpec:
@@ -233,35 +248,46 @@ def _backward(q, k, v, lengths, hist, d_out, params: KernelParams):
 _attention = common.make_attention(_forward, _backward)
 
 
-def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
-    """Why this backend cannot run these inputs, or None. Any L and head dim work (they are padded)."""
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"dtype {q.dtype} is not float32/bfloat16/float16"
-    return None
-
-
-def hstu_attention(
+def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     lengths: jax.Array,
     num_targets: jax.Array,
     *,
-    normalizer: float,
+    spec: ScoreSpec,
+    normalizer: float | None,
     alpha: float,
+    alibi_slopes: jax.Array | None,
+    timestamps: jax.Array | None,
+    time_slopes: jax.Array | None,
     contextual_len: int,
     max_attn_len: int | None,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Triton backend of `kernels.hstu_attention.hstu_attention` (validated, clipped int32 lengths)."""
-    reason = unsupported_reason(q, v)
-    if reason is not None:
-        raise NotImplementedError(reason)
-    blocks = block_sizes if block_sizes is not None else default_block_sizes("pallas_triton", q.shape[1])
+    if spec != ScoreSpec():
+        raise NotImplementedError(f"{BACKEND.name} runs silu without biases only")
+    blocks = block_sizes if block_sizes is not None else BACKEND.default_block_sizes(q.shape[1])
     params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret)
     multiple = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     return common.run_padded(
         _attention, q, k, v, lengths, num_targets, params,
         seq_multiple=multiple, head_multiple=common.next_power_of_two,
     )
+
+
+BACKEND = Backend(
+    name="pallas_triton",
+    module=__name__,
+    platforms=("gpu",),
+    dtypes=("float32", "bfloat16", "float16"),
+    priority=10,
+    score_fns=("silu",),
+    biases=frozenset(),
+    modes=("full",),
+    default_blocks=DEFAULT_BLOCKS,
+    tuning=TUNING,
+    attention=attention,
+)

@@ -26,10 +26,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.hstu_attention import common
 from kernels.hstu_attention.common import KernelParams, silu
-from kernels.hstu_attention.config import BlockSizes, default_block_sizes
+from kernels.hstu_attention.base import Backend
+from kernels.hstu_attention.scores import ScoreSpec
+from kernels.hstu_attention.config import BlockSizes
 from kernels.hstu_attention.masks import MaskSpec
-from kernels.hstu_attention.mosaic_gpu_backward import dkdv, dq
-from kernels.hstu_attention.mosaic_gpu_pipeline import (
+from kernels.hstu_attention.backend_pallas_mosaic_gpu_backward import dkdv, dq
+from kernels.hstu_attention.backend_pallas_mosaic_gpu_pipeline import (
     COMPUTE_WGS,
     FULL,
     MAX_CONCURRENT_STEPS,
@@ -46,6 +48,16 @@ from kernels.hstu_attention.mosaic_gpu_pipeline import (
     smem_bytes,
     step_mask,
 )
+
+# Its tiles are the warpgroup/wgmma shapes, not free parameters; L is padded to them instead (fit_tiles=False).
+DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64)
+TUNING = (
+    DEFAULT_BLOCKS,
+    BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64),
+    BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=64),
+    BlockSizes(block_q=64, block_k=64, block_q_bwd=128, block_k_bwd=64),
+)
+
 
 
 def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
@@ -175,11 +187,8 @@ def _backward(q, k, v, lengths, hist, d_out, params: KernelParams):
 _attention = common.make_attention(_forward, _backward)
 
 
-def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
-    """Why this backend cannot run these inputs, or None (any L and head dim: both are zero-padded)."""
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"Mosaic GPU kernels take bfloat16/float16 operands, got {q.dtype}"
-    return None
+def _is_hopper(device) -> bool:
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
 def _check_blocks(blocks: BlockSizes) -> None:
@@ -208,15 +217,19 @@ def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, s
     return blocks
 
 
-def hstu_attention(
+def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     lengths: jax.Array,
     num_targets: jax.Array,
     *,
-    normalizer: float,
+    spec: ScoreSpec,
+    normalizer: float | None,
     alpha: float,
+    alibi_slopes: jax.Array | None,
+    timestamps: jax.Array | None,
+    time_slopes: jax.Array | None,
     contextual_len: int,
     max_attn_len: int | None,
     interpret: bool = False,
@@ -227,10 +240,9 @@ def hstu_attention(
     `interpret=True` runs the Mosaic GPU interpreter (`plgpu.InterpretGPUParams()`), which simulates TMA,
     barriers and warpgroups on CPU; there the P/dS tiles go through shared memory (see `mma_from_registers`).
     """
-    reason = unsupported_reason(q, v)
-    if reason is not None:
-        raise NotImplementedError(reason)
-    blocks = block_sizes if block_sizes is not None else default_block_sizes("pallas_mosaic_gpu", q.shape[1])
+    if spec != ScoreSpec():
+        raise NotImplementedError(f"{BACKEND.name} runs silu without biases only")
+    blocks = block_sizes if block_sizes is not None else BACKEND.default_block_sizes(q.shape[1])
     _check_blocks(blocks)
     dqk_p, dv_p = common.round_up(q.shape[-1], 64), common.round_up(v.shape[-1], 64)
     blocks = fit_shared_memory(blocks, dqk_p, dv_p, jnp.dtype(q.dtype).itemsize, shrink=block_sizes is None)
@@ -240,3 +252,20 @@ def hstu_attention(
         _attention, q, k, v, lengths, num_targets, params,
         seq_multiple=multiple, head_multiple=lambda d: common.round_up(d, 64),
     )
+
+
+BACKEND = Backend(
+    name="pallas_mosaic_gpu",
+    module=__name__,
+    platforms=("gpu",),
+    dtypes=("bfloat16", "float16"),
+    priority=20,
+    fit_tiles=False,
+    device_ok=_is_hopper,
+    score_fns=("silu",),
+    biases=frozenset(),
+    modes=("full",),
+    default_blocks=DEFAULT_BLOCKS,
+    tuning=TUNING,
+    attention=attention,
+)

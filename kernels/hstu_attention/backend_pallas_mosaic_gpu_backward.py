@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.hstu_attention.common import KernelParams, silu_and_grad
-from kernels.hstu_attention.mosaic_gpu_pipeline import (
+from kernels.hstu_attention.backend_pallas_mosaic_gpu_pipeline import (
     COMPUTE_WGS,
     FULL,
     MAX_CONCURRENT_STEPS,

@@ -20,10 +20,20 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.hstu_attention import common
 from kernels.hstu_attention.common import KernelParams, silu, silu_and_grad
-from kernels.hstu_attention.config import BlockSizes, default_block_sizes
+from kernels.hstu_attention.base import Backend
+from kernels.hstu_attention.scores import ScoreSpec
+from kernels.hstu_attention.config import BlockSizes
 from kernels.hstu_attention.masks import MaskSpec, key_blocks_for_rows, row_blocks_for_keys, tile_mask, uncovered_diagonal
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+TUNING = (
+    DEFAULT_BLOCKS,
+    BlockSizes(block_q=256, block_k=128, block_q_bwd=128, block_k_bwd=256),
+    BlockSizes(block_q=256, block_k=256, block_q_bwd=256, block_k_bwd=256),
+)
+
 
 
 def _mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -272,22 +282,19 @@ def _attention(q, k, v, lengths, hist, params):
     return to_bhld(out)
 
 
-def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
-    """Why this backend cannot run these inputs, or None."""
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        return f"dtype {q.dtype} is not float32/bfloat16"
-    return None
-
-
-def hstu_attention(
+def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     lengths: jax.Array,
     num_targets: jax.Array,
     *,
-    normalizer: float,
+    spec: ScoreSpec,
+    normalizer: float | None,
     alpha: float,
+    alibi_slopes: jax.Array | None,
+    timestamps: jax.Array | None,
+    time_slopes: jax.Array | None,
     contextual_len: int,
     max_attn_len: int | None,
     interpret: bool = False,
@@ -297,12 +304,26 @@ def hstu_attention(
 
     `interpret=True` runs the TPU interpreter (`pltpu.InterpretParams()`), which models TPU memory spaces.
     """
-    reason = unsupported_reason(q, v)
-    if reason is not None:
-        raise NotImplementedError(reason)
-    blocks = block_sizes if block_sizes is not None else default_block_sizes("pallas_tpu", q.shape[1])
+    if spec != ScoreSpec():
+        raise NotImplementedError(f"{BACKEND.name} runs silu without biases only")
+    blocks = block_sizes if block_sizes is not None else BACKEND.default_block_sizes(q.shape[1])
     params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret)
     multiple = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     return common.run_padded(
         _attention, q, k, v, lengths, num_targets, params, seq_multiple=multiple, head_multiple=lambda d: d
     )
+
+
+BACKEND = Backend(
+    name="pallas_tpu",
+    module=__name__,
+    platforms=("tpu",),
+    dtypes=("float32", "bfloat16"),
+    priority=10,
+    score_fns=("silu",),
+    biases=frozenset(),
+    modes=("full",),
+    default_blocks=DEFAULT_BLOCKS,
+    tuning=TUNING,
+    attention=attention,
+)

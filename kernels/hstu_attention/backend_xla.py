@@ -1,0 +1,214 @@
+"""The "xla" backend: the reference forward under a `jax.custom_vjp` whose backward is written out by hand.
+
+The hand-written backward is the formula set the Pallas kernels implement (recomputed scores; softmax from the
+saved row log-sum-exp; slope gradients as -sum over (b, i, j) of dS * distance per head), so checking this
+backend against autodiff of `reference.py` checks the formulas themselves. Dense [B, H, rows, keys] tensors:
+the CPU fallback and the oracle, not the fast path. Supports every dtype, score function, bias and mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.hstu_attention import reference as ref
+from kernels.hstu_attention import scores
+from kernels.hstu_attention.base import Backend
+from kernels.hstu_attention.scores import ScoreSpec
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    spec: ScoreSpec
+    normalizer: float | None
+    alpha: float
+    contextual_len: int
+    max_attn_len: int | None
+    self_term: bool = True
+
+
+def _silu_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # jax.nn.sigmoid (not scores.silu_and_grad) keeps the SiLU gradients bit-identical to earlier releases.
+    sig = jax.nn.sigmoid(x)
+    return x * sig, sig * (1.0 + x * (1.0 - sig))
+
+
+def _forward_weights(cfg: _Config, z, mask):
+    """(P, lse residual or None)."""
+    if cfg.spec.softmax:
+        return ref.softmax_weights(z, mask)
+    return ref.weights(cfg.spec, z, mask, cfg.normalizer), None
+
+
+def _dz(cfg: _Config, z, mask, dp, lse):
+    """(P, dS = dL/dz) from the recomputed scores; silu's 1/normalizer is folded into both."""
+    if cfg.spec.softmax:
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, z, lse) - lse), 0.0)
+        delta = jnp.sum(p * dp, axis=-1, keepdims=True)
+        return p, p * (dp - delta)
+    act, grad = _silu_and_grad(z)
+    p = jnp.where(mask, act, 0.0) / cfg.normalizer
+    return p, jnp.where(mask, dp * grad, 0.0) / cfg.normalizer
+
+
+def _slope_grads(cfg: _Config, ds, dist, dt, alibi_slopes, time_slopes):
+    """Per-head -sum_{b,i,j} dS * dist (ALiBi) and -sum dS * bucket(dt) (time); None where the term is off."""
+    d_alibi = d_time = None
+    if cfg.spec.alibi:
+        d_alibi = (-jnp.sum(ds * dist, axis=(0, 2, 3))).astype(alibi_slopes.dtype)
+    if cfg.spec.time:
+        d_time = (-jnp.sum(ds * scores.time_bucket(dt), axis=(0, 2, 3))).astype(time_slopes.dtype)
+    return d_alibi, d_time
+
+
+# --- full sequence --------------------------------------------------------------------------------------------
+def _full_z(cfg, q, k, lengths, targets, alibi_slopes, timestamps, time_slopes):
+    mask = ref.attention_mask(lengths, targets, q.shape[1], contextual_len=cfg.contextual_len,
+                              max_attn_len=cfg.max_attn_len)[:, None]
+    bias = ref.full_bias(cfg.spec, lengths, targets, q.shape[1], alibi_slopes, timestamps, time_slopes)
+    return mask, scores.add_bias(ref._scores(q, k, cfg.alpha), bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _full(q, k, v, lengths, targets, alibi_slopes, timestamps, time_slopes, cfg):
+    return _full_fwd(q, k, v, lengths, targets, alibi_slopes, timestamps, time_slopes, cfg)[0]
+
+
+def _full_fwd(q, k, v, lengths, targets, alibi_slopes, timestamps, time_slopes, cfg):
+    mask, z = _full_z(cfg, q, k, lengths, targets, alibi_slopes, timestamps, time_slopes)
+    p, lse = _forward_weights(cfg, z, mask)
+    out = jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=_HI).astype(q.dtype)
+    # Scores are recomputed in the backward: residuals stay O(L) (plus the softmax row statistics), not O(L^2).
+    return out, (q, k, v, lengths, targets, alibi_slopes, timestamps, time_slopes, lse)
+
+
+def _full_bwd(cfg, res, d_out):
+    q, k, v, lengths, targets, alibi_slopes, timestamps, time_slopes, lse = res
+    mask, z = _full_z(cfg, q, k, lengths, targets, alibi_slopes, timestamps, time_slopes)
+    do = d_out.astype(jnp.float32)
+    dp = jnp.einsum("bihd,bjhd->bhij", do, v.astype(jnp.float32), precision=_HI)
+    p, ds = _dz(cfg, z, mask, dp, lse)
+    dv = jnp.einsum("bhij,bihd->bjhd", p, do, precision=_HI)
+    ds_q = ds * cfg.alpha
+    dq = jnp.einsum("bhij,bjhd->bihd", ds_q, k.astype(jnp.float32), precision=_HI)
+    dk = jnp.einsum("bhij,bihd->bjhd", ds_q, q.astype(jnp.float32), precision=_HI)
+    d_alibi, d_time = None, None
+    if cfg.spec.has_bias:
+        hist = lengths - targets
+        pos = jnp.arange(q.shape[1], dtype=jnp.int32)
+        dist = scores.position_distance(pos[None, None, :, None], pos[None, None, None, :], hist[:, None, None, None])
+        dt = None if timestamps is None else (timestamps[:, :, None] - timestamps[:, None, :])[:, None]
+        d_alibi, d_time = _slope_grads(cfg, ds, dist, dt, alibi_slopes, time_slopes)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_alibi, None, d_time
+
+
+_full.defvjp(_full_fwd, _full_bwd)
+
+
+# --- cached prefix ----------------------------------------------------------------------------------------------
+def _cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps, time_slopes):
+    rows, n = q.shape[1], k_prefix.shape[1]
+    mask = ref.cached_mask(prefix_len, nq, n, rows, self_term=cfg.self_term, contextual_len=cfg.contextual_len,
+                           max_attn_len=cfg.max_attn_len)[:, None]
+    bias = ref.cached_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps, time_slopes)
+    return mask, scores.add_bias(ref.cached_scores(q, k, k_prefix, cfg.alpha), bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _cached(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+            time_slopes, cfg):
+    return _cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+                       time_slopes, cfg)[0]
+
+
+def _cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+                time_slopes, cfg):
+    mask, z = _cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+                        time_slopes)
+    p, lse = _forward_weights(cfg, z, mask)
+    out = ref.cached_values(p, v, v_prefix).astype(q.dtype)
+    return out, (q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+                 time_slopes, lse)
+
+
+def _cached_bwd(cfg, res, d_out):
+    q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps, time_slopes, lse = res
+    mask, z = _cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
+                        time_slopes)
+    f32 = lambda x: x.astype(jnp.float32)
+    do = f32(d_out)
+    dp = jnp.concatenate([
+        jnp.einsum("bchd,bjhd->bhcj", do, f32(v_prefix), precision=_HI),
+        jnp.einsum("bchd,bchd->bhc", do, f32(v), precision=_HI)[..., None],
+    ], -1)
+    p, ds = _dz(cfg, z, mask, dp, lse)
+    ds_q = ds * cfg.alpha
+    self_p, self_ds = jnp.swapaxes(p[..., -1], 1, 2)[..., None], jnp.swapaxes(ds_q[..., -1], 1, 2)[..., None]
+    dq = jnp.einsum("bhcj,bjhd->bchd", ds_q[..., :-1], f32(k_prefix), precision=_HI) + self_ds * f32(k)
+    dk_prefix = jnp.einsum("bhcj,bchd->bjhd", ds_q[..., :-1], f32(q), precision=_HI)
+    dv_prefix = jnp.einsum("bhcj,bchd->bjhd", p[..., :-1], do, precision=_HI)
+    dk, dv = self_ds * f32(q), self_p * do
+    d_alibi, d_time = None, None
+    if cfg.spec.has_bias:
+        batch, rows, n = q.shape[0], q.shape[1], k_prefix.shape[1]
+        j = jnp.arange(n, dtype=jnp.int32)
+        dist = jnp.concatenate([
+            jnp.broadcast_to((prefix_len[:, None] - j)[:, None, :], (batch, rows, n)),
+            jnp.zeros((batch, rows, 1), jnp.int32),
+        ], -1)[:, None].astype(jnp.float32)
+        dt = None
+        if timestamps is not None:
+            dt_p = timestamps[:, :, None] - prefix_timestamps[:, None, :]
+            dt = jnp.concatenate([dt_p, jnp.zeros((batch, rows, 1), dt_p.dtype)], -1)[:, None]
+        d_alibi, d_time = _slope_grads(cfg, ds, dist, dt, alibi_slopes, time_slopes)
+    cast = lambda x, like: x.astype(like.dtype)
+    return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dk_prefix, k_prefix), cast(dv_prefix, v_prefix),
+            None, None, d_alibi, None, None, d_time)
+
+
+_cached.defvjp(_cached_fwd, _cached_bwd)
+
+
+# --- backend entry points (validated, clipped int32 inputs; see api.py) ------------------------------------------
+def attention(q, k, v, lengths, num_targets, *, spec, normalizer, alpha, alibi_slopes, timestamps, time_slopes,
+              contextual_len, max_attn_len, interpret=False, block_sizes=None):
+    """Full-sequence call of the "xla" backend."""
+    cfg = _Config(spec, normalizer, alpha, contextual_len, max_attn_len)
+    return _full(q, k, v, lengths, num_targets, alibi_slopes, timestamps, time_slopes, cfg)
+
+
+def attention_cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries, *, self_term, spec, normalizer, alpha,
+                     alibi_slopes, timestamps, prefix_timestamps, time_slopes, contextual_len, max_attn_len,
+                     interpret=False, block_sizes=None):
+    """Cached-prefix call of the "xla" backend."""
+    cfg = _Config(spec, normalizer, alpha, contextual_len, max_attn_len, self_term)
+    return _cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries, alibi_slopes, timestamps,
+                   prefix_timestamps, time_slopes, cfg)
+
+
+def hstu_attention_xla(q, k, v, lengths, num_targets, *, normalizer, alpha, contextual_len, max_attn_len):
+    """The SiLU-only entry point of earlier releases (kept for callers that import it)."""
+    if num_targets is None:
+        num_targets = jnp.zeros_like(lengths)
+    return attention(q, k, v, lengths, num_targets, spec=ScoreSpec(), normalizer=float(normalizer),
+                     alpha=float(alpha), alibi_slopes=None, timestamps=None, time_slopes=None,
+                     contextual_len=contextual_len, max_attn_len=max_attn_len)
+
+
+BACKEND = Backend(
+    name="xla",
+    module=__name__,
+    platforms=("cpu", "gpu", "tpu"),
+    dtypes=("float32", "bfloat16", "float16"),
+    score_fns=scores.SCORE_FNS,
+    biases=frozenset({"alibi", "time"}),
+    modes=("full", "cached"),
+    priority=0,
+    attention=attention,
+    attention_cached=attention_cached,
+)
