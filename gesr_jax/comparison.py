@@ -1,11 +1,15 @@
-"""Train several variants of one experiment and tabulate them against a baseline.
+"""Train several variants of one experiment and tabulate them against a baseline, paired by seed.
 
 Used by ``experiments/demo.py`` (two-tower vs GESR) and ``experiments/ablations.py``
 (GESR with one MoA component removed at a time). Each variant is a config plus
-``--set`` overrides; each (variant, seed) trains in its own workdir; the table reports
-per-task test NE as mean ± std over seeds, the relative NE change against the first
-(baseline) variant in percent — the GESR paper's unit, negative is better — test AUC
-and the training loop's wall-clock time.
+``--set`` overrides; each (variant, seed) trains in its own workdir. Seed ``s`` sets both
+``train.seed = s`` (init, dropout and data order) and ``data.seed = s`` (MovieLens negatives and
+candidate order, in every split); the synthetic log depends only on ``data.synthetic.seed``, so it
+stays the same across seeds there. The baseline and every variant share each seed, so the table
+reports the **paired** relative NE change: per seed ``(NE_variant - NE_base) / NE_base * 100``
+(the GESR paper's unit, negative is better), as mean ± 95% Student-t CI half-width over seeds,
+marked "n.s." when the CI holds 0 (gesr_jax/statistics.py). It also shows test NE and AUC (mean ±
+CI), the trainer's best-valid step when it reports one (``best_step``), and the training loop's time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax import config as config_lib
+from gesr_jax import config as config_lib, statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,26 +34,39 @@ class Variant:
     overrides: tuple[str, ...] = ()  # `--set` style overrides applied on top
 
 
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)  # comparison tables pair >= 5 seeds unless told otherwise
+
+
 @dataclasses.dataclass
 class VariantResult:
     variant: Variant
     runs: list[dict[str, Any]]  # one train_and_evaluate() result per seed
     train_seconds: list[float]  # training-loop seconds per seed, from the trainer's metrics.jsonl
+    seeds: list[int] = dataclasses.field(default_factory=list)  # the seed of each run, in order
 
     def metric(self, split: str, key: str) -> np.ndarray:
         return np.array([run[split][key] for run in self.runs], dtype=np.float64)
+
+    def best_steps(self) -> list[int | None]:
+        """The trainer's best-valid step per run (``best_step`` in results.json), None where absent."""
+        return [run.get("best_step") for run in self.runs]
+
+
+def seed_overrides(seed: int) -> tuple[str, ...]:
+    """What one comparison seed sets: the model seed and the data (negative-sampling) seed."""
+    return (f"train.seed={seed}", f"data.seed={seed}")
 
 
 def run_variants(
     variants: Sequence[Variant],
     workdir: str | pathlib.Path,
     *,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     extra_overrides: Sequence[str] = (),
     train_fn: Callable[..., dict[str, Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[VariantResult]:
-    """Train every variant for every seed (``train.seed``) in ``workdir/<label>/seed<k>``; resume-safe."""
+    """Train every variant for every seed (:func:`seed_overrides`) in ``workdir/<label>/seed<k>``; resume-safe."""
     if train_fn is None:
         from gesr_jax.train.trainer import train_and_evaluate as train_fn
     workdir = pathlib.Path(workdir)
@@ -57,14 +74,14 @@ def run_variants(
     for variant in variants:
         runs, seconds = [], []
         for seed in seeds:
-            overrides = (*variant.overrides, *extra_overrides, f"train.seed={seed}")
+            overrides = (*variant.overrides, *extra_overrides, *seed_overrides(seed))
             config = config_lib.load_config(variant.config, overrides)
             run_dir = workdir / _slug(variant.label) / f"seed{seed}"
             log(f"[{variant.label}] seed {seed}: training {config.name} in {run_dir}")
             start = time.perf_counter()
             runs.append(train_fn(config, run_dir))
             seconds.append(_loop_seconds(run_dir, default=time.perf_counter() - start))
-        results.append(VariantResult(variant, runs, seconds))
+        results.append(VariantResult(variant, runs, seconds, list(seeds)))
     return results
 
 
@@ -86,38 +103,96 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
-def _mean_std(values: np.ndarray, digits: int) -> str:
-    if values.size == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+def _mean_ci(values: np.ndarray, digits: int) -> str:
+    mean, half = statistics.mean_ci(values)
+    return f"{mean:.{digits}f}" if not math.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def comparison_table(results: Sequence[VariantResult], tasks: Sequence[str], split: str = "test") -> str:
-    """A markdown table; relative NE change is against ``results[0]`` (mean over seeds)."""
+def paired_delta(base: VariantResult, variant: VariantResult, key: str, split: str = "test") -> np.ndarray:
+    """Per-seed relative change of metric ``key`` (%), checking that both results ran the same seeds."""
+    if base.seeds and variant.seeds and base.seeds != variant.seeds:
+        raise ValueError(
+            f"{variant.variant.label!r} ran seeds {variant.seeds} but the baseline ran {base.seeds}: not paired"
+        )
+    return statistics.paired_relative_delta(base.metric(split, key), variant.metric(split, key))
+
+
+def comparison_table(
+    results: Sequence[VariantResult],
+    tasks: Sequence[str],
+    split: str = "test",
+    references: dict[str, dict[str, float]] | None = None,
+) -> str:
+    """A markdown table; ΔNE is paired per seed against ``results[0]`` (see the module docstring).
+
+    ``references`` adds rows that were not trained, label -> task -> NE (e.g. the synthetic log's
+    decoupled ceiling); the oracle row comes from the runs' ``<task>/oracle_ne`` when present. Their
+    ΔNE is against the baseline's per-seed NE, like every other row.
+    """
+    base = results[0]
     header = ["model"]
     for task in tasks:
-        header += [f"NE {task}", f"ΔNE {task} vs {results[0].variant.label} (%)", f"AUC {task}"]
-    header.append("train time (s)")
+        header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)", f"AUC {task}"]
+    show_best = any(step is not None for res in results for step in res.best_steps())
+    header += (["best valid step"] if show_best else []) + ["train time (s)"]
     rows = [header, ["---"] * len(header)]
-    base = {task: results[0].metric(split, f"{task}/ne").mean() for task in tasks}
     for res in results:
         row = [res.variant.label]
         for task in tasks:
-            ne = res.metric(split, f"{task}/ne")
-            rel = (ne - base[task]) / base[task] * 100.0
-            row += [_mean_std(ne, 4), _mean_std(rel, 2), _mean_std(res.metric(split, f"{task}/auc"), 4)]
-        row.append(_mean_std(np.array(res.train_seconds), 0))
+            rel = paired_delta(base, res, f"{task}/ne", split)
+            delta = "0 (baseline)" if res is base else statistics.format_delta(*statistics.mean_ci(rel))
+            row += [_mean_ci(res.metric(split, f"{task}/ne"), 4), delta, _mean_ci(res.metric(split, f"{task}/auc"), 4)]
+        if show_best:
+            row.append(", ".join("—" if s is None else str(s) for s in res.best_steps()))
+        row.append(_mean_ci(np.array(res.train_seconds), 0))
         rows.append(row)
-    oracle = [f"{t}/oracle_ne" for t in tasks]
-    if all(k in results[0].runs[0][split] for k in oracle):
-        row = ["oracle (true probabilities)"]
+    extra = dict(references or {})
+    oracle_keys = [f"{t}/oracle_ne" for t in tasks]
+    if all(k in base.runs[0][split] for k in oracle_keys):
+        oracle = {t: float(base.metric(split, f"{t}/oracle_ne").mean()) for t in tasks}
+        extra = {"oracle (true probabilities)": oracle} | extra
+    for label, values in extra.items():
+        row = [label]
         for task in tasks:
-            ne = results[0].metric(split, f"{task}/oracle_ne")
-            rel = (ne.mean() - base[task]) / base[task] * 100.0
-            row += [f"{ne.mean():.4f}", f"{rel:.2f}", "—"]
-        row.append("—")
+            ne = values.get(task, math.nan)
+            rel = statistics.paired_relative_delta(base.metric(split, f"{task}/ne"), np.full(len(base.runs), ne))
+            row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel)), "—"]
+        row += (["—"] if show_best else []) + ["—"]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def gap_closed(
+    base: VariantResult, variant: VariantResult, task: str, split: str = "test", floor: float | None = None
+) -> tuple[float, float]:
+    """Share of the baseline-to-floor gap the variant closes, per seed, as (mean, 95% CI half-width).
+
+    Per seed ``(NE_base - NE_variant) / (NE_base - floor)``; ``floor`` defaults to each run's oracle
+    NE (``<task>/oracle_ne``, synthetic data). 1 = the variant reaches the floor, 0 = no better than
+    the baseline. E.g. demo.py: ``gap_closed(two_tower, gesr, "consume")``.
+    """
+    paired_delta(base, variant, f"{task}/ne", split)  # checks the pairing
+    ne_base, ne_variant = base.metric(split, f"{task}/ne"), variant.metric(split, f"{task}/ne")
+    lower = base.metric(split, f"{task}/oracle_ne") if floor is None else np.full(ne_base.shape, floor)
+    return statistics.mean_ci((ne_base - ne_variant) / (ne_base - lower))
+
+
+def dataset_references(config: Any, split: str = "test") -> dict[str, dict[str, float]]:
+    """Reference NEs of a config's dataset that no run trains for: the synthetic log's decoupled ceiling.
+
+    Pass the result to :func:`comparison_table` as ``references``. Empty for MovieLens (no ground truth).
+    """
+    if config.data.source != "synthetic":
+        return {}
+    from gesr_jax.data import synthetic
+
+    _, stats, _ = synthetic.generate(config.data)
+    ceiling = {}
+    for key, value in stats.items():
+        prefix, suffix = "decoupled_ceiling_ne_", f"_{split}"
+        if key.startswith(prefix) and key.endswith(suffix):
+            ceiling[key[len(prefix) : -len(suffix)]] = float(value)
+    return {"decoupled ceiling (true base + pooled history, fitted)": ceiling} if ceiling else {}
 
 
 def is_finite_table(results: Sequence[VariantResult], tasks: Sequence[str], split: str = "test") -> bool:

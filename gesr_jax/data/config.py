@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+SPLITS = ("global_time", "per_user_last")  # data.split values (gesr_jax/data/requests.py, point 5)
+
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
@@ -16,8 +18,11 @@ class SyntheticConfig:
     num_segments: int = 8  # user segments (the "segment" user feature); users in a segment share a taste centre
     latent_dim: int = 8  # width of the user-taste / item-latent vectors behind the two-tower part of the logit
     requests_per_user: int = 6  # requests per user (last = test, second-to-last = valid)
-    cross_weight: float = 1.0  # scale of the explicit cross terms (creator / category match counts); 0 removes them
-    target_aware_weight: float = 1.0  # scale of the recency-weighted target-aware term; 0 removes it
+    # Planted signals (story: gesr_jax/data/synthetic.py); each knob scales one, 0 removes it.
+    cross_weight: float = 1.0  # scale of both explicit cross signals below together
+    capped_count_weight: float = 1.0  # capped count of history items by the candidate's creator
+    last_engaged_weight: float = 1.0  # candidate's creator == creator of the most recent engaged history event
+    target_aware_weight: float = 1.0  # recency-weighted (sharply decaying) category matches
     seed: int = 0  # generator seed; same seed, same data
 
     def validate(self) -> None:
@@ -31,7 +36,7 @@ class SyntheticConfig:
                 "data.synthetic.num_creators and num_categories must not exceed num_items "
                 f"({self.num_creators}, {self.num_categories} > {self.num_items})"
             )
-        for name in ("cross_weight", "target_aware_weight"):
+        for name in ("cross_weight", "capped_count_weight", "last_engaged_weight", "target_aware_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.synthetic.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -40,13 +45,19 @@ class SyntheticConfig:
 class DataConfig:
     """Dataset choice and the temporal request protocol (the MoA Config's truncation part)."""
 
-    source: str = "synthetic"  # "synthetic" (embedded default) or "movielens"
+    source: str = "synthetic"  # registered dataset: "synthetic" (embedded default), "movielens", or your own
     path: str = ""  # MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...), read when source="movielens"
     history_len: int = 32  # N: most recent events strictly before the request
     num_positives: int = 4  # P: next real events per request, the positive candidates
     num_negatives: int = 12  # Q: popularity-sampled unseen items per request
     min_history: int = 4  # a request needs at least this many past events
-    max_requests_per_user: int = 0  # 0 = every request a user's timeline allows; else the most recent ones
+    # 0 = every request a user's timeline allows; else each user's most recent ones (within each split under global_time)
+    max_requests_per_user: int = 0
+    # How MovieLens requests are split (gesr_jax/data/requests.py, point 5): "global_time" cuts all requests at two
+    # times so train < valid < test in time; "per_user_last" is each user's last request = test, second-to-last = valid.
+    # The synthetic log always uses its own per-user split (its generator is stationary: no trend can leak).
+    split: str = "global_time"
+    split_quantiles: tuple[float, float] = (0.8, 0.9)  # global_time: cut times = these quantiles of request times
     engage_threshold: float = 4.0  # engage = rating >= this (MovieLens; half stars count as they are)
     director_vocab: int = 2000  # most frequent directors kept; the rest map to id 1 ("other")
     cache: bool = True  # keep built MovieLens splits in ~/.cache/gesr_jax (or $GESR_CACHE_DIR)
@@ -59,14 +70,21 @@ class DataConfig:
         return self.num_positives + self.num_negatives
 
     def validate(self) -> None:
-        if self.source not in ("synthetic", "movielens"):
-            raise ValueError(f"data.source must be 'synthetic' or 'movielens', got {self.source!r}")
+        # Which sources exist is the dataset registry's business (gesr_jax/data/datasets.py): it names them
+        # when a config asks for one it does not know, and a registered user dataset needs no edit here.
+        if not self.source:
+            raise ValueError("data.source must name a dataset, e.g. 'synthetic' or 'movielens'")
         for name in ("history_len", "num_positives", "min_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_negatives", "max_requests_per_user", "director_vocab"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"data.split must be one of {list(SPLITS)}, got {self.split!r}")
+        q1, q2 = self.split_quantiles
+        if not 0.0 < q1 < q2 < 1.0:
+            raise ValueError(f"data.split_quantiles must satisfy 0 < q1 < q2 < 1, got {self.split_quantiles}")
         if self.min_history > self.history_len:
             raise ValueError(
                 f"data.min_history ({self.min_history}) must not exceed data.history_len ({self.history_len})"

@@ -13,14 +13,20 @@ movies file and ``num_users`` the largest user id in the users file (or in the r
 format has none). Optional side data: ``extra/movies_extrainfos.dat`` (MeLU's director file)
 adds a director per movie.
 
-Ratings are parsed vectorised (``np.loadtxt``); only when that fails does a line-by-line
-pass run, to name the file and line of the first malformed row.
+Validation: every problem is a :class:`DataFormatError` naming ``file:line``. Ratings are checked
+with one regex pass (ids and timestamps must be plain decimal integers: ``1e2``, ``3.0`` and ``abc``
+are refused, not silently read as numbers) and parsed vectorised (``np.loadtxt``); a line that
+fails is then explained field by field. Bytes that are not valid in the file's encoding are reported
+with the line they are on. A (user, movie, timestamp) triple rated twice is an error naming both
+lines, not a skip: a duplicated row usually means files were concatenated twice, and silently
+dropping it would hide that. A movie (or user) listed twice in its side file is an error naming both lines.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import pathlib
 import re
@@ -49,6 +55,24 @@ DIRECTOR_FILE = pathlib.Path("extra") / "movies_extrainfos.dat"
 
 class DataFormatError(ValueError):
     """A MovieLens folder or file is missing, unknown or malformed; the message names file and line."""
+
+
+def _read_text(path: pathlib.Path, encoding: str) -> str:
+    """The file as text with ``\n`` line ends; undecodable bytes are reported with their line number."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataFormatError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataFormatError(
+            f"{path}:{line}: byte 0x{data[err.start]:02x} (byte {column} of the line) is not valid {encoding}; "
+            f"this MovieLens file is expected to be {encoding}-encoded"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +226,7 @@ def _count_rows(path: pathlib.Path) -> int:
 
 def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     path, fmt = files.ratings, files.format
-    encoding = "utf-8" if fmt == "csv" else "latin-1"
-    text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+    text = _read_text(path, "utf-8" if fmt == "csv" else "latin-1")
     header = 0
     if fmt == "csv":
         first, _, text = text.partition("\n")
@@ -217,6 +240,9 @@ def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.nda
     if blank is not None:
         line = text.count("\n", 0, blank.end() - 1) + 1 + header
         raise DataFormatError(f"{path}:{line}: empty line inside the ratings")
+    bad = _rating_line(sep).search(text)  # one C-speed pass; loadtxt alone would read 1e2 as 100
+    if bad is not None:
+        _explain(path, text.count("\n", 0, bad.start()) + 1 + header, text[bad.start() :].split("\n", 1)[0], sep)
     body = text.replace("::", "\t") if fmt == "dat" else text
     try:
         table = np.loadtxt(io.StringIO(body), delimiter="\t" if fmt != "csv" else ",", dtype=np.float64, ndmin=2)
@@ -242,24 +268,66 @@ def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.nda
         _check_rows(path, header, valid, "rating is not a half star in 0.5..5")
     else:
         _check_rows(path, header, np.isin(rating, [1, 2, 3, 4, 5]), "rating is not an integer in 1..5")
-    return user.astype(np.int32), item.astype(np.int32), rating.astype(np.float32), ts.astype(np.int64)
+    out = user.astype(np.int32), item.astype(np.int32), rating.astype(np.float32), ts.astype(np.int64)
+    _check_duplicates(path, header, out[0], out[1], out[3])
+    return out
+
+
+def _check_duplicates(path: pathlib.Path, header: int, user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> None:
+    """Raise naming both lines of the first (user, movie, timestamp) rated twice (first by its second line)."""
+    order = np.lexsort((np.arange(user.size), ts, item, user))  # row index last: ties keep file order
+    u, i, t = user[order], item[order], ts[order]
+    same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    if same.any():
+        later = order[1:][same]
+        k = int(np.argmin(later))  # the duplicate that appears first in the file
+        first, second = int(order[:-1][same][k]), int(later[k])
+        raise DataFormatError(
+            f"{path}:{second + 1 + header}: duplicate rating: user {user[second]} rated movie {item[second]} at "
+            f"timestamp {ts[second]} already on line {first + 1 + header}"
+        )
+
+
+_ID = r"[ ]*\d+[ ]*"  # plain decimal digits: no sign, exponent, decimal point or underscore
+_TIMESTAMP = r"[ ]*-?\d+[ ]*"  # the sign is let through so the range check can say "bad timestamp"
+
+
+@functools.cache
+def _rating_line(sep: str) -> re.Pattern[str]:
+    """Matches at the start of the first non-empty line that is not ``id SEP id SEP rating SEP timestamp``."""
+    s, rating = re.escape(sep), rf"[^{re.escape(sep[0])}\n]*"
+    return re.compile(rf"^(?!{_ID}{s}{_ID}{s}{rating}{s}{_TIMESTAMP}$)(?=.)", re.M | re.ASCII)
+
+
+def _explain(path: pathlib.Path, number: int, line: str, sep: str) -> None:
+    """Raise a DataFormatError saying what is wrong with one ratings line."""
+    fields = line.split(sep)
+    if len(fields) != 4:
+        raise DataFormatError(f"{path}:{number}: expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}")
+    for name, value in zip(("user id", "movie id", "rating", "timestamp"), fields):
+        try:
+            float(value)
+        except ValueError:
+            raise DataFormatError(f"{path}:{number}: {name} {value!r} is not a number") from None
+    for name, value, pattern in (("user id", fields[0], _ID), ("movie id", fields[1], _ID)):
+        if not re.fullmatch(pattern, value, re.ASCII):
+            raise DataFormatError(f"{path}:{number}: {name} is not a positive integer: {value!r}")
+    if not re.fullmatch(_TIMESTAMP, fields[3], re.ASCII):
+        raise DataFormatError(
+            f"{path}:{number}: bad timestamp {fields[3]!r} (expected integer unix seconds in [0, {MAX_TIMESTAMP}])"
+        )
+    raise DataFormatError(f"{path}:{number}: malformed ratings line {line!r}")
 
 
 def _diagnose(path: pathlib.Path, text: str, sep: str, header: int) -> None:
     """Slow pass over the rows after a vectorised parse failed: raise naming the first bad line."""
     for number, line in enumerate(text.split("\n"), start=1 + header):
-        if not line.strip():
-            continue
-        fields = line.split(sep)
-        if len(fields) != 4:
-            raise DataFormatError(
-                f"{path}:{number}: expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}"
-            )
-        for name, value in zip(("user id", "movie id", "rating", "timestamp"), fields):
+        if line.strip():
             try:
-                float(value)
-            except ValueError:
-                raise DataFormatError(f"{path}:{number}: {name} {value!r} is not a number") from None
+                _explain(path, number, line, sep)
+            except DataFormatError as err:
+                if "malformed ratings line" not in str(err):
+                    raise
 
 
 # ---------------------------------------------------------------------------------------------- side files
@@ -269,14 +337,20 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
     """movie id -> (GENRES indices in listed order, release year or 0)."""
     path, fmt = files.movies, files.format
     movies: dict[int, tuple[list[int], int]] = {}
+    listed_on: dict[int, int] = {}  # movie id -> line, to name both lines of a duplicate
     if fmt == "csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0][:3] != ["movieId", "title", "genres"]:
+        reader = csv.reader(io.StringIO(_read_text(path, "utf-8"), newline=""))
+        numbered = []
+        try:
+            for row in reader:
+                numbered.append((reader.line_num, row))
+        except csv.Error as err:
+            raise DataFormatError(f"{path}:{reader.line_num + 1}: {err}") from None
+        if not numbered or numbered[0][1][:3] != ["movieId", "title", "genres"]:
             raise DataFormatError(f"{path}:1: expected the header 'movieId,title,genres'")
-        numbered = [(n, r) for n, r in enumerate(rows[1:], start=2) if r]
+        numbered = [(n, r) for n, r in numbered[1:] if r]
     else:
-        lines = path.read_text(encoding="latin-1").replace("\r\n", "\n").split("\n")
+        lines = _read_text(path, "latin-1").split("\n")
         sep = "::" if fmt == "dat" else "|"
         numbered = [(n, line.split(sep)) for n, line in enumerate(lines, start=1) if line.strip()]
     expected = 3 if fmt != "100k" else 24
@@ -284,6 +358,9 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
         if len(fields) != expected:
             raise DataFormatError(f"{path}:{number}: expected {expected} fields, found {len(fields)}")
         movie = _int_field(path, number, fields[0], "movie id")
+        if movie in listed_on:
+            raise DataFormatError(f"{path}:{number}: movie id {movie} is listed twice (lines {listed_on[movie]} and {number})")
+        listed_on[movie] = number
         if fmt == "100k":
             flags = fields[5:]
             if any(v not in ("0", "1") for v in flags):
@@ -304,7 +381,7 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
 def _read_directors(path: pathlib.Path, num_items: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """Director rank per movie (1 = director with most movies; ties by name); the first of several credited."""
     by_movie: dict[int, str] = {}
-    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    lines = _read_text(path, "utf-8").split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -332,7 +409,8 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
     assert path is not None
     sep, n_fields = ("::", 5) if files.format == "dat" else ("|", 5)
     rows: list[tuple[int, int, int, int]] = []
-    lines = path.read_text(encoding="latin-1").replace("\r\n", "\n").split("\n")
+    listed_on: dict[int, int] = {}
+    lines = _read_text(path, "latin-1").split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -342,6 +420,9 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
                 f"{path}:{number}: expected {n_fields} fields separated by {sep!r}, found {len(fields)}"
             )
         user = _int_field(path, number, fields[0], "user id")
+        if user in listed_on:
+            raise DataFormatError(f"{path}:{number}: user id {user} is listed twice (lines {listed_on[user]} and {number})")
+        listed_on[user] = number
         if files.format == "dat":
             gender, age, occ = fields[1], _int_field(path, number, fields[2], "age"), fields[3]
             if age not in AGE_CODES_1M:
@@ -371,10 +452,10 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
 
 
 def _int_field(path: pathlib.Path, number: int, value: str, name: str) -> int:
-    try:
-        out = int(value.strip())
-    except ValueError:
-        raise DataFormatError(f"{path}:{number}: {name} {value!r} is not an integer") from None
+    # int() alone would also take "1_000", "+3" and non-ASCII digits; the files only use plain decimals.
+    if not re.fullmatch(r"[ ]*-?\d+[ ]*", value, re.ASCII):
+        raise DataFormatError(f"{path}:{number}: {name} {value!r} is not an integer")
+    out = int(value)
     if name.endswith("id") and out < 1:
         raise DataFormatError(f"{path}:{number}: {name} {out} must be >= 1")
     return out

@@ -11,25 +11,44 @@ Protocol (``DataConfig`` fields in brackets):
    A block is a request only if at least [``min_history``] events come strictly before
    ``request_time``; a block that fails this (it starts too early, or a burst of same-second
    ratings hides its history) is dropped and counted. [``max_requests_per_user``] > 0 keeps only
-   each user's most recent requests.
+   each user's most recent requests (per split or overall, see 5).
 3. **History.** The most recent N [``history_len``] events strictly before ``request_time``, oldest
    first: item id, item features, the rating (as ``history_action``, rounded up to whole stars) and
    the timestamp. No event at or after ``request_time`` -- in particular no candidate, and nothing
    from any later request -- can reach a history.
 4. **Candidates.** The block's P real events are positives (``consume = 1``, ``engage = rating >=``
-   [``engage_threshold``]). Q negatives [``num_negatives``] are drawn without replacement, with
-   probability proportional to an item's rating count over the whole log, from the items this
-   user never rated (at any time); they get ``consume = engage = 0``. If a user has rated almost
-   every item and fewer than Q unrated items exist, the request keeps fewer negatives
+   [``engage_threshold``]). Q negatives [``num_negatives``] are drawn without replacement, by
+   popularity, from the items this user never rated (at any time: an item the user rates later is a
+   future positive, and labelling it negative would punish a correct prediction); they get
+   ``consume = engage = 0``. Popularity depends on [``split``]: with ``"global_time"`` an item's
+   weight is its number of events (by any user) **strictly before this request's** ``request_time``,
+   so no future event shapes the negatives and an item with no earlier event is never drawn; with
+   ``"per_user_last"`` it is the rating count over the whole log (the original protocol, kept
+   bit-identical). If fewer than Q eligible items exist, the request keeps fewer negatives
    (``num_candidates < P + Q``). Candidates are shuffled within the request so that the slot
    carries no label information.
-5. **Splits.** Per user, the last request is **test**, the second-to-last **valid**, all earlier
-   ones **train**. A user with one request contributes only to test, with two to valid and test.
+5. **Splits** [``split``].
+
+   * ``"global_time"`` (the default): two cut times are the [``split_quantiles``] = (q1, q2)
+     quantiles (numpy's linear interpolation, rounded up to a whole second) of the ``request_time``
+     of every request, and each request goes to the split its ``request_time`` falls in:
+     train ``< cut1 <=`` valid ``< cut2 <=`` test. A request exactly at a cut belongs to the later
+     split, so every train request is strictly earlier than every valid one, and every valid one
+     than every test one. A user may have requests in any subset of the splits. Histories hold the
+     user's earlier events whatever split they belong to (never anything at or after
+     ``request_time``). Only the request time is cut: a train request's later positives may lie
+     after cut1. [``max_requests_per_user``] > 0 keeps each user's most recent requests **within
+     each split**, so no user dominates any split; the cut times are computed before this cap.
+   * ``"per_user_last"``: per user, the last request is **test**, the second-to-last **valid**, all
+     earlier ones **train** (a user with one request contributes only to test, with two to valid
+     and test); [``max_requests_per_user``] is applied before the split. Train requests of one user
+     may come after another user's test requests, so item embeddings can learn from the future.
+
    A user whose timeline allows no request is skipped and counted in ``stats['skipped_users']``.
 6. **Randomness.** Negatives and candidate order, for every split including train, are drawn once
    from [``seed``], one random stream per split, so the same config always yields the same
-   requests and the valid/test negatives do not change when only the train part does (e.g.
-   ``max_requests_per_user``). Training reshuffles the order of requests between epochs, never
+   requests and the valid/test negatives of ``per_user_last`` do not change when only the train part
+   does (e.g. ``max_requests_per_user``). Training reshuffles the order of requests between epochs, never
    their negatives.
 """
 
@@ -86,19 +105,22 @@ def build_requests(
     keep = hist_avail >= dc.min_history
     dropped_ties = int(np.count_nonzero(~keep))
     owner, start, hist_end, hist_avail = owner[keep], start[keep], hist_end[keep], hist_avail[keep]
-    back = _ranks_within(owner)
-    if dc.max_requests_per_user > 0:
-        keep = back < dc.max_requests_per_user
-        owner, start, hist_end, hist_avail, back = (
-            owner[keep],
-            start[keep],
-            hist_end[keep],
-            hist_avail[keep],
-            back[keep],
-        )
+    if dc.split == "per_user_last":
+        cuts = None
+        back = _ranks_within(owner)
+        keep = back < dc.max_requests_per_user if dc.max_requests_per_user > 0 else np.ones(owner.size, bool)
+    else:
+        cuts = global_time_cuts(ts[start], dc.split_quantiles)
+        split_of = np.searchsorted(cuts, ts[start], side="right")  # t < cut1 -> 0, cut1 <= t < cut2 -> 1, else 2
+        # Rows run most recent first within a user and split_of never increases along them, so each
+        # (user, split) is one contiguous run: rank 0 = the user's most recent request in that split.
+        back = _ranks_within(owner * 3 + split_of)
+        keep = back < dc.max_requests_per_user if dc.max_requests_per_user > 0 else np.ones(owner.size, bool)
+        split_of = split_of[keep]
+    owner, start, hist_end, hist_avail = owner[keep], start[keep], hist_end[keep], hist_avail[keep]
     # Chronological row order within a user (oldest request first).
     chrono = np.lexsort((start, owner))
-    owner, start, hist_end, hist_avail, back = (a[chrono] for a in (owner, start, hist_end, hist_avail, back))
+    owner, start, hist_end, hist_avail = (a[chrono] for a in (owner, start, hist_end, hist_avail))
     num_requests = owner.size
 
     batch = empty_batch(schema, num_requests)
@@ -117,19 +139,28 @@ def build_requests(
     batch["history_len"] = length.astype(np.int32)
     batch["request_time"] = ts[start].astype(np.int32)
 
-    rank = _ranks_within(owner[::-1])[::-1]  # 0 = the user's last request after all filtering
-    split_of = np.where(rank == 0, 2, np.where(rank == 1, 1, 0))
+    if cuts is None:
+        rank = _ranks_within(owner[::-1])[::-1]  # 0 = the user's last request after all filtering
+        split_of = np.where(rank == 0, 2, np.where(rank == 1, 1, 0))
+        popularity = np.bincount(item, minlength=inter.num_items + 1)
+    else:
+        split_of = split_of[chrono]
     pos_idx = start[:, None] + np.arange(n_pos)[None, :]
-    popularity = np.bincount(item, minlength=inter.num_items + 1)
     negatives = np.zeros((num_requests, dc.num_negatives), np.int64)
     shuffle_keys = np.zeros((num_requests, n_pos + dc.num_negatives))
     for code in range(3):
         # One stream per split: test/valid negatives do not move when the train part changes size.
         rng = np.random.default_rng([dc.seed, code])
         rows = np.flatnonzero(split_of == code)
-        negatives[rows] = sample_negatives(
-            rng, users[owner[rows]], user, item, inter.num_items, dc.num_negatives, popularity
-        )
+        if cuts is None:
+            negatives[rows] = sample_negatives(
+                rng, users[owner[rows]], user, item, inter.num_items, dc.num_negatives, popularity
+            )
+        else:
+            negatives[rows] = sample_negatives(
+                rng, users[owner[rows]], user, item, inter.num_items, dc.num_negatives,
+                request_time=ts[start[rows]], log_time=ts,
+            )  # fmt: skip
         shuffle_keys[rows] = rng.random((rows.size, shuffle_keys.shape[1]))
     cand = np.concatenate([item[pos_idx], negatives], axis=1)
     consume = np.concatenate([np.ones_like(pos_idx), np.zeros_like(negatives)], axis=1)
@@ -161,12 +192,24 @@ def build_requests(
         "skipped_users_too_few_events": int(np.count_nonzero(too_few)),
         "requests_dropped_same_second_history": dropped_ties,
         "requests_short_of_negatives": int(np.count_nonzero(valid.sum(axis=1) < n_pos + dc.num_negatives)),
+        "split": dc.split,
+        **({"split_cut_times": [int(c) for c in cuts]} if cuts is not None else {}),
         **{
             f"requests_{name}": int(np.count_nonzero(split_of == code))
             for code, name in enumerate(("train", "valid", "test"))
         },
     }
     return BuiltRequests(parts["train"], parts["valid"], parts["test"], stats)
+
+
+def global_time_cuts(request_time: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
+    """The two cut times of the ``global_time`` split: quantiles of ``request_time``, rounded up to whole seconds.
+
+    Rounding up keeps the assignment of integer times unchanged (``t < q`` iff ``t < ceil(q)``).
+    """
+    if request_time.size == 0:
+        return np.zeros(2, np.int64)
+    return np.ceil(np.quantile(request_time.astype(np.float64), quantiles)).astype(np.int64)
 
 
 def _ranks_within(group: np.ndarray) -> np.ndarray:
@@ -185,10 +228,17 @@ def sample_negatives(
     log_item: np.ndarray,
     num_items: int,
     q: int,
-    popularity: np.ndarray,
+    popularity: np.ndarray | None = None,
+    *,
+    request_time: np.ndarray | None = None,
+    log_time: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``[R, q]`` distinct items per request, drawn by ``popularity`` among items its user never rated.
+    """``[R, q]`` distinct items per request, drawn by popularity among items its user never rated.
 
+    Popularity is either ``popularity`` (one count per item id, the same for every request) or, with
+    ``request_time`` and ``log_time``, each item's number of log events strictly before that
+    request's time: a draw then picks a uniformly random earlier event and takes its item, which
+    is exactly count-proportional and never yields an item with no earlier event.
     Rows with fewer than ``q`` eligible items are right-padded with 0.
     """
     r = request_user.size
@@ -197,14 +247,23 @@ def sample_negatives(
         return out
     stride = np.int64(num_items + 1)
     rated = np.unique(log_user.astype(np.int64) * stride + log_item)
-    weights = popularity.astype(np.float64).copy()
-    weights[0] = 0.0
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
+    if request_time is None:
+        weights = popularity.astype(np.float64).copy()
+        weights[0] = 0.0
+        cdf = np.cumsum(weights)
+        cdf /= cdf[-1]
+    else:
+        by_time = np.argsort(log_time, kind="stable")
+        items_by_time = log_item[by_time].astype(np.int64)
+        n_before = np.searchsorted(log_time[by_time], request_time, side="left")
     pending = np.arange(r)
     for _ in range(_MAX_REJECTION_ROUNDS):
-        draws = np.searchsorted(cdf, rng.random((pending.size, 2 * q + 8)), side="right")
-        draws = np.minimum(draws, num_items)
+        u = rng.random((pending.size, 2 * q + 8))
+        if request_time is None:
+            draws = np.minimum(np.searchsorted(cdf, u, side="right"), num_items)
+        else:  # a uniformly random event strictly before the request; 0 (rejected) when there is none
+            n = n_before[pending, None]
+            draws = np.where(n > 0, items_by_time[np.minimum((u * n).astype(np.int64), np.maximum(n - 1, 0))], 0)
         pool = np.concatenate([out[pending], draws], axis=1)  # earlier picks first so they are kept
         ok = (pool > 0) & ~_is_member(request_user[pending, None] * stride + pool, rated)
         ok &= _first_occurrence(pool)
@@ -221,6 +280,9 @@ def sample_negatives(
         lo, hi = np.searchsorted(rated, [request_user[row] * stride, (request_user[row] + 1) * stride])
         user_rated = rated[lo:hi] % stride
         have = out[row][out[row] > 0]
+        if request_time is not None:
+            weights = np.bincount(items_by_time[: n_before[row]], minlength=num_items + 1).astype(np.float64)
+            weights[0] = 0.0
         left = np.setdiff1d(np.flatnonzero(weights > 0), np.concatenate([user_rated, have]))
         need = min(q - have.size, left.size)
         if need > 0:

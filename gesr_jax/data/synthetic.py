@@ -22,13 +22,17 @@ Generative story (sizes from ``SyntheticConfig``; everything is drawn from one
 
    * two-tower part ``base = a + b_u + q_j + 0.6 w_u . v_j`` -- a function of the user alone plus the item
      alone, which a dot product of a user tower and an item tower can represent;
-   * explicit cross ``X = 0.4 min(#{h in H: creator_h = creator_j}, 3)`` -- a capped match count;
-   * target-aware ``T = 0.8 sum_t 0.6^age_t [category_t = category_j]`` (``age`` 0 = most recent) --
-     which part of the history matches decides the size, so a pooled history cannot carry it.
+   * capped count ``X = 0.7 min(#{h in H: creator_h = creator_j}, 2)`` -- saturates after two matches,
+     so the share of matching history items (what a mean-pooled history carries) misstates it;
+   * last-engaged match ``L = 0.8 [creator_j = creator of the most recent engaged history item]`` -- a
+     feature pair between the candidate and one specific history event;
+   * target-aware ``T = 1.2 sum_t 0.3^age_t [category_t = category_j]`` (``age`` 0 = most recent) --
+     only the last ~3 events count, so which part of the history matches decides the size.
 
-   ``P(consume) = sigmoid(base + cross_weight X + target_aware_weight T)``.
-   ``P(engage | consume) = sigmoid(a_e + e_u + 0.7 q_j + 0.3 w_u . v_j + cross_weight 0.6
-   min(#engaged history items by the same creator, 2) + target_aware_weight 0.3 T)``, and
+   ``P(consume) = sigmoid(base + cross_weight (capped_count_weight X + last_engaged_weight L) +
+   target_aware_weight T)``. ``P(engage | consume) = sigmoid(a_e + e_u + 0.7 q_j + 0.3 w_u . v_j +
+   cross_weight (capped_count_weight 0.6 min(#engaged history items by the same creator, 1) +
+   last_engaged_weight 0.6 [L's match]) + target_aware_weight 0.3 T)``, and
    ``P(engage) = P(consume) P(engage | consume)``: engaging implies consuming, as in MovieLens.
    Labels are Bernoulli draws of these probabilities, which are returned as ``prob_<task>``.
 5. **Feedback.** The items consumed at a request join the user's history right after it (before the
@@ -37,43 +41,89 @@ Generative story (sizes from ``SyntheticConfig``; everything is drawn from one
 6. **Splits.** Per user, the last request is test, the second-to-last valid, earlier ones train
    (``data.max_requests_per_user`` > 0 keeps only the most recent ones).
 
-``num_actions`` is 3 (0 pad, 1 consumed, 2 engaged). The oracle NE -- the NE of ``prob_<task>`` --
-is the floor no model can beat; :func:`oracle_ne` computes it for a split. At the default sizes
-(seed 0) the test split has consume rate ~0.33, oracle NE ~0.67 (consume) / ~0.69 (engage), while
-the two-tower part alone, even with its true latents and a fitted calibration, reaches only ~0.81 /
-~0.87: the planted cross and target-aware terms are worth ~20% relative NE.
+``num_actions`` is 3 (0 pad, 1 consumed, 2 engaged). Two references come with every log
+(``stats``): the **oracle NE** -- the NE of ``prob_<task>`` on test, the floor no model can beat
+(:func:`oracle_ne`) -- and the **decoupled ceiling** (:func:`decoupled_ceiling_ne`): the test NE of a
+logistic regression, fitted on train, on the true two-tower parts plus the mean-pooled match shares
+a two-tower can represent. What separates the two is what only a coupled (early-interaction) model
+can learn. Measured (seed 0, consume / engage): at the default sizes the test consume rate is ~0.33,
+oracle NE 0.634 / 0.677, decoupled ceiling 0.704 / 0.742 (gap 0.070 / 0.065), and the two-tower
+part alone, with its true latents and a fitted calibration, 0.841 / 0.883. With the synthetic_base
+data settings (4000 users, 12 requests, history 32): oracle 0.654 / 0.713, ceiling 0.708 / 0.757
+(gap 0.054 / 0.044). Setting one knob to 0 (default sizes) shrinks the consume gap from 0.070 to
+0.040 (capped count), 0.053 (last engaged), 0.035 (target-aware); with every planted term off the
+ceiling equals the oracle. Generator seeds 1 and 2 give gaps 0.067 and 0.076.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from gesr_jax.data.batch import empty_batch, validate_batch
+from gesr_jax.data.batch import BatchSchema, empty_batch, validate_batch
 from gesr_jax.data.config import DataConfig
-from gesr_jax.metrics import normalized_entropy
+from gesr_jax.data.datasets import Splits, register_dataset
+from gesr_jax.data.synthetic_reference import (  # noqa: F401  (re-exported for analysis code)
+    _sigmoid,
+    calibrated_ne,
+    decoupled_ceiling_ne,
+    oracle_ne,
+    pooled_match_shares,
+)
 
-if TYPE_CHECKING:  # sources imports this module lazily; the annotation only needs the name
-    from gesr_jax.data.sources import Splits
+TASKS = ("consume", "engage")  # the labels this generator draws (schema.tasks)
+ACTIVITY_LEVELS = 4  # "activity" user feature: quartile of the user's consumption propensity
+NUM_ACTIONS = 3  # 0 pad, 1 consumed, 2 consumed and engaged
 
-CREATOR_CAP = 3  # explicit cross count saturates here
-RECENCY_DECAY = 0.6  # weight of a history event per step of age in the target-aware term
-_CROSS_W, _TARGET_W = 0.4, 0.8
-_ENGAGE_CREATOR_CAP, _ENGAGE_CROSS_W, _ENGAGE_TARGET_W = 2, 0.6, 0.3
+CREATOR_CAP = 2  # the capped creator count saturates here: a 3rd, 4th... match adds nothing
+RECENCY_DECAY = 0.3  # weight of a history event per step of age in the target-aware term: the last ~3 events count
+_IMPRESSION_DECAY = 0.6  # recency weighting of the history items that retrieve impressions
+_CROSS_W, _LAST_W, _TARGET_W = 0.7, 0.8, 1.2
+_ENGAGE_CREATOR_CAP, _ENGAGE_CROSS_W, _ENGAGE_LAST_W, _ENGAGE_TARGET_W = 1, 0.6, 0.6, 0.3
 # Set so that, at the default sizes, consume ~ 0.33 and engage ~ 0.18 (engage | consume ~ 0.55).
-_CONSUME_BIAS, _ENGAGE_BIAS = -3.2, -1.8
+_CONSUME_BIAS, _ENGAGE_BIAS = -3.6, -1.8
 _AFFINITY_SCALE = 0.6  # keeps the two-tower part from dominating the logit
 _SLOT_MIX = (0.35, 0.25)  # shares of creator- and category-retrieved impressions; the rest by popularity
 _START_TIME = 1_600_000_000
 
 
-def generate_splits(data_config: DataConfig) -> Splits:
-    """:class:`gesr_jax.data.sources.Splits` of the synthetic log (with ``prob_<task>`` filled)."""
-    from gesr_jax.data.sources import Splits, schema_for
+def schema(data_config: DataConfig) -> BatchSchema:
+    """The batch schema of the synthetic log: features ``segment``/``activity`` and ``category``/``creator``."""
+    sc = data_config.synthetic
+    return BatchSchema(
+        num_users=sc.num_users,
+        num_items=sc.num_items,
+        user_features=(("segment", sc.num_segments + 1), ("activity", ACTIVITY_LEVELS + 1)),
+        item_features=(("category", sc.num_categories + 1), ("creator", sc.num_creators + 1)),
+        num_actions=NUM_ACTIONS,
+        history_len=data_config.history_len,
+        num_candidates=data_config.num_candidates,
+        tasks=TASKS,
+        has_true_probs=True,
+    )
 
+
+def generate_splits(data_config: DataConfig) -> Splits:
+    """:class:`gesr_jax.data.datasets.Splits` of the synthetic log (with ``prob_<task>`` filled)."""
     parts, stats, _ = generate(data_config)
-    return Splits(parts["train"], parts["valid"], parts["test"], schema_for(data_config), stats)
+    return Splits(parts["train"], parts["valid"], parts["test"], schema(data_config), stats)
+
+
+class SyntheticDataset:
+    """``data.source = "synthetic"`` in the dataset registry (gesr_jax/data/datasets.py)."""
+
+    def schema(self, data_config: DataConfig) -> BatchSchema:
+        return schema(data_config)
+
+    def load_splits(self, data_config: DataConfig) -> Splits:
+        return generate_splits(data_config)
+
+    def item_table(self, data_config: DataConfig) -> dict[str, np.ndarray]:
+        return item_table(data_config)
+
+
+register_dataset("synthetic", SyntheticDataset())
 
 
 def generate(
@@ -84,10 +134,9 @@ def generate(
     ``components[split]`` holds per-candidate logit parts (``consume_base``, ``consume_cross``,
     ``consume_target``, ``engage_base``, ...) for analysis and tests; they are not batch keys.
     """
-    from gesr_jax.data.sources import schema_for
-
+    data_config.validate()
     dc, sc = data_config, data_config.synthetic
-    schema = schema_for(dc)
+    batch_schema = schema(dc)
     n_hist, n_cand, n_req, n_users = dc.history_len, dc.num_candidates, sc.requests_per_user, sc.num_users
     if sc.num_items < 2 * n_cand:
         raise ValueError(
@@ -118,7 +167,7 @@ def generate(
         when = first_request - (warm - step) * 6 * 3600 - rng.integers(1, 3600, size=n_users)
         _append(ev_item, ev_action, ev_time, ev_len, active, pick, 1 + engaged, when)
 
-    batch = empty_batch(schema, n_users * n_req)
+    batch = empty_batch(batch_schema, n_users * n_req)
     comps: dict[str, np.ndarray] = {}
     request_time = first_request.copy()
     for r in range(n_req):
@@ -170,7 +219,7 @@ def generate(
         sel = order[(split_of[order] == code) & keep[order]]
         splits[name] = {k: v[sel] for k, v in batch.items()}
         components[name] = {k: v[sel] for k, v in comps.items()}
-        validate_batch(splits[name], schema)
+        validate_batch(splits[name], batch_schema)
     stats = {
         "users": n_users,
         "items": sc.num_items,
@@ -178,7 +227,8 @@ def generate(
         **{f"requests_{n}": int(splits[n]["user_id"].size) for n in ("train", "valid", "test")},
         "consume_rate": float(batch["label_consume"].mean()),
         "engage_rate": float(batch["label_engage"].mean()),
-        **{f"oracle_ne_{t}_test": oracle_ne(splits["test"], t) for t in ("consume", "engage")},
+        **{f"oracle_ne_{t}_test": oracle_ne(splits["test"], t) for t in batch_schema.tasks},
+        **{f"decoupled_ceiling_ne_{t}_test": ne for t, ne in decoupled_ceiling_ne(splits, components).items()},
     }
     return splits, stats, components
 
@@ -238,7 +288,7 @@ class _World:
         """``[U, c]`` distinct items shown at a request (step 4's slot mix)."""
         u, n = hist_item.shape
         age = (h_len[:, None] - 1 - np.arange(n)[None, :]).astype(np.float64)
-        w = np.where(age >= 0, RECENCY_DECAY ** np.maximum(age, 0), 0.0)
+        w = np.where(age >= 0, _IMPRESSION_DECAY ** np.maximum(age, 0), 0.0)
         cdf = np.cumsum(w, axis=1) / w.sum(axis=1, keepdims=True)
         slot = (rng.random((u, c))[:, :, None] > cdf[:, None, :]).sum(-1)
         src = hist_item[np.arange(u)[:, None], np.minimum(slot, h_len[:, None] - 1)]
@@ -259,25 +309,43 @@ class _World:
     def logits(
         self, users: np.ndarray, hist: dict[str, np.ndarray], h_len: np.ndarray, cand: np.ndarray, sc: Any
     ) -> dict[str, np.ndarray]:
-        """Per-candidate logit parts of step 4 (cross / target parts already scaled by the config weights)."""
+        """Per-candidate logit parts of step 4 (planted parts already scaled by the config weights).
+
+        ``<task>_cross`` = ``<task>_capped`` + ``<task>_last`` (both scaled by ``cross_weight``), so
+        ``base + cross + target`` is the whole logit.
+        """
         n = hist["item"].shape[1]
         valid = np.arange(n)[None, :] < h_len[:, None]
         age = h_len[:, None] - 1 - np.arange(n)[None, :]
         recency = np.where(valid, RECENCY_DECAY ** np.maximum(age, 0), 0.0)
-        same_creator = (hist["creator"][:, None, :] == self.creator[cand][:, :, None]) & valid[:, None, :]
+        cand_creator = self.creator[cand]
+        same_creator = (hist["creator"][:, None, :] == cand_creator[:, :, None]) & valid[:, None, :]
         same_category = (hist["category"][:, None, :] == self.category[cand][:, :, None]) & valid[:, None, :]
         n_creator = same_creator.sum(-1)
         n_engaged_creator = (same_creator & (hist["action"][:, None, :] == 2)).sum(-1)
+        # The creator of the most recent engaged history event (0 = none, which no candidate has).
+        engaged = valid & (hist["action"] == 2)
+        last = n - 1 - np.argmax(engaged[:, ::-1], axis=1)
+        last_creator = np.where(engaged.any(axis=1), hist["creator"][np.arange(cand.shape[0]), last], 0)
+        last_match = cand_creator == last_creator[:, None]
         target = _TARGET_W * (same_category * recency[:, None, :]).sum(-1)
         affinity = _AFFINITY_SCALE * self.affinity(users[:, None], cand)
-        return {
+        capped = sc.cross_weight * sc.capped_count_weight * np.minimum(n_creator, CREATOR_CAP)
+        engage_capped = sc.cross_weight * sc.capped_count_weight * np.minimum(n_engaged_creator, _ENGAGE_CREATOR_CAP)
+        last_w = sc.cross_weight * sc.last_engaged_weight * last_match
+        parts = {
             "consume_base": _CONSUME_BIAS + self.bias[users][:, None] + self.quality[cand] + affinity,
-            "consume_cross": sc.cross_weight * _CROSS_W * np.minimum(n_creator, CREATOR_CAP),
+            "consume_capped": _CROSS_W * capped,
+            "consume_last": _LAST_W * last_w,
             "consume_target": sc.target_aware_weight * target,
             "engage_base": _ENGAGE_BIAS + self.engage_bias[users][:, None] + 0.7 * self.quality[cand] + 0.5 * affinity,
-            "engage_cross": sc.cross_weight * _ENGAGE_CROSS_W * np.minimum(n_engaged_creator, _ENGAGE_CREATOR_CAP),
+            "engage_capped": _ENGAGE_CROSS_W * engage_capped,
+            "engage_last": _ENGAGE_LAST_W * last_w,
             "engage_target": sc.target_aware_weight * _ENGAGE_TARGET_W * target,
         }
+        for task in ("consume", "engage"):
+            parts[f"{task}_cross"] = parts[f"{task}_capped"] + parts[f"{task}_last"]
+        return parts
 
 
 def _pick_in_group(rng: np.random.Generator, members: np.ndarray, start: np.ndarray, group: np.ndarray) -> np.ndarray:
@@ -314,32 +382,3 @@ def _first_in_row(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def oracle_ne(split: dict[str, np.ndarray], task: str) -> float:
-    """Normalized entropy of the true probabilities ``prob_<task>``: the floor for any model on this split."""
-    return normalized_entropy(split[f"label_{task}"], split[f"prob_{task}"], _cand_mask(split))
-
-
-def calibrated_ne(labels: np.ndarray, logits: np.ndarray, mask: np.ndarray, iters: int = 25) -> float:
-    """NE of ``sigmoid(a * logit + b)`` with (a, b) fitted by Newton's method on the same rows.
-
-    Fitting on the evaluation rows makes this an optimistic bound for a predictor restricted to
-    ``logits``; used to show what removing planted terms costs.
-    """
-    y, x = labels[mask].astype(np.float64), logits[mask].astype(np.float64)
-    design = np.stack([x, np.ones_like(x)], axis=1)
-    theta = np.zeros(2)
-    for _ in range(iters):
-        p = _sigmoid(design @ theta)
-        grad = design.T @ (p - y)
-        hess = design.T @ (design * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
-        theta -= np.linalg.solve(hess, grad)
-    return normalized_entropy(y, _sigmoid(design @ theta), np.ones(y.shape, bool))
-
-
-def _cand_mask(split: dict[str, np.ndarray]) -> np.ndarray:
-    c = split["cand_item"].shape[1]
-    return np.arange(c)[None, :] < split["num_candidates"][:, None]

@@ -10,7 +10,7 @@ import pytest
 from gesr_jax.data import synthetic
 from gesr_jax.data.batch import validate_batch
 from gesr_jax.data.config import DataConfig, SyntheticConfig
-from gesr_jax.data.sources import load_splits, schema_for
+from gesr_jax.data.datasets import load_splits, schema_for
 
 SMALL = DataConfig(synthetic=SyntheticConfig(num_users=300, num_items=800, num_creators=60, num_categories=12))
 
@@ -124,7 +124,7 @@ def test_default_size_is_quick_and_signal_is_strong():
 
 
 def test_item_table_matches_the_batches(small):
-    from gesr_jax.data.sources import item_table
+    from gesr_jax.data.datasets import item_table
 
     table = item_table(SMALL)
     test = small[0]["test"]
