@@ -98,12 +98,16 @@ class HardMatching(nnx.Module):
         """Capped match counts of a whole batch, int32 [B, C, P]."""
         return self.counts_from(self.encode(batch), batch)
 
+    def table_rows(self, counts: jax.Array) -> jax.Array:
+        """Row of the shared table for each capped count [..., P]: ``count + p * (M + 1)``."""
+        offsets = jnp.arange(len(self.pairs), dtype=jnp.int32) * (self.max_count + 1)
+        return counts + offsets
+
     def score(
         self, sorted_by_field: Mapping[str, jax.Array], candidates: Batch, *, key: jax.Array | None = None
     ) -> jax.Array:
         counts = self.counts_from(sorted_by_field, candidates)
-        offsets = jnp.arange(len(self.pairs), dtype=jnp.int32) * (self.max_count + 1)
-        e = self.table(counts + offsets)  # [B, C, P, D]
+        e = self.table(self.table_rows(counts))  # [B, C, P, D]
         flat = e.reshape(*e.shape[:-2], -1)
         return self.mlp(flat, key=key)
 

@@ -88,3 +88,16 @@ def test_unknown_pair_field_is_named():
 
     with pytest.raises(ValueError, match=r"model.hma_pairs names 'genre'.*available"):
         GESR(tiny_config(hma_pairs=(("genre", "genre"),)), SCHEMA, rngs=nnx.Rngs(0))
+
+
+def test_every_pair_and_count_has_its_own_table_row():
+    # Stride M + 1: count M of pair p and count 0 of pair p + 1 must not share a row (stride M would).
+    config = tiny_config(hma_pairs=(("item", "item"), ("category", "category"), ("creator", "creator")))
+    hma = HMAComponent.from_config(config, SCHEMA, rngs=nnx.Rngs(0))
+    m, p = config.hma_max_count, 3
+    counts = np.array(np.meshgrid(*[np.arange(m + 1)] * p, indexing="ij")).reshape(p, -1).T  # every combination
+    rows = np.asarray(hma.table_rows(jnp.asarray(counts, jnp.int32)))
+    pairs_and_counts = {(pair, int(c)) for row in counts for pair, c in enumerate(row)}
+    row_of = {(pair, int(c)): int(r) for crow, rrow in zip(counts, rows) for pair, (c, r) in enumerate(zip(crow, rrow))}
+    assert len(set(row_of.values())) == len(pairs_and_counts) == p * (m + 1)
+    assert sorted(row_of.values()) == list(range(hma.table.vocab))

@@ -38,6 +38,13 @@ def test_fp8_quantised_model_is_close_and_smaller():
     float_model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params))
     for path, node in nnx.iter_graph(float_model):
         if path in dequantised:
+            # Independent of Dense's formula: each dequantised weight is the original to within e4m3's
+            # rounding (3 mantissa bits: relative error <= 2^-4, plus the subnormal step 2^-9 of the scale),
+            # and each column's largest weight maps to e4m3's largest value.
+            w = np.asarray(node.kernel[...])
+            scale = np.asarray(dict(nnx.iter_graph(nnx.merge(qgraph, qparams)))[path].kernel_scale[...])
+            np.testing.assert_array_less(np.abs(np.asarray(dequantised[path]) - w), 2**-4 * np.abs(w) + scale * 2**-9 + 1e-12)
+            np.testing.assert_allclose(np.abs(w).max(axis=0), scale * 448.0, rtol=1e-6)
             node.kernel[...] = dequantised[path]
     exact = run(graphdef, nnx.state(float_model), batch)  # same graph as the original: no new compile
     for task in ref:

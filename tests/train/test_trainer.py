@@ -11,6 +11,7 @@ import pytest
 import train_fixtures as fx
 
 from gesr_jax import config as config_lib
+from gesr_jax import metrics as metrics_lib
 from gesr_jax.config import ConfigError
 from gesr_jax.data import pipeline
 from gesr_jax.train import setup as setup_lib
@@ -62,9 +63,24 @@ def test_run_writes_every_output(full_run):
     assert all(np.isfinite(r["loss"]) and "loss/consume" in r and "learning_rate" in r for r in train)
     valid = [r["step"] for r in lines if r["split"] == "valid"]
     assert valid == [6, 12]  # eval_every=6 plus the final pass
+    # The reported metrics are those of the final params, recomputed here from the checkpoint and the labels.
+    api = fx.linear_api()
+    graphdef, template = api.init(fx.tiny_config(), 0, fx.SCHEMA)
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        params = ckpt.restore_params(12, template)
     for split in ("valid", "test"):
-        for key in ("ne", "auc", "gauc", "logloss", "oracle_ne"):
-            assert 0 < results[split][f"consume/{key}"] < 2, (split, key)
+        arrays = getattr(SPLITS, split)
+        logits = api.apply(graphdef, params, arrays)
+        mask = np.arange(arrays["cand_item"].shape[1])[None, :] < arrays["num_candidates"][:, None]
+        for task in fx.SCHEMA.tasks:
+            labels, scores = arrays[f"label_{task}"], np.asarray(logits[task])
+            expect = {
+                "ne": metrics_lib.normalized_entropy(labels, scores, mask, logits=True),
+                "auc": metrics_lib.auc(labels, scores, mask),
+                "oracle_ne": metrics_lib.normalized_entropy(labels, arrays[f"prob_{task}"], mask),
+            }
+            for key, value in expect.items():
+                assert results[split][f"{task}/{key}"] == pytest.approx(value, rel=1e-5), (split, task, key)
     assert results["valid"]["num_examples"] == SPLITS.valid["num_candidates"].sum()
     assert json.loads((workdir / "results.json").read_text())["test"]["loss"] == pytest.approx(results["test"]["loss"])
     assert (workdir / "plots" / "loss.png").stat().st_size > 1000
