@@ -24,12 +24,14 @@ dropping it would hide that. A movie (or user) listed twice in its side file is 
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import functools
 import io
 import pathlib
 import re
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -131,13 +133,13 @@ def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
         raise DataFormatError(f"MovieLens folder {root} does not exist or is not a folder")
-    directors = root / DIRECTOR_FILE
-    directors_or_none = directors if directors.is_file() else None
+    def optional(name: str | pathlib.Path) -> pathlib.Path | None:
+        return root / name if (root / name).is_file() else None
+
     if (root / "u.data").is_file():
         _require(root, "u.item", "100k")
-        users = root / "u.user"
         return MovieLensFiles(
-            "100k", root, root / "u.data", root / "u.item", users if users.is_file() else None, None, directors_or_none
+            "100k", root, root / "u.data", root / "u.item", optional("u.user"), None, optional(DIRECTOR_FILE)
         )
     dat = sorted(root.glob("ratings*.dat"))
     if dat:
@@ -146,21 +148,13 @@ def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
         if len(dat) > 1:
             raise DataFormatError(f"{root} holds several ratings files {[p.name for p in dat]}; keep exactly one")
         _require(root, "movies.dat", "dat")
-        users = root / "users.dat"
         return MovieLensFiles(
-            "dat", root, dat[0], root / "movies.dat", users if users.is_file() else None, None, directors_or_none
+            "dat", root, dat[0], root / "movies.dat", optional("users.dat"), None, optional(DIRECTOR_FILE)
         )
     if (root / "ratings.csv").is_file():
         _require(root, "movies.csv", "csv")
-        tags = root / "tags.csv"
         return MovieLensFiles(
-            "csv",
-            root,
-            root / "ratings.csv",
-            root / "movies.csv",
-            None,
-            tags if tags.is_file() else None,
-            directors_or_none,
+            "csv", root, root / "ratings.csv", root / "movies.csv", None, optional("tags.csv"), optional(DIRECTOR_FILE)
         )
     inner = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "extra")
     hint = f"; it has subfolders {inner} - point data.path at one of them" if inner else ""
@@ -227,12 +221,11 @@ def _count_rows(path: pathlib.Path) -> int:
 def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     path, fmt = files.ratings, files.format
     text = _read_text(path, "utf-8" if fmt == "csv" else "latin-1")
-    header = 0
-    if fmt == "csv":
+    header = int(fmt == "csv")
+    if header:
         first, _, text = text.partition("\n")
         if first.strip().split(",")[:4] != ["userId", "movieId", "rating", "timestamp"]:
             raise DataFormatError(f"{path}:1: expected the header 'userId,movieId,rating,timestamp', got {first!r}")
-        header = 1
     sep = {"dat": "::", "100k": "\t", "csv": ","}[fmt]
     if not text.strip():
         raise DataFormatError(f"{path} holds no ratings")
@@ -240,29 +233,24 @@ def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.nda
     if blank is not None:
         line = text.count("\n", 0, blank.end() - 1) + 1 + header
         raise DataFormatError(f"{path}:{line}: empty line inside the ratings")
-    bad = _rating_line(sep).search(text)  # one C-speed pass; loadtxt alone would read 1e2 as 100
+    # One C-speed regex pass over the text: np.loadtxt alone would read "1e2" as 100 and "3.0" as 3.
+    bad = _rating_line(sep).search(text)
     if bad is not None:
-        _explain(path, text.count("\n", 0, bad.start()) + 1 + header, text[bad.start() :].split("\n", 1)[0], sep)
+        line = text[bad.start() :].split("\n", 1)[0]
+        problem = _problem(line, sep) or f"malformed ratings line {line!r}"
+        raise DataFormatError(f"{path}:{text.count(chr(10), 0, bad.start()) + 1 + header}: {problem}")
     body = text.replace("::", "\t") if fmt == "dat" else text
     try:
         table = np.loadtxt(io.StringIO(body), delimiter="\t" if fmt != "csv" else ",", dtype=np.float64, ndmin=2)
-    except ValueError as err:
-        _diagnose(path, text, sep, header)
-        raise DataFormatError(f"{path}: could not parse the ratings ({err})") from None
-    if table.shape[1] != 4:
-        _diagnose(path, text, sep, header)
-        raise DataFormatError(f"{path}: expected 4 fields per line, found {table.shape[1]}")
+    except ValueError as err:  # a rating that is not a number: find its line (slow, only on failure)
+        lines = enumerate(text.split("\n"), start=1 + header)
+        found = next((f"{path}:{n}: {p}" for n, line in lines if line and (p := _problem(line, sep))), None)
+        raise DataFormatError(found or f"{path}: could not parse the ratings ({err})") from None
     user, item, rating, ts = table.T
     for col, name in ((user, "user id"), (item, "movie id")):
-        _check_rows(
-            path, header, (col >= 1) & (col == np.round(col)) & (col < 2**31), f"{name} is not a positive integer"
-        )
-    _check_rows(
-        path,
-        header,
-        (ts >= 0) & (ts <= MAX_TIMESTAMP) & (ts == np.round(ts)),
-        f"bad timestamp (expected integer unix seconds in [0, {MAX_TIMESTAMP}])",
-    )
+        _check_rows(path, header, (col >= 1) & (col < 2**31), f"{name} is not a positive integer")
+    ts_ok = (ts >= 0) & (ts <= MAX_TIMESTAMP)
+    _check_rows(path, header, ts_ok, f"bad timestamp (expected integer unix seconds in [0, {MAX_TIMESTAMP}])")
     if fmt == "csv":
         valid = (rating >= 0.5) & (rating <= 5) & (rating * 2 == np.round(rating * 2))
         _check_rows(path, header, valid, "rating is not a half star in 0.5..5")
@@ -299,35 +287,22 @@ def _rating_line(sep: str) -> re.Pattern[str]:
     return re.compile(rf"^(?!{_ID}{s}{_ID}{s}{rating}{s}{_TIMESTAMP}$)(?=.)", re.M | re.ASCII)
 
 
-def _explain(path: pathlib.Path, number: int, line: str, sep: str) -> None:
-    """Raise a DataFormatError saying what is wrong with one ratings line."""
+def _problem(line: str, sep: str) -> str | None:
+    """What is wrong with one ratings line, or None when its fields look right."""
     fields = line.split(sep)
     if len(fields) != 4:
-        raise DataFormatError(f"{path}:{number}: expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}")
+        return f"expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}"
     for name, value in zip(("user id", "movie id", "rating", "timestamp"), fields):
         try:
             float(value)
         except ValueError:
-            raise DataFormatError(f"{path}:{number}: {name} {value!r} is not a number") from None
-    for name, value, pattern in (("user id", fields[0], _ID), ("movie id", fields[1], _ID)):
-        if not re.fullmatch(pattern, value, re.ASCII):
-            raise DataFormatError(f"{path}:{number}: {name} is not a positive integer: {value!r}")
+            return f"{name} {value!r} is not a number"
+    for name, value in (("user id", fields[0]), ("movie id", fields[1])):
+        if not re.fullmatch(_ID, value, re.ASCII):
+            return f"{name} is not a positive integer: {value!r}"
     if not re.fullmatch(_TIMESTAMP, fields[3], re.ASCII):
-        raise DataFormatError(
-            f"{path}:{number}: bad timestamp {fields[3]!r} (expected integer unix seconds in [0, {MAX_TIMESTAMP}])"
-        )
-    raise DataFormatError(f"{path}:{number}: malformed ratings line {line!r}")
-
-
-def _diagnose(path: pathlib.Path, text: str, sep: str, header: int) -> None:
-    """Slow pass over the rows after a vectorised parse failed: raise naming the first bad line."""
-    for number, line in enumerate(text.split("\n"), start=1 + header):
-        if line.strip():
-            try:
-                _explain(path, number, line, sep)
-            except DataFormatError as err:
-                if "malformed ratings line" not in str(err):
-                    raise
+        return f"bad timestamp {fields[3]!r} (expected integer unix seconds in [0, {MAX_TIMESTAMP}])"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- side files
@@ -350,17 +325,13 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
             raise DataFormatError(f"{path}:1: expected the header 'movieId,title,genres'")
         numbered = [(n, r) for n, r in numbered[1:] if r]
     else:
-        lines = _read_text(path, "latin-1").split("\n")
-        sep = "::" if fmt == "dat" else "|"
-        numbered = [(n, line.split(sep)) for n, line in enumerate(lines, start=1) if line.strip()]
+        numbered = list(_numbered_lines(path, "latin-1", "::" if fmt == "dat" else "|"))
     expected = 3 if fmt != "100k" else 24
     for number, fields in numbered:
         if len(fields) != expected:
             raise DataFormatError(f"{path}:{number}: expected {expected} fields, found {len(fields)}")
         movie = _int_field(path, number, fields[0], "movie id")
-        if movie in listed_on:
-            raise DataFormatError(f"{path}:{number}: movie id {movie} is listed twice (lines {listed_on[movie]} and {number})")
-        listed_on[movie] = number
+        _list_once(path, listed_on, movie, number, "movie id")
         if fmt == "100k":
             flags = fields[5:]
             if any(v not in ("0", "1") for v in flags):
@@ -381,20 +352,14 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
 def _read_directors(path: pathlib.Path, num_items: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """Director rank per movie (1 = director with most movies; ties by name); the first of several credited."""
     by_movie: dict[int, str] = {}
-    lines = _read_text(path, "utf-8").split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        fields = line.split("::")
+    for number, fields in _numbered_lines(path, "utf-8", "::"):
         if len(fields) != 11:
             raise DataFormatError(f"{path}:{number}: expected 11 fields separated by '::', found {len(fields)}")
         movie = _int_field(path, number, fields[0], "movie id")
         name = fields[6].split(",")[0].strip()
         if name and name != "N/A" and movie <= num_items:
             by_movie[movie] = name
-    counts: dict[str, int] = {}
-    for name in by_movie.values():
-        counts[name] = counts.get(name, 0) + 1
+    counts = collections.Counter(by_movie.values())
     names = tuple(sorted(counts, key=lambda n: (-counts[n], n)))
     rank = {n: r for r, n in enumerate(names, start=1)}
     director = np.zeros(num_items + 1, np.int32)
@@ -410,19 +375,13 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
     sep, n_fields = ("::", 5) if files.format == "dat" else ("|", 5)
     rows: list[tuple[int, int, int, int]] = []
     listed_on: dict[int, int] = {}
-    lines = _read_text(path, "latin-1").split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        fields = line.split(sep)
+    for number, fields in _numbered_lines(path, "latin-1", sep):
         if len(fields) != n_fields:
             raise DataFormatError(
                 f"{path}:{number}: expected {n_fields} fields separated by {sep!r}, found {len(fields)}"
             )
         user = _int_field(path, number, fields[0], "user id")
-        if user in listed_on:
-            raise DataFormatError(f"{path}:{number}: user id {user} is listed twice (lines {listed_on[user]} and {number})")
-        listed_on[user] = number
+        _list_once(path, listed_on, user, number, "user id")
         if files.format == "dat":
             gender, age, occ = fields[1], _int_field(path, number, fields[2], "age"), fields[3]
             if age not in AGE_CODES_1M:
@@ -449,6 +408,20 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
         arr[table[:, 0]] = table[:, col]
         out[name] = arr
     return out
+
+
+def _numbered_lines(path: pathlib.Path, encoding: str, sep: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every non-blank line of a side file."""
+    for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
+        if line.strip():
+            yield number, line.split(sep)
+
+
+def _list_once(path: pathlib.Path, seen: dict[int, int], key: int, number: int, what: str) -> None:
+    """Note that ``key`` is listed on line ``number``; a second listing is an error naming both lines."""
+    if key in seen:
+        raise DataFormatError(f"{path}:{number}: {what} {key} is listed twice (lines {seen[key]} and {number})")
+    seen[key] = number
 
 
 def _int_field(path: pathlib.Path, number: int, value: str, name: str) -> int:

@@ -40,7 +40,7 @@ MOVIELENS_USER_FEATURES: tuple[tuple[str, int], ...] = (
     ("age", len(movielens.AGE_CODES_1M) + 1),
     ("occupation", len(movielens.OCCUPATIONS_100K) + 1),
 )
-_CACHE_VERSION = 1  # bump when the request construction changes, so stale caches are not reused
+_CACHE_VERSION = 2  # bump when parsing or request construction changes, so stale caches are not reused
 
 
 def movielens_item_features(data_config: DataConfig, has_directors: bool) -> tuple[tuple[str, int], ...]:

@@ -1,26 +1,92 @@
-"""One Orbax ``CheckpointManager`` holding everything a run needs to resume exactly.
+"""One Orbax ``CheckpointManager`` holding everything a run needs to resume exactly, and checked on restore.
 
 Each checkpoint step in ``<workdir>/checkpoints/<step>/`` has four items:
 
 * ``params``: the model's ``nnx.State`` (sharded arrays, restored onto the current mesh),
 * ``opt_state``: the optax state,
-* ``step``: ``{"step": int, "metadata": {...}}`` as JSON, readable without JAX (the trainer keeps
-  its not-yet-logged train metrics there, so a resumed run logs exactly what an uninterrupted one does),
+* ``step``: ``{"step": int, "metadata": {...}, "integrity": {...}}`` as JSON, readable without JAX (the
+  trainer keeps its not-yet-logged train metrics in ``metadata``, so a resumed run logs exactly what an
+  uninterrupted one does),
 * ``data_iterator``: the grain iterator state, written by grain's own Orbax handler
   (``process_<i>-of-<n>.json``, one file per host).
 
 Saving is asynchronous for the arrays; the iterator state is captured during the blocking part of
 ``save``, so it always matches the saved step.
+
+**Integrity.** Orbax 0.12.4 has no content check of its own (the zarr3 ``crc32c`` codec covers only the
+shard index, and the default layout is OCDBT + zarr2 + zstd): 64 flipped bytes in an array file restore
+without any error as wrong numbers. So :meth:`Checkpointer.save` records, at save time and from host copies,
+the shape, dtype and sha256 of every leaf of ``params`` and ``opt_state`` plus a sha256 of the iterator
+state, in the ``step`` item's ``integrity`` field. It lives in the step itself rather than in a file
+written afterwards: Orbax writes a step into a temporary folder and renames it into place once every
+item is on disk, so a step is visible with its checksums or not at all (there is no window in which a
+finished step lacks them). A step whose ``integrity`` is absent was written by an older version; it
+still restores, with a :class:`CheckpointWarning` that it is unverified.
+
+Restoring a step first compares the recorded leaf paths, shapes and dtypes with the templates built
+from the current config (a difference is a :class:`CheckpointMismatchError`), then restores and
+compares checksums; anything that fails after the structure matched (unreadable files, bad JSON,
+missing manifests, wrong bytes, non-finite values) is a :class:`CheckpointCorruptError`. Both are
+:class:`CheckpointError`, one line each. :meth:`Checkpointer.restore_latest_intact` and
+:meth:`Checkpointer.restore_params_latest_intact` fall back from a corrupt step to the next older one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import pathlib
+import shutil
+import warnings
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+INTEGRITY_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used: missing, corrupt, or not matching this config (a usage error)."""
+
+
+class CheckpointNotFoundError(CheckpointError, ValueError):
+    """The requested step is not in the checkpoint folder (a ValueError, as it was before)."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The saved tree differs from the model/optimizer built from this config (paths, shapes, dtypes)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A step's files are damaged or unreadable; the message is one line naming step, folder and what.
+
+    ``step`` is the corrupt step (``None`` when every step was) and ``reason`` the "what" part alone.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.step, self.reason = step, reason or message
+
+
+class CheckpointWarning(UserWarning):
+    """A step was skipped as corrupt, or restored without checksums (written before they existed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What :meth:`Checkpointer.restore_latest_intact` returns."""
+
+    params: Any
+    opt_state: Any
+    step: int
+    metadata: dict[str, Any]
+    skipped: tuple[int, ...]  # newer steps found corrupt and passed over, newest first
 
 
 def _abstract(tree: Any) -> Any:
@@ -28,13 +94,77 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-class Checkpointer:
-    """Saves and restores (params, opt_state, step, data iterator) under one directory."""
+def _host(x: Any) -> np.ndarray:
+    """A full host copy of one leaf; arrays spread over several hosts are gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3):
+
+def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key path: (shape, dtype)}`` of every leaf of ``tree`` (arrays or shape/dtype structs)."""
+    return {
+        jax.tree_util.keystr(path): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def tree_digest(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{key path: {"shape", "dtype", "sha256"}}`` of every leaf, hashed from a host copy of its bytes."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        host = np.asarray(_host(leaf), order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+        out[jax.tree_util.keystr(path)] = {
+            "shape": list(host.shape),
+            "dtype": str(host.dtype),
+            "sha256": hashlib.sha256(host.tobytes()).hexdigest(),
+        }
+    return out
+
+
+def _iterator_digest(data_iterator: grain.DatasetIterator) -> str:
+    return hashlib.sha256(json.dumps(data_iterator.get_state(), sort_keys=True).encode()).hexdigest()
+
+
+def count_nonfinite(tree: Any) -> int:
+    """Number of NaN/Inf values over the floating-point leaves of ``tree`` (one scalar pulled to host)."""
+    counts = [
+        jnp.sum(~jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return sum(int(c) for c in jax.device_get(counts))  # one transfer for all leaves
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating-point value of ``tree`` is finite (the trainer saves only such params)."""
+    return count_nonfinite(tree) == 0
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message``, without TensorStore's spec dump, at most ~300 characters."""
+    text = str(err)
+    for noise in (" See full TensorStore details", " [tensorstore_spec"):  # multi-kilobyte spec dumps
+        text = text.split(noise)[0]
+    text = text.strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 300 else line[:297] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+class Checkpointer:
+    """Saves and restores (params, opt_state, step, data iterator) under one directory, with checksums."""
+
+    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3, cleanup_partial: bool = False):
+        """``cleanup_partial=True`` deletes Orbax's ``<step>.orbax-checkpoint-tmp-*`` folders of saves that a kill
+        cut short. Only a process that holds the workdir lock may ask for it: an ``eval`` opened beside a
+        running training would otherwise delete the save in progress.
+        """
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_partial
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if cleanup_partial:  # Orbax runs it in the background and awaits it only in save(); finish it now
+            getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -53,11 +183,19 @@ class Checkpointer:
         """Start saving step ``step``; array writes finish in the background (see :meth:`wait`).
 
         ``metadata`` (JSON-serialisable) is stored beside the step number and returned by :meth:`restore`.
+        The checksums are computed here, synchronously, from host copies of the arrays being saved
+        (one device-to-host copy of params and optimizer state per save).
         """
+        integrity = {
+            "version": INTEGRITY_VERSION,
+            "params": tree_digest(params),
+            "opt_state": tree_digest(opt_state),
+            "data_iterator": _iterator_digest(data_iterator),
+        }
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            step=ocp.args.JsonSave({"step": int(step), "metadata": metadata or {}}),
+            step=ocp.args.JsonSave({"step": int(step), "metadata": metadata or {}, "integrity": integrity}),
             data_iterator=grain.checkpoint.CheckpointSave(data_iterator),
         )
         self._manager.save(step, args=args, force=True)
@@ -65,36 +203,86 @@ class Checkpointer:
     def restore(
         self, step: int, *, params: Any, opt_state: Any, data_iterator: grain.DatasetIterator
     ) -> tuple[Any, Any, int, dict[str, Any]]:
-        """Restore step ``step`` onto the layout of the given ``params``/``opt_state`` templates.
+        """Restore and verify step ``step`` onto the layout of the given ``params``/``opt_state`` templates.
 
         Returns ``(params, opt_state, step, metadata)``; ``data_iterator`` is rewound in place to
-        where it was when the step was saved.
+        where it was when the step was saved. Raises :class:`CheckpointNotFoundError`,
+        :class:`CheckpointMismatchError` or :class:`CheckpointCorruptError`.
         """
+        templates = {"params": params, "opt_state": opt_state}
+        meta = self._check_structure(step, templates)
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-            step=ocp.args.JsonRestore(),
             data_iterator=grain.checkpoint.CheckpointRestore(data_iterator),
         )
-        restored = self._restore(step, args)
-        meta = restored["step"]
+        restored = self._restore_verified(step, args, meta, templates, data_iterator)
         return restored["params"], restored["opt_state"], int(meta["step"]), dict(meta.get("metadata", {}))
 
     def restore_params(self, step: int, params: Any) -> Any:
-        """Restore only the parameters of step ``step`` (for evaluation)."""
-        restored = self._restore(step, ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params))))
-        return restored["params"]
+        """Restore and verify only the parameters of step ``step`` (for evaluation); errors as :meth:`restore`."""
+        meta = self._check_structure(step, {"params": params})
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)))
+        return self._restore_verified(step, args, meta, {"params": params}, None)["params"]
 
-    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
-        if step not in self._manager.all_steps():
-            raise ValueError(f"no checkpoint for step {step} in {self.directory}; steps there: {self.all_steps()}")
-        try:
-            return self._manager.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"checkpoint step {step} in {self.directory} does not match the model and optimizer built from "
-                f"this config ({type(err).__name__}: {err})"
-            ) from err
+    def restore_latest_intact(
+        self,
+        *,
+        params: Any,
+        opt_state: Any,
+        data_iterator: grain.DatasetIterator,
+        strict: bool = False,
+        quarantine: bool = False,
+    ) -> Restored | None:
+        """Restore the newest step that verifies, falling back past corrupt ones; ``None`` when there are no steps.
+
+        Each corrupt step gives a :class:`CheckpointWarning` ("checkpoint step 400 in DIR is corrupt: ...;
+        falling back to step 300"). ``strict=True`` raises the first :class:`CheckpointCorruptError`
+        instead. A :class:`CheckpointMismatchError` is raised at once (an older step would not match
+        either). When every step is corrupt, raises :class:`CheckpointCorruptError` and leaves
+        ``data_iterator`` where it was. ``quarantine=True`` moves each corrupt step out of the folder
+        (see :meth:`quarantine`): a training run must do so, or re-saving that step number later fails
+        and ``latest_step()`` keeps pointing at it; evaluation should leave the workdir as it is.
+        """
+        initial_state = data_iterator.get_state()
+
+        def attempt(step: int) -> Restored:
+            p, o, s, m = self.restore(step, params=params, opt_state=opt_state, data_iterator=data_iterator)
+            return Restored(p, o, s, m, ())
+
+        result = self._newest_intact(attempt, strict, quarantine)
+        if isinstance(result, CheckpointCorruptError):
+            data_iterator.set_state(initial_state)  # a failed attempt may have rewound it already
+            raise result
+        return result
+
+    def restore_params_latest_intact(
+        self, params: Any, *, strict: bool = False, quarantine: bool = False
+    ) -> tuple[int, Any] | None:
+        """``(step, params)`` of the newest step whose params verify; fallback as :meth:`restore_latest_intact`."""
+
+        def attempt(step: int) -> Restored:
+            return Restored(self.restore_params(step, params), None, step, {}, ())
+
+        result = self._newest_intact(attempt, strict, quarantine)
+        if isinstance(result, CheckpointCorruptError):
+            raise result
+        return None if result is None else (result.step, result.params)
+
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Move step ``step`` to ``<directory>.corrupt/<step>`` (kept for inspection, out of Orbax's sight)."""
+        target_root = self.directory.with_name(self.directory.name + ".corrupt")
+        target = target_root / str(step)
+        n = 1
+        while target.exists():
+            target, n = target_root / f"{step}-{n}", n + 1
+        if jax.process_index() == 0:
+            target_root.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"gesr_checkpoint_quarantine_{step}")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until every pending save is on disk."""
@@ -108,3 +296,129 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _newest_intact(self, attempt: Any, strict: bool, quarantine: bool) -> Restored | CheckpointCorruptError | None:
+        """Run ``attempt(step)`` from the newest step down; the first success, the final error, or None."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None
+        skipped: list[int] = []
+        reasons: list[str] = []
+        for i, step in enumerate(steps):
+            try:
+                result = attempt(step)
+            except CheckpointCorruptError as err:
+                if strict:
+                    raise
+                skipped.append(step)
+                reasons.append(f"step {step}: {err.reason}")
+                older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older step is left"
+                warnings.warn(f"{err}; {older}", CheckpointWarning, stacklevel=3)
+                if quarantine:
+                    moved = self.quarantine(step)
+                    warnings.warn(f"moved corrupt checkpoint step {step} to {moved}", CheckpointWarning, stacklevel=3)
+                continue
+            return dataclasses.replace(result, skipped=tuple(skipped))
+        return CheckpointCorruptError(
+            f"every checkpoint in {self.directory} is corrupt ({'; '.join(reasons)}); use a new --workdir or "
+            "remove the checkpoints to start over",
+            reason="; ".join(reasons),
+        )
+
+    def _corrupt(self, step: int, what: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"checkpoint step {step} in {self.directory} is corrupt: {what}", step=step, reason=what
+        )
+
+    def _check_structure(self, step: int, templates: dict[str, Any]) -> dict[str, Any]:
+        """Read the step's JSON item and compare its recorded trees with ``templates``; return that JSON."""
+        if step not in self._manager.all_steps():
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; steps there: {self.all_steps()}"
+            )
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(step=ocp.args.JsonRestore()))["step"]
+            if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+                raise ValueError(f"expected an object with an integer 'step', got {str(meta)[:80]!r}")
+        except Exception as err:  # noqa: BLE001 - any failure to read the step record is damage
+            raise self._corrupt(step, f"its step record is unreadable ({_one_line(err)})") from err
+        integrity = meta.get("integrity")
+        if integrity is None:
+            warnings.warn(
+                f"checkpoint step {step} in {self.directory} has no checksums (written by an older version); "
+                "restoring it unverified",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+            for name, template in templates.items():
+                self._compare(step, name, self._orbax_specs(step, name), leaf_specs(template), by_path=False)
+            return meta
+        try:
+            saved = {n: {k: (tuple(v["shape"]), v["dtype"], v["sha256"])[:2] for k, v in integrity[n].items()}
+                     for n in templates}  # fmt: skip
+        except (KeyError, TypeError, AttributeError) as err:
+            raise self._corrupt(step, f"its checksum record is malformed ({_one_line(err)})") from err
+        for name, template in templates.items():
+            self._compare(step, name, saved[name], leaf_specs(template), by_path=True)
+        return meta
+
+    def _orbax_specs(self, step: int, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Leaf specs from Orbax's own metadata (for steps without our record)."""
+        try:
+            tree = ocp.StandardCheckpointer().metadata(self.directory / str(step) / name).item_metadata
+            return leaf_specs(tree)
+        except Exception as err:  # noqa: BLE001
+            raise self._corrupt(step, f"the metadata of {name!r} is unreadable ({_one_line(err)})") from err
+
+    def _compare(self, step: int, name: str, saved: dict, current: dict, *, by_path: bool) -> None:
+        if by_path:
+            diff = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+            if not diff:
+                return
+            k = diff[0]
+            detail = f"{name}{k}: saved {_spec(saved.get(k))}, this config {_spec(current.get(k))}"
+            if len(diff) > 1:
+                detail += f" (and {len(diff) - 1} more)"
+        else:  # Orbax's key paths are spelled differently; compare the multiset of shapes instead
+            if sorted(saved.values()) == sorted(current.values()):
+                return
+            detail = f"{name}: saved {len(saved)} arrays, this config {len(current)} with different shapes/dtypes"
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} does not match the model and optimizer built from "
+            f"this config ({detail})"
+        )
+
+    def _restore_verified(
+        self,
+        step: int,
+        args: ocp.args.Composite,
+        meta: dict[str, Any],
+        templates: dict[str, Any],
+        data_iterator: grain.DatasetIterator | None,
+    ) -> Any:
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as err:  # noqa: BLE001 - the structure matched, so a failure here is damage
+            raise self._corrupt(step, f"restoring it failed ({_one_line(err)})") from err
+        integrity = meta.get("integrity")
+        for name in templates:
+            if integrity is not None:
+                got = tree_digest(restored[name])
+                bad = [k for k, v in integrity[name].items() if got.get(k, {}).get("sha256") != v.get("sha256")]
+                if bad:
+                    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                    raise self._corrupt(step, f"checksum mismatch in {name}{bad[0]}{more}")
+            nonfinite = count_nonfinite(restored[name])
+            if nonfinite:
+                raise self._corrupt(step, f"{name} holds {nonfinite} NaN/Inf values")
+        # The record holds the primary host's iterator digest only (each host has its own state file).
+        if data_iterator is not None and integrity is not None and jax.process_count() == 1:
+            if _iterator_digest(data_iterator) != integrity.get("data_iterator"):
+                raise self._corrupt(step, "checksum mismatch in the data iterator state")
+        return restored
+
+
+def _spec(spec: tuple[tuple[int, ...], str] | None) -> str:
+    return "nothing" if spec is None else f"{spec[1]}{list(spec[0])}"

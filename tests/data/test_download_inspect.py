@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import http.server
 import json
+import os
 import threading
 import zipfile
 
@@ -31,6 +33,7 @@ def served(tmp_path):
         for path in sorted(folder.iterdir()):
             zf.write(path, f"ml-100k/{path.name}")
     (site / "ml-1m.zip").write_bytes(b"this is not a zip")
+    (site / "ml-10m.zip").write_bytes(archive.read_bytes())  # served cut short, see _QuietHandler
     handler = functools.partial(_QuietHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -47,8 +50,18 @@ def served(tmp_path):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the site folder; ml-10m.zip announces its full Content-Length but the body stops halfway."""
+
     def log_message(self, *args):  # keep pytest output clean
         pass
+
+    def copyfile(self, source, outputfile):
+        if self.path.endswith("/ml-10m.zip"):
+            data = source.read()
+            outputfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().copyfile(source, outputfile)
 
 
 def _leftovers(folder):
@@ -123,7 +136,8 @@ def test_inspect_reports_counts_and_skipped_users(tmp_path, capsys):
     expected_skipped = sum(n < 4 + 10 for n in per_user.values())
     assert report["skipped_users"] == expected_skipped > 0
     assert report["requests"]["skipped_users"] >= expected_skipped
-    assert report["requests"]["requests_test"] == log.num_users - report["requests"]["skipped_users"]
+    # Every user with a request is counted once, whichever split (global time) its requests fell in.
+    assert report["requests"]["users_with_requests"] == log.num_users - report["requests"]["skipped_users"]
 
 
 def test_inspect_bad_input_exits_nonzero(tmp_path, capsys):
@@ -145,3 +159,46 @@ def test_inspect_shared_movielens(shared_data, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["format"], report["ratings"], report["users"]) == ("dat", 487650, 2999)
     assert report["directors"] > 2000 and report["user_features"] == ["age", "gender", "occupation"]
+
+
+def test_a_body_cut_short_is_reported_as_incomplete(served, tmp_path):
+    base_url, _ = served
+    dest = tmp_path / "datasets"
+    size = (tmp_path / "site" / "ml-10m.zip").stat().st_size
+    with pytest.raises(download.DownloadError, match=rf"incomplete download: got {size // 2} of {size} bytes from "):
+        download.download("ml-10m", dest, verify=False, base_url=base_url, log=lambda m: None)
+    assert _leftovers(dest) == []
+
+
+def test_partial_folders_of_killed_runs_are_removed_but_live_ones_kept(served, tmp_path):
+    base_url, sha = served
+    dest = tmp_path / "datasets"
+    killed = dest / ".ml-100k-partial-abc123"  # what a SIGKILL-ed run leaves (older runs had no .lock)
+    (killed / "unpacked").mkdir(parents=True)
+    (killed / "ml-100k.zip").write_bytes(b"half")
+    live = dest / ".ml-1m-partial-xyz"  # a download still running in another process
+    live.mkdir()
+    fd = os.open(live / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file description: counts as another holder
+    other = dest / "my-notes"  # not ours: never touched
+    other.mkdir()
+    messages = []
+    try:
+        download.download("ml-100k", dest, sha256=sha, base_url=base_url, log=messages.append, progress=False)
+    finally:
+        os.close(fd)
+    assert _leftovers(dest) == [".ml-1m-partial-xyz", "ml-100k", "my-notes"]
+    assert any(f"removed {killed}, a partial download" in m for m in messages)
+    assert download.remove_partial_downloads(dest) == [live]  # once its holder is gone
+
+
+def test_progress_bar_on_a_terminal_log_lines_otherwise(served, tmp_path, capsys):
+    base_url, sha = served
+    size = (tmp_path / "site" / "ml-100k.zip").stat().st_size
+    messages = []
+    download.download("ml-100k", tmp_path / "a", sha256=sha, base_url=base_url, log=messages.append, progress=False)
+    assert capsys.readouterr().err == ""
+    assert messages[0].startswith("downloading ") and f"downloaded {size} bytes; sha256 {sha}" in messages[1]
+    download.download("ml-100k", tmp_path / "b", sha256=sha, base_url=base_url, log=lambda m: None, progress=True)
+    bar = capsys.readouterr().err
+    assert "ml-100k.zip" in bar and "100%" in bar

@@ -69,6 +69,8 @@ def test_ratings_file_found_by_pattern(tmp_path):
         ("3::17::4::99999999999", "bad timestamp"),
         ("3::17.5::4::1000000000", "movie id is not a positive integer"),
         ("3::17::9::1000000000", "rating is not an integer in 1..5"),
+        ("3::17::abc::1000000000", "rating 'abc' is not a number"),
+        ("3::17::4::1000000000.5", "bad timestamp '1000000000.5'"),
         ("3::999::4::1000000000", "movie id not listed in movies.dat"),
         ("99::17::4::1000000000", "user id not listed in users.dat"),
         ("", "empty line"),
@@ -123,3 +125,98 @@ def test_missing_and_unknown_folders(tmp_path):
     (empty / "ratings.dat").write_text("")
     with pytest.raises(DataFormatError, match="holds no ratings"):
         load_interactions(empty)
+
+
+def _insert_line(path, index, line, encoding="latin-1"):
+    lines = path.read_text(encoding=encoding).splitlines()
+    lines.insert(index, line)
+    path.write_text("\n".join(lines) + "\n", encoding=encoding)
+
+
+@pytest.mark.parametrize("value", ["1e2", "3.0", "abc", "+3", "0x1f"])
+@pytest.mark.parametrize("column", ["user id", "movie id"])
+def test_non_integer_ids_are_refused_not_read_as_numbers(tmp_path, value, column):
+    root = write_csv(tmp_path, random_log(half_stars=True))
+    line = f"{value},17,4.0,1000000000" if column == "user id" else f"3,{value},4.0,1000000000"
+    _insert_line(root / "ratings.csv", 5, line, encoding="utf-8")  # line 6 (after the header)
+    problem = "is not a number" if value in ("abc", "0x1f") else "is not a positive integer"
+    with pytest.raises(DataFormatError, match=rf"ratings\.csv:6: {column} .*{problem}.*") as info:
+        load_interactions(root)
+    assert repr(value) in str(info.value)
+
+
+def test_non_integer_timestamps_are_refused(tmp_path):
+    root = write_dat(tmp_path, random_log())
+    _insert_line(root / "ratings.dat", 2, "3::17::4::1e9")
+    with pytest.raises(DataFormatError, match=r"ratings\.dat:3: bad timestamp '1e9'"):
+        load_interactions(root)
+
+
+def test_duplicate_ratings_name_both_lines(tmp_path):
+    log = random_log()
+    root = write_dat(tmp_path, log)
+    path = root / "ratings.dat"
+    lines = path.read_text().splitlines()
+    lines.insert(20, lines[3])  # line 4 again as line 21
+    path.write_text("\n".join(lines) + "\n")
+    u, i, _, t = lines[3].split("::")
+    expected = rf"ratings\.dat:21: duplicate rating: user {u} rated movie {i} at timestamp {t} already on line 4"
+    with pytest.raises(DataFormatError, match=expected):
+        load_interactions(root)
+    # The same user and movie at another time is a re-rating, not a duplicate.
+    lines[20] = f"{u}::{i}::3::{int(t) + 1}"
+    path.write_text("\n".join(lines) + "\n")
+    assert load_interactions(root).user.size == log.user.size + 1
+
+
+@pytest.mark.parametrize(
+    ("writer", "name", "header"),
+    [(write_dat, "movies.dat", 0), (write_100k, "u.item", 0), (write_csv, "movies.csv", 1)],
+)
+def test_a_movie_listed_twice_names_both_lines(tmp_path, writer, name, header):
+    root = writer(tmp_path, random_log(half_stars=writer is write_csv))
+    path = root / name
+    lines = path.read_text(encoding="latin-1").splitlines()
+    lines.append(lines[header + 2])  # movie 3 again, at the end
+    path.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    expected = rf"{name}:{len(lines)}: movie id 3 is listed twice \(lines {header + 3} and {len(lines)}\)"
+    with pytest.raises(DataFormatError, match=expected):
+        load_interactions(root)
+
+
+def test_a_user_listed_twice_names_both_lines(tmp_path):
+    root = write_dat(tmp_path, random_log())
+    path = root / "users.dat"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, lines[0]]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"users\.dat:{len(lines) + 1}: user id 1 is listed twice \(lines 1 and"):
+        load_interactions(root)
+
+
+def test_bytes_invalid_in_the_encoding_name_file_and_line(tmp_path):
+    root = write_csv(tmp_path / "c", random_log(half_stars=True))
+    path = root / "ratings.csv"
+    data = path.read_bytes().split(b"\n")
+    data[7] = data[7][:3] + b"\xff" + data[7][3:]
+    path.write_bytes(b"\n".join(data))
+    expected = r"ratings\.csv:8: byte 0xff \(byte 4 of the line\) is not valid utf-8; .*expected to be utf-8"
+    with pytest.raises(DataFormatError, match=expected):
+        load_interactions(root)
+    root = write_csv(tmp_path / "m", random_log(half_stars=True))
+    movies = root / "movies.csv"
+    movies.write_bytes(movies.read_bytes().replace(b"Movie, The 5 ", "Amélie 5 ".encode("latin-1")))
+    with pytest.raises(DataFormatError, match=r"movies\.csv:6: byte 0xe9 .*not valid utf-8"):
+        load_interactions(root)
+    # A UTF-8 byte-order mark (Excel writes one) is not an error.
+    path = root / "ratings.csv"
+    movies.write_text(movies.read_bytes().decode("latin-1"), encoding="utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_interactions(root).format == "csv"
+
+
+def test_side_file_integers_are_strict(tmp_path):
+    root = write_dat(tmp_path, random_log())
+    path = root / "movies.dat"
+    path.write_text(path.read_text(encoding="latin-1").replace("2::Movie 2", "2e0::Movie 2"), encoding="latin-1")
+    with pytest.raises(DataFormatError, match=r"movies\.dat:2: movie id '2e0' is not an integer"):
+        load_interactions(root)

@@ -9,7 +9,7 @@ import train_fixtures as fx
 
 from gesr_jax.data import pipeline
 from gesr_jax.train import sharding, step
-from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint import CheckpointError, Checkpointer, CheckpointMismatchError, CheckpointNotFoundError
 from gesr_jax.train.config import TrainConfig
 
 
@@ -57,8 +57,11 @@ def test_restore_errors_are_clear(tmp_path):
     with Checkpointer(tmp_path / "ck") as ckpt:
         ckpt.save(1, params, opt_state, it)
         ckpt.wait()
-        with pytest.raises(ValueError, match=r"no checkpoint for step 5 .* steps there: \[1\]"):
+        with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint for step 5 .* steps there: \[1\]"):
             ckpt.restore_params(5, params)
         bigger = fx.linear_api(dim=4).init(None, 0)[1]
-        with pytest.raises(ValueError, match="does not match the model"):
+        with pytest.raises(CheckpointMismatchError, match=r"does not match the model .*\['item'\]\.value: saved"):
             ckpt.restore_params(1, bigger)
+    # Both stay ValueErrors (what callers caught before) and are CheckpointErrors (what the CLI catches).
+    assert issubclass(CheckpointNotFoundError, ValueError) and issubclass(CheckpointNotFoundError, CheckpointError)
+    assert issubclass(CheckpointMismatchError, ValueError) and issubclass(CheckpointMismatchError, CheckpointError)

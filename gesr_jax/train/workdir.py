@@ -1,0 +1,341 @@
+"""Workdir safety: one run per workdir, atomic small files, a writability check, and a data fingerprint.
+
+Utilities the trainer calls around a run; none of them imports JAX.
+
+* :class:`WorkdirLock` -- ``<workdir>/.lock``, held for the whole run; a second run fails at once.
+* :func:`atomic_write_text` / :func:`atomic_write_json` -- readers never see a half-written file.
+* :func:`check_writable` -- a read-only or full workdir is reported before any work starts.
+* :func:`data_fingerprint` / :func:`check_data_fingerprint` -- a resume on different data is refused.
+
+Every error is a :class:`WorkdirError` (the CLI reports them as usage errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+LOCK_FILE = ".lock"
+FINGERPRINT_FILE = "data_fingerprint.json"  # suggested name for the saved fingerprint
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class WorkdirError(Exception):
+    """A workdir cannot be used for this run (busy, not writable, or trained on other data)."""
+
+
+class WorkdirBusyError(WorkdirError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirNotWritableError(WorkdirError):
+    """The workdir cannot be created or written (read-only, no permission, disk full)."""
+
+
+class DataChangedError(WorkdirError):
+    """The data differ from the data the workdir was trained on."""
+
+
+class WorkdirWarning(UserWarning):
+    """A stale lock was taken over, or a data change was allowed."""
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    return f"pid {record.get('pid')} on host {record.get('host')} (started {record.get('started')})"
+
+
+class WorkdirLock:
+    """Exclusive lock on ``<workdir>/.lock`` for as long as the context is open.
+
+    The lock is an ``fcntl.flock`` on the file, released by the kernel when the holder exits, however it
+    exits; the file also records ``{"pid", "host", "started"}`` so a refusal can name the holder.
+    Rules, in order:
+
+    * flock refused: another open file holds it, so the workdir is busy -> :class:`WorkdirBusyError`
+      naming the recorded holder (even if that pid is gone: a child it forked may still hold the lock).
+    * flock granted and the file still records a holder (it was killed before releasing): the lock is
+      stale and taken over with a :class:`WorkdirWarning` saying whether that pid is still running.
+    * flock unsupported by the filesystem (``ENOLCK``/``EOPNOTSUPP``, some network mounts): the record
+      alone decides; a holder recorded on this host whose pid is alive means busy, a dead one is stale.
+      A holder on another host cannot be checked and is treated as busy.
+
+    Releasing empties the file but keeps it: unlinking a lock file races with a process that has just
+    opened it. An empty ``.lock`` therefore means "free".
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str]):
+        self.path = pathlib.Path(workdir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        if self._fd is not None:
+            raise WorkdirBusyError(f"{self.path} is already held by this WorkdirLock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise WorkdirNotWritableError(f"cannot create the lock file {self.path}: {err.strerror}") from None
+        try:
+            flock_works = self._flock(fd)
+            record = self._read(fd)
+            self._check_record(record, flock_works)
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def _flock(self, fd: int) -> bool:
+        """Take the flock; False when the filesystem has none. Raise WorkdirBusyError when it is held."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = self._read(fd)
+            holder = _describe(record) if record else "another process"
+            gone = ""
+            if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+                if not _pid_alive(record["pid"]):
+                    gone = "; that pid is no longer running, but a process it started still holds the lock"
+            raise WorkdirBusyError(
+                f"workdir {self.path.parent} is in use by {holder}{gone}; wait for it to finish or use another "
+                "--workdir"
+            ) from None
+        except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise
+        return True
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if not raw:
+            return {}
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            return {"pid": None, "host": None, "started": None, "raw": raw[:80]}
+        return record if isinstance(record, dict) else {"raw": raw[:80]}
+
+    def _check_record(self, record: dict[str, Any], flock_works: bool) -> None:
+        if not record:
+            return
+        here = record.get("host") == socket.gethostname()
+        pid = record.get("pid")
+        alive = here and isinstance(pid, int) and _pid_alive(pid)
+        if not flock_works and (alive or not here):
+            raise WorkdirBusyError(
+                f"workdir {self.path.parent} is in use by {_describe(record)} (this filesystem has no file "
+                f"locks, so only the record in {self.path} says so; delete it if that run is gone)"
+            )
+        if not here:
+            state = "which cannot be checked from this host"
+        elif alive:
+            state = "whose pid now belongs to another process"
+        else:
+            state = "which is no longer running"
+        warnings.warn(
+            f"taking over the stale lock {self.path} left by {_describe(record)}, {state}",
+            WorkdirWarning,
+            stacklevel=4,
+        )
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never a part.
+
+    Writes a temporary file in the same folder (same filesystem, so the rename is atomic), fsyncs it,
+    ``os.replace``-s it over ``path`` and fsyncs the folder so the rename itself survives a crash.
+    """
+    path = pathlib.Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644  # mkstemp's 0600 would make config.json unreadable to others
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened/fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+    """:func:`atomic_write_text` of ``json.dumps(obj)`` (sorted keys, strict JSON, trailing newline)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _probe_write(fd: int, data: bytes) -> None:
+    """Write and fsync ``data`` (its own function so tests can simulate a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def check_writable(workdir: str | os.PathLike[str], *, min_free_bytes: int = 0) -> None:
+    """Create ``workdir`` if needed and write, fsync and delete a small file in it; else raise.
+
+    Raises :class:`WorkdirNotWritableError` naming the path and the OS reason (read-only filesystem,
+    permission denied, no space left), or the free space when it is below ``min_free_bytes``.
+    """
+    workdir = pathlib.Path(workdir)
+    probe = None
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-check-")
+        try:
+            _probe_write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        code = f" [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else ""
+        raise WorkdirNotWritableError(f"workdir {workdir} is not writable: {reason}{code}") from None
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    if min_free_bytes > 0:
+        free = shutil.disk_usage(workdir).free
+        if free < min_free_bytes:
+            raise WorkdirNotWritableError(
+                f"workdir {workdir} has {free / 2**20:.1f} MiB free, less than the {min_free_bytes / 2**20:.1f} "
+                "MiB this run needs"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _split_arrays(splits: Any) -> dict[str, Mapping[str, np.ndarray]]:
+    if isinstance(splits, Mapping):
+        return {name: splits[name] for name in SPLIT_NAMES if name in splits}
+    return {name: getattr(splits, name) for name in SPLIT_NAMES if getattr(splits, name, None) is not None}
+
+
+def data_fingerprint(splits: Any) -> dict[str, dict[str, Any]]:
+    """``{split: {"requests", "arrays", "sha256"}}`` for a Splits-like object or a ``{split: arrays}`` mapping.
+
+    ``requests`` is the leading dimension, ``arrays`` the sorted array names and ``sha256`` a hash of
+    every array's name, dtype, shape and bytes in sorted name order. JSON-serialisable; cost is one
+    pass of sha256 over the arrays (no copies for contiguous arrays).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, arrays in _split_arrays(splits).items():
+        sha = hashlib.sha256()
+        requests = 0
+        for key in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[key])
+            requests = int(arr.shape[0]) if arr.ndim else requests
+            sha.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+            sha.update(arr.reshape(-1).view(np.uint8))  # the bytes in place, any dtype, 0-d included
+        out[name] = {"requests": requests, "arrays": sorted(arrays), "sha256": sha.hexdigest()}
+    return out
+
+
+def check_data_fingerprint(
+    saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, allow_change: bool = False
+) -> list[str]:
+    """Compare two :func:`data_fingerprint` results; return the changes, or raise :class:`DataChangedError`.
+
+    Each change is one phrase ("train split: 12000 -> 10800 requests", "valid split: same 37 requests,
+    different contents", "test split: arrays added ['x']"). With ``allow_change`` the changes are
+    returned with a :class:`WorkdirWarning` instead of raised. ``saved=None`` (a workdir from before
+    fingerprints) returns ``[]``.
+    """
+    if saved is None:
+        return []
+    changes = []
+    for name in [n for n in SPLIT_NAMES if n in saved or n in current]:
+        old, new = saved.get(name), current.get(name)
+        if old is None or new is None:
+            changes.append(f"{name} split: {'added' if old is None else 'missing'}")
+            continue
+        added = sorted(set(new["arrays"]) - set(old["arrays"]))
+        removed = sorted(set(old["arrays"]) - set(new["arrays"]))
+        if added:
+            changes.append(f"{name} split: arrays added {added}")
+        if removed:
+            changes.append(f"{name} split: arrays removed {removed}")
+        if old["requests"] != new["requests"]:
+            changes.append(f"{name} split: {old['requests']} -> {new['requests']} requests")
+        elif old["sha256"] != new["sha256"] and not (added or removed):
+            changes.append(f"{name} split: same {new['requests']} requests, different contents")
+    if changes and not allow_change:
+        raise DataChangedError(
+            f"the data differ from what this workdir was trained on ({'; '.join(changes)}); check data.path and "
+            "the data config, use a new --workdir, or allow the change explicitly to resume anyway"
+        )
+    if changes:
+        warnings.warn(f"resuming on changed data: {'; '.join(changes)}", WorkdirWarning, stacklevel=2)
+    return changes
