@@ -82,7 +82,9 @@ def test_a_model_defined_in_a_test_file_trains_through_gesr_jax_train(tmp_path):
     assert results["step"] == 5
     for task in ("consume", "engage"):
         assert np.isfinite(results["test"][f"{task}/ne"])
-    assert json.loads((tmp_path / "model.json").read_text()) == {"kind": "toy_linear", "api": "gesr_jax.api"}
+    assert json.loads((tmp_path / "model.json").read_text()) == {
+        "kind": "toy_linear", "api": "gesr_jax.api", "config_module": ToyConfig.__module__,
+    }
     # The workdir evaluates again with the same (default) model API and gets the same numbers.
     again = gesr_jax.train.evaluate_workdir(tmp_path)
     assert again["test"]["consume/ne"] == results["test"]["consume/ne"]

@@ -134,7 +134,8 @@ def test_workdir_records_the_model_and_refuses_another_model_api(tmp_path):
     splits = fx.make_splits()
     trainer.train_and_evaluate(_config(num_steps=2), tmp_path, model_api=fx.linear_api(), splits=splits)
     record = json.loads((tmp_path / "model.json").read_text())
-    assert record == {"kind": getattr(_config().model, "kind", "gesr"), "api": "train_fixtures:linear_api"}
+    assert record == {"kind": _config().model.kind, "api": "train_fixtures:linear_api",
+                      "config_module": type(_config().model).__module__}
     other = types.SimpleNamespace(**{**vars(fx.linear_api()), "api_name": "my_models:other_api"})
     refused = r"trained by the model API 'train_fixtures:linear_api'.*'my_models:other_api'"
     with pytest.raises(setup_lib.WorkdirError, match=refused):
