@@ -1,0 +1,278 @@
+"""Serving requests: validation of one request, its cache fingerprint, and packing into batch arrays.
+
+A serving request is a dict (all ids 1-based; 0 is padding / out-of-vocabulary as in ``data/batch.py``)::
+
+    {"user_id": 17, "user_<f>": ...,                              # one int per user feature of the schema
+     "history_item": [...], "history_<f>": [...],                 # L <= N events, oldest first; <f> = every
+     "history_action": [...], "history_time": [...],              #   item feature, action and time
+     "request_time": 1_700_000_000,                               # > every history_time
+     "cand_item": [...], "cand_<f>": [...]}                       # C >= 0 candidates, one <f> per item feature
+
+``history_<f>`` / ``cand_<f>`` of an item feature may be left out when the scorer holds an item table (the
+feature is then looked up by item id). ``history_len`` / ``num_candidates`` may be given and must equal the
+array lengths; ``label_*`` / ``prob_*`` keys are ignored. Anything else is a :class:`RequestError` naming the
+field. This module needs only numpy and the batch schema, so exported artifacts load without the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gesr_jax.data.batch import BatchSchema
+
+_INT32 = np.iinfo(np.int32)
+
+
+class RequestError(ValueError):
+    """One request is malformed; ``field`` names the offending key and ``index`` its position in the call."""
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None):
+        self.message, self.field, self.index = message, field, index
+        where = f"request {index}: " if index is not None else ""
+        what = f"field {field!r}: " if field is not None else ""
+        super().__init__(f"{where}{what}{message}")
+
+    def with_index(self, index: int) -> RequestError:
+        return RequestError(self.message, field=self.field, index=index)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RequestError) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    """A validated request: int32 arrays keyed by batch key (history and candidates 1-D, user scalars)."""
+
+    user: dict[str, int]  # user_id and user_<f>
+    history: dict[str, np.ndarray]  # history_<field> [L]
+    request_time: int
+    candidates: dict[str, np.ndarray]  # cand_<field> [C]
+
+    @property
+    def user_id(self) -> int:
+        return self.user["user_id"]
+
+    @property
+    def num_history(self) -> int:
+        return int(self.history["history_item"].shape[0])
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.candidates["cand_item"].shape[0])
+
+    def fingerprint(self) -> str:
+        """A hash of everything the request state depends on besides the user id.
+
+        The history arrays and request_time (the paper's cache key), and also the user features: they
+        enter the user tower, so a changed feature must not reuse a stale state.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for key in sorted(self.user):
+            h.update(f"{key}={self.user[key]};".encode())
+        h.update(f"request_time={self.request_time};".encode())
+        for key in sorted(self.history):
+            arr = np.ascontiguousarray(self.history[key], np.int32)
+            h.update(f"{key}[{arr.shape[0]}]".encode())
+            h.update(arr.tobytes())
+        return h.hexdigest()
+
+    def cache_key(self) -> tuple[int, str]:
+        return (self.user_id, self.fingerprint())
+
+
+def _fields(schema: BatchSchema) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """(history fields, candidate fields) as (key, lo, hi) id ranges; times are checked separately."""
+    history = [("history_item", 1, schema.num_items)]
+    history += [(f"history_{n}", 0, v - 1) for n, v in schema.item_features]
+    history += [("history_action", 0, schema.num_actions - 1)]
+    cands = [("cand_item", 1, schema.num_items)] + [(f"cand_{n}", 0, v - 1) for n, v in schema.item_features]
+    return history, cands
+
+
+def _ints(value: Any, field: str, ndim: int) -> np.ndarray:
+    """``value`` as int32 with ``ndim`` dims (0: a scalar, also accepted as shape (1,)), or a RequestError."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:  # ragged nested lists
+        raise RequestError(f"cannot be read as an array ({err})", field=field) from None
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise RequestError("holds NaN or inf; ids and times must be finite integers", field=field)
+        raise RequestError(f"has dtype {arr.dtype}; ids and times must be integers", field=field)
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"has dtype {arr.dtype}, expected integers", field=field)
+    if ndim == 0 and arr.shape == (1,):
+        arr = arr.reshape(())
+    if arr.ndim != ndim:
+        want = "a scalar" if ndim == 0 else "a 1-D array"
+        raise RequestError(f"must be {want}, got shape {arr.shape}", field=field)
+    if arr.size and (arr.min() < _INT32.min or arr.max() > _INT32.max):
+        raise RequestError("holds values outside int32", field=field)
+    return arr.astype(np.int32)
+
+
+def _check_range(arr: np.ndarray, field: str, lo: int, hi: int, what: str = "id") -> None:
+    bad = (arr < lo) | (arr > hi)
+    if np.any(bad):
+        pos = int(np.argmax(bad)) if arr.ndim else None
+        value = int(arr[pos]) if pos is not None else int(arr)
+        at = f" at position {pos}" if pos is not None else ""
+        kind = "negative" if value < 0 else ("unknown" if value > hi else "invalid")
+        raise RequestError(f"{kind} {what} {value}{at}; this model knows {lo}..{hi}", field=field)
+
+
+def parse_request(
+    request: Any,
+    schema: BatchSchema,
+    *,
+    item_table: Mapping[str, np.ndarray] | None = None,
+    max_candidates: int | None = None,
+) -> ParsedRequest:
+    """Validate one serving request against ``schema``; raises :class:`RequestError` naming the field."""
+    if not isinstance(request, Mapping):
+        raise RequestError(f"a request must be a dict, got {type(request).__name__}")
+    history_fields, cand_fields = _fields(schema)
+    user_keys = ["user_id", *(f"user_{n}" for n in schema.user_feature_names)]
+    known = {*user_keys, "request_time", "history_time", "history_len", "num_candidates"}
+    known |= {k for k, _, _ in history_fields} | {k for k, _, _ in cand_fields}
+    for key in request:
+        if not isinstance(key, str):
+            raise RequestError(f"keys must be strings, got {key!r}")
+        if key not in known and not key.startswith(("label_", "prob_")):
+            raise RequestError("is not a request field of this model (see gesr_jax/serving/requests.py)", field=key)
+    item_table = item_table or {}
+
+    user: dict[str, int] = {}
+    for key in user_keys:
+        if key not in request:
+            raise RequestError("is missing", field=key)
+        value = _ints(request[key], key, 0)
+        if key == "user_id":
+            _check_range(value, key, 1, schema.num_users, "user id")
+        else:
+            _check_range(value, key, 0, dict(schema.user_features)[key[5:]] - 1)
+        user[key] = int(value)
+    if "request_time" not in request:
+        raise RequestError("is missing", field="request_time")
+    request_time = int(_ints(request["request_time"], "request_time", 0))
+    if request_time < 0:
+        raise RequestError(f"negative time {request_time}", field="request_time")
+
+    history = _group(request, history_fields + [("history_time", 0, _INT32.max)], "history_item", item_table)
+    length = history["history_item"].shape[0]
+    if length > schema.history_len:
+        raise RequestError(
+            f"history has {length} events, more than this model's history_len N={schema.history_len}; "
+            "send the most recent N",
+            field="history_item",
+        )
+    if length and history["history_time"].max() >= request_time:
+        pos = int(np.argmax(history["history_time"] >= request_time))
+        raise RequestError(
+            f"event {pos} is at or after request_time {request_time}; history must be strictly earlier",
+            field="history_time",
+        )
+    candidates = _group(request, cand_fields, "cand_item", item_table)
+    if max_candidates is not None and candidates["cand_item"].shape[0] > max_candidates:
+        raise RequestError(
+            f"{candidates['cand_item'].shape[0]} candidates, more than max_candidates={max_candidates}",
+            field="cand_item",
+        )
+    for key, arr in (("history_len", history["history_item"]), ("num_candidates", candidates["cand_item"])):
+        if key in request and int(_ints(request[key], key, 0)) != arr.shape[0]:
+            raise RequestError(f"is {int(np.asarray(request[key]))} but the arrays hold {arr.shape[0]}", field=key)
+    return ParsedRequest(user, history, request_time, candidates)
+
+
+def _group(
+    request: Mapping[str, Any], fields: list[tuple[str, int, int]], anchor: str, item_table: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The 1-D arrays of one group (history or candidates), equal lengths, ids in range."""
+    if anchor not in request:
+        raise RequestError("is missing", field=anchor)
+    items = _ints(request[anchor], anchor, 1)
+    out: dict[str, np.ndarray] = {}
+    prefix = anchor.split("_")[0] + "_"
+    for key, lo, hi in fields:
+        feature = key[len(prefix) :]
+        if key in request:
+            arr = _ints(request[key], key, 1)
+        elif feature in item_table and key != anchor:
+            # Item features are a function of the item: a scorer with the item table looks them up.
+            _check_range(items, anchor, 1, len(item_table[feature]) - 1, "item id")
+            arr = np.asarray(item_table[feature], np.int32)[items]
+        else:
+            raise RequestError("is missing", field=key)
+        if arr.shape != items.shape:
+            raise RequestError(f"has length {arr.shape[0]} but {anchor!r} has {items.shape[0]}", field=key)
+        _check_range(arr, key, lo, hi, "time" if key.endswith("_time") else "id")
+        out[key] = arr
+    return out
+
+
+def pack_requests(parsed: Sequence[ParsedRequest], schema: BatchSchema, rows: int) -> dict[str, np.ndarray]:
+    """The request part of a batch with ``rows`` rows (``len(parsed)`` requests, then empty rows)."""
+    n = schema.history_len
+    out = {k: np.zeros(rows, np.int32) for k in ("user_id", *(f"user_{f}" for f in schema.user_feature_names))}
+    out["request_time"] = np.zeros(rows, np.int32)
+    out["history_len"] = np.zeros(rows, np.int32)
+    history_keys = [k for k, _, _ in _fields(schema)[0]] + ["history_time"]
+    out |= {k: np.zeros((rows, n), np.int32) for k in history_keys}
+    for row, p in enumerate(parsed):
+        for key, value in p.user.items():
+            out[key][row] = value
+        out["request_time"][row] = p.request_time
+        out["history_len"][row] = p.num_history
+        for key in history_keys:
+            out[key][row, : p.num_history] = p.history[key]
+    return out
+
+
+def pack_candidates(
+    parsed: Sequence[ParsedRequest], schema: BatchSchema, rows: int, width: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``(cand_<field> [rows, width], num_candidates [rows])`` for the requests, zero-padded."""
+    keys = [k for k, _, _ in _fields(schema)[1]]
+    out = {k: np.zeros((rows, width), np.int32) for k in keys}
+    counts = np.zeros(rows, np.int32)
+    for row, p in enumerate(parsed):
+        counts[row] = c = p.num_candidates
+        for key in keys:
+            out[key][row, :c] = p.candidates[key]
+    return out, counts
+
+
+def request_keys(schema: BatchSchema) -> list[str]:
+    """The batch keys :func:`pack_requests` writes, in a fixed order."""
+    return sorted(pack_requests([], schema, 1))
+
+
+def candidate_keys(schema: BatchSchema) -> list[str]:
+    """The batch keys of one candidate chunk (``cand_<field>`` and ``num_candidates``), sorted."""
+    return sorted([k for k, _, _ in _fields(schema)[1]] + ["num_candidates"])
+
+
+def requests_from_batch(batch: Mapping[str, np.ndarray], schema: BatchSchema) -> list[dict[str, np.ndarray]]:
+    """The serving requests of a batch in the ``data/batch.py`` layout (one per row, padding cut off).
+
+    Empty rows (``history_len == 0`` and ``num_candidates == 0``) are kept, so row i is request i.
+    """
+    history_keys = [k for k, _, _ in _fields(schema)[0]] + ["history_time"]
+    cand_keys = [k for k, _, _ in _fields(schema)[1]]
+    user_keys = ["user_id", *(f"user_{f}" for f in schema.user_feature_names)]
+    out = []
+    for row in range(int(np.shape(batch["user_id"])[0])):
+        n, c = int(batch["history_len"][row]), int(batch["num_candidates"][row])
+        request: dict[str, Any] = {k: int(batch[k][row]) for k in (*user_keys, "request_time")}
+        request |= {k: np.asarray(batch[k][row, :n], np.int32) for k in history_keys}
+        request |= {k: np.asarray(batch[k][row, :c], np.int32) for k in cand_keys}
+        out.append(request)
+    return out

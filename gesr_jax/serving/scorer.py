@@ -1,0 +1,148 @@
+"""The live serving scorer: any registered ranking model, one request encoded once, candidates in chunks.
+
+::
+
+    scorer = Scorer.from_workdir("runs/synth")                  # config.json + latest intact checkpoint
+    scorer = Scorer(graphdef, params, schema, item_table=table, fp8=False, user_cache=UserStateCache())
+    scorer.warmup()                                            # compile every bucket shape once
+    results = scorer.score([request, ...])                     # [{task: probs [C]} | RequestError, ...]
+
+The model enters only through ``api.encode_request`` / ``api.score`` / ``api.item_cache`` (the
+``RankingModel`` contract), so every kind (``gesr``, ``two_tower``, ``genrank``, a user's own) serves the
+same way. Request layout and errors: ``serving/requests.py``; buckets: ``serving/buckets.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gesr_jax import api
+from gesr_jax.data.batch import BatchSchema
+from gesr_jax.serving.buckets import Buckets
+from gesr_jax.serving.engine import Engine, sigmoid_stack
+from gesr_jax.serving.user_cache import UserStateCache
+
+
+class Scorer(Engine):
+    """Serves ``(graphdef, params)`` for ``schema``; see the module docstring.
+
+    ``item_table`` (item feature name -> [V] ids, as ``data.datasets.item_table`` returns) builds the item
+    cache when the model has one and fills item features a request leaves out; without it the cache is
+    built only when the item tower reads the item id alone. ``use_item_cache=False`` never builds one. ``fp8=True`` serves
+    ``api.quantize_fp8`` weights (kernels with at least ``fp8_min_elements`` entries). ``user_cache``
+    enables user-state reuse.
+    """
+
+    def __init__(
+        self,
+        graphdef: Any,
+        params: Any,
+        schema: BatchSchema,
+        item_table: Mapping[str, np.ndarray] | None = None,
+        *,
+        buckets: Buckets | None = None,
+        fp8: bool = False,
+        fp8_min_elements: int = 4096,
+        user_cache: UserStateCache | None = None,
+        max_candidates: int | None = None,
+        use_item_cache: bool = True,
+    ):
+        if fp8:
+            graphdef, params = api.quantize_fp8(graphdef, params, min_elements=fp8_min_elements)
+        self.graphdef, self.params, self.fp8 = graphdef, params, fp8
+        model = nnx.merge(graphdef, params)
+        self.kind = str(getattr(getattr(model, "config", None), "kind", type(model).__name__))
+        cache = None
+        if use_item_cache:
+            try:
+                cache = api.item_cache(graphdef, params, dict(item_table or {}))
+            except NotImplementedError:
+                cache = None  # the model has no item-side table: score runs its item side per chunk
+            except ValueError:
+                if item_table is not None:
+                    raise
+                cache = None  # the item tower reads item features and no table was given to look them up
+        self.item_cache = cache
+        tasks = tuple(schema.tasks)
+
+        def encode(consts: Any, request: dict[str, jax.Array]) -> Any:
+            return api.encode_request(graphdef, consts["params"], request)
+
+        def score(consts: Any, state: Any, candidates: dict[str, jax.Array]) -> jax.Array:
+            logits = api.score(graphdef, consts["params"], state, candidates, item_cache=consts["item_cache"])
+            return sigmoid_stack(logits, tasks)
+
+        super().__init__(
+            schema, {"params": params, "item_cache": cache}, encode, score, buckets=buckets,
+            item_table=item_table, user_cache=user_cache, max_candidates=max_candidates,
+        )  # fmt: skip
+
+    @classmethod
+    def from_workdir(
+        cls, workdir: str | pathlib.Path, step: int | None = None, *, with_item_table: bool = True, **kwargs: Any
+    ) -> Scorer:
+        """A scorer for a ``gesr train`` workdir: its config, its checkpoint (``step`` or the newest intact one).
+
+        Refuses a workdir whose ``model.json`` names a model API other than the default ``gesr_jax.api``
+        (this scorer drives only that API). ``kwargs`` go to :class:`Scorer` (buckets, fp8, user_cache, ...).
+        """
+        graphdef, params, schema, config, step = load_workdir(workdir, step)
+        table = None
+        if with_item_table:
+            from gesr_jax.data.datasets import item_table
+
+            table = item_table(config.data)
+        scorer = cls(graphdef, params, schema, table, **kwargs)
+        scorer.config, scorer.step, scorer.workdir = config, step, pathlib.Path(workdir)
+        return scorer
+
+
+def load_workdir(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, BatchSchema, Any, int]:
+    """``(graphdef, params, schema, config, step)`` restored from a workdir trained with ``gesr_jax.api``."""
+    from gesr_jax.data.datasets import schema_for
+    from gesr_jax.train import checkpoint as checkpoint_lib
+    from gesr_jax.train import setup as setup_lib
+
+    workdir = pathlib.Path(workdir)
+    config = setup_lib.read_workdir_config(workdir)
+    record_path = workdir / setup_lib.MODEL_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("api", setup_lib.DEFAULT_MODEL_API) != setup_lib.DEFAULT_MODEL_API:
+            raise setup_lib.WorkdirError(
+                f"{workdir} was trained by the model API {record.get('api')!r}; the serving Scorer only drives "
+                f"{setup_lib.DEFAULT_MODEL_API!r} (build Scorer(graphdef, params, schema) yourself for another API)"
+            )
+    setup_lib.check_model_record(workdir, config, None)  # the kind recorded must match config.json's
+    schema = schema_for(config.data)
+    with nnx.use_eager_sharding(False):
+        graphdef, template = api.init(config, config.train.seed, schema)
+    checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+    try:
+        if step is None:
+            latest_intact = getattr(checkpoints, "restore_params_latest_intact", None)
+            if latest_intact is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("default")  # a skipped corrupt step is reported, not fatal
+                    restored = latest_intact(template)
+                if restored is None:
+                    raise setup_lib.WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
+                step, params = restored
+            else:
+                step = checkpoints.latest_step()
+                if step is None:
+                    raise setup_lib.WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
+                params = checkpoints.restore_params(step, template)
+        else:
+            params = checkpoints.restore_params(step, template)
+    finally:
+        checkpoints.close()
+    return graphdef, params, schema, config, int(step)
