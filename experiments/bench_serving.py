@@ -13,7 +13,11 @@ batch B in {1, 16}:
   cache hits, only the candidate side runs). Timed from the request dicts: validation and packing included.
 * ``gesr naive apply`` / ``two_tower naive apply``: ``jax.jit(api.apply)`` on the one [B, N] / [B, C]
   batch, item cache on, from ready numpy arrays (no validation): the same model code in one call of the
-  exact shape, no chunking, no reuse.
+  exact shape, no chunking, no reuse (``apply`` already encodes the history once and scores candidates
+  against its cached K/V).
+* ``gesr full-sequence apply``: the same params with ``model.hstu_scoring=full``: HSTU over the packed
+  [history ; candidates] sequence, O((N + C)^2), the model as it was before the request/candidate split
+  (the issue's baseline).
 
 Latency is per call (B requests), p50 / p99 over the repeats after one untimed call (compiles excluded);
 candidates/s = B * C / p50. Ratios are computed from this run only. The table goes to
@@ -109,9 +113,15 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, repeats: int, buckets:
         graphdef, params = api.init(cfg, 0, schema)
         scorer = Scorer(graphdef, params, schema, table, buckets=buckets)
         naive = jax.jit(lambda p, batch, cache, g=graphdef: api.apply(g, p, batch, item_cache=cache, validate=False))
-        models[kind] = (schema, table, scorer, params, naive)
+        full = None
+        if kind == "gesr":  # same parameters, HSTU over the packed [history ; candidates] sequence
+            full_cfg = config_lib.load_config(preset, [f"data.history_len={n}", "model.hstu_scoring=full"])
+            full_graphdef, _ = api.abstract_init(full_cfg, schema)
+            full = jax.jit(lambda p, batch, cache, g=full_graphdef: api.apply(g, p, batch, item_cache=cache,
+                                                                               validate=False))  # fmt: skip
+        models[kind] = (schema, table, scorer, params, naive, full)
     for b in BATCHES:
-        for kind, (schema, table, scorer, params, naive) in models.items():
+        for kind, (schema, table, scorer, params, naive, full) in models.items():
             reqs, batch = requests_for(schema, table, n, c, b, seed=n + c + b)
             scorer.user_cache = None
             p50, p99 = timed(lambda s=scorer, r=reqs: s.score(r), repeats)
@@ -123,8 +133,11 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, repeats: int, buckets:
             cache = scorer.item_cache
             p50, p99 = timed(lambda f=naive, p=params, x=batch, k=cache: f(p, x, k), repeats)
             rows.append(dict(n=n, c=c, b=b, model=kind, mode="naive apply", p50=p50, p99=p99))
-            print(f"N={n} C={c} B={b} {kind}: " + ", ".join(f"{r['mode']} {r['p50']:.1f} ms" for r in rows[-3:]),
-                  flush=True)  # fmt: skip
+            if full is not None:
+                p50, p99 = timed(lambda f=full, p=params, x=batch, k=cache: f(p, x, k), repeats)
+                rows.append(dict(n=n, c=c, b=b, model=kind, mode="full-sequence apply", p50=p50, p99=p99))
+            print(f"N={n} C={c} B={b} {kind}: " + ", ".join(f"{r['mode']} {r['p50']:.1f} ms" for r in rows[-4:]
+                                                          if r["model"] == kind), flush=True)  # fmt: skip
     for r in rows:
         r["cps"] = r["b"] * r["c"] / (r["p50"] / 1e3)
     return rows
@@ -132,7 +145,7 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, repeats: int, buckets:
 
 def render(rows: list[dict], info: dict[str, str], args: argparse.Namespace, elapsed: float) -> str:
     lines = [
-        "# Serving benchmark: GESR Scorer vs two-tower Scorer vs naive api.apply",
+        "# Serving benchmark: GESR Scorer vs two-tower Scorer vs api.apply (cached and full-sequence)",
         "",
         f"Machine: platform **{info['platform']}** ({info['device']}), CPU {info['cpu']}; jax {info['jax']}, "
         f"Python {info['python']}; {info['date']}. Command: `python experiments/bench_serving.py"
@@ -142,7 +155,9 @@ def render(rows: list[dict], info: dict[str, str], args: argparse.Namespace, ela
         f"Scorer buckets: requests {list(args.buckets.request_sizes)}, chunks {list(args.buckets.chunk_sizes)}. "
         "Latency per call of B requests, p50 / p99 over the repeats (compiles excluded); cand/s = B*C/p50. "
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
-        "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays.",
+        "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays. "
+        "`full-sequence apply`: the same GESR params with `model.hstu_scoring=full` (HSTU over the packed "
+        "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split).",
         "",
         "| N | C | B | model | mode | p50 ms | p99 ms | cand/s | x naive apply (same model) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -155,14 +170,17 @@ def render(rows: list[dict], info: dict[str, str], args: argparse.Namespace, ela
             f"{r['cps']:,.0f} | {naive['p50'] / r['p50']:.2f} |"
         )
     lines += ["", "Ratios inside this run (p50):", "",
-              "| N | C | B | GESR scorer x naive | GESR +reuse x naive | GESR +reuse x no reuse | "
+              "| N | C | B | GESR scorer x full-sequence apply | GESR +reuse x full-sequence apply | "
+              "GESR scorer x naive | GESR +reuse x naive | GESR +reuse x no reuse | "
               "GESR / two-tower cand/s (scorer) | GESR / two-tower cand/s (+reuse) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for n, c, b in dict.fromkeys((r["n"], r["c"], r["b"]) for r in rows):
-        g = {m: index[(n, c, b, "gesr", m)] for m in ("scorer", "scorer+reuse", "naive apply")}
+        g = {m: index[(n, c, b, "gesr", m)] for m in ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")}
         t = {m: index[(n, c, b, "two_tower", m)] for m in ("scorer", "scorer+reuse")}
+        full = g["full-sequence apply"]["p50"]
         lines.append(
-            f"| {n} | {c} | {b} | {g['naive apply']['p50'] / g['scorer']['p50']:.2f} | "
+            f"| {n} | {c} | {b} | {full / g['scorer']['p50']:.2f} | {full / g['scorer+reuse']['p50']:.2f} | "
+            f"{g['naive apply']['p50'] / g['scorer']['p50']:.2f} | "
             f"{g['naive apply']['p50'] / g['scorer+reuse']['p50']:.2f} | "
             f"{g['scorer']['p50'] / g['scorer+reuse']['p50']:.2f} | {g['scorer']['cps'] / t['scorer']['cps']:.3f} | "
             f"{g['scorer+reuse']['cps'] / t['scorer+reuse']['cps']:.3f} |"

@@ -104,3 +104,12 @@ def test_gesr_with_every_moa_switch_off_equals_the_two_tower_model():
     a, b = gesr(batch, key=key, train=True), two_tower(batch, key=key, train=True)
     for task in SCHEMA.tasks:
         np.testing.assert_array_equal(np.asarray(a[task]), np.asarray(b[task]))
+
+
+def test_full_sequence_scoring_equals_the_cached_path_with_the_same_params():
+    cached_model = make_model(TINY)
+    full_model = make_model(tiny_config(hstu_scoring="full"))
+    batch = batch_for(batch_size=3, seed=8)
+    a, b = cached_model(batch), full_model(batch)
+    for task in SCHEMA.tasks:
+        np.testing.assert_allclose(np.asarray(a[task]), np.asarray(b[task]), atol=2e-6, rtol=2e-6)

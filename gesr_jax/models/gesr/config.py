@@ -54,6 +54,10 @@ class GESRConfig(TwoTowerConfig):
     hstu_v_dim: int = 16  # per-head value width
     hstu_normalizer: float = 64.0  # fixed attention normaliser (not the padded length)
     hstu_alpha: float | None = None  # score scale inside silu; None = 1/sqrt(hstu_qk_dim) (production STU)
+    # "cached": candidates attend to each layer's cached history K/V (O(N^2 + C N) per request, the serving
+    # path); "full": one pass over the packed [history ; candidates] sequence (O((N + C)^2), the form before
+    # the request/candidate split; same logits to float tolerance, kept as the benchmark baseline)
+    hstu_scoring: str = "cached"
     attention_impl: str | None = None  # kernels.hstu_attention implementation; None = best for platform
     use_position_emb: bool = True  # position counted from the most recent event; candidates share one position
     use_time_emb: bool = True  # bucketised log(request_time - event_time); candidates use bucket 0
@@ -128,6 +132,7 @@ class GESRConfig(TwoTowerConfig):
         if not 1.0 < self.sl_alpha <= 2.0:
             raise ValueError(f"model.sl_alpha must be in (1, 2], got {self.sl_alpha}")
         _one_of("cross_attention", self.cross_attention, CROSS_ATTENTION_KINDS)
+        _one_of("hstu_scoring", self.hstu_scoring, ("cached", "full"))
         _one_of("mlpg_gate", self.mlpg_gate, MLPG_GATES)
         _one_of("sl_sampling", self.sl_sampling, SL_SAMPLING)
         _one_of("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)

@@ -21,7 +21,7 @@ from flax import nnx
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.layers.cross_attention import NROCrossAttention, ROCrossAttention
 from gesr_jax.layers.hard_matching import HardMatching
-from gesr_jax.layers.hstu import TargetAwareHSTU
+from gesr_jax.layers.hstu import TargetAwareHSTU, unpack_candidates
 from gesr_jax.models.gesr.config import GESRConfig
 
 
@@ -70,17 +70,24 @@ class HSTUComponent(TargetAwareHSTU):
 
     @classmethod
     def from_config(cls, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs) -> HSTUComponent:
-        return cls(
+        module = cls(
             config.embed_dim, target_aware=config.target_aware, num_layers=config.hstu_layers,
             compute_dtype=config.compute_dtype, heads=config.hstu_heads, qk_dim=config.hstu_qk_dim,
             v_dim=config.hstu_v_dim, normalizer=config.hstu_normalizer, alpha=config.hstu_alpha,
             attention_impl=config.attention_impl, dropout_rate=config.dropout, rngs=rngs,
         )  # fmt: skip
+        module.full_sequence = config.hstu_scoring == "full" and config.target_aware
+        return module
 
     def encode_request(self, ctx: RequestContext, *, key: jax.Array | None = None) -> dict[str, Any]:
+        if self.full_sequence:  # the history is re-run with every candidate chunk in score_candidates
+            return {"history": ctx.history}
         return TargetAwareHSTU.encode(self, ctx.history, ctx.history_len, key=key)
 
     def score_candidates(self, cache, ctx: CandidateContext, *, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        if self.full_sequence:
+            seq = self.sequence(cache["history"], ctx.tokens, ctx.history_len, ctx.num_candidates, key=key)
+            return {"hstu": unpack_candidates(seq, ctx.history_len, ctx.num_candidates, ctx.tokens.shape[1])}
         out = TargetAwareHSTU.score(self, cache, ctx.tokens, ctx.history_len, ctx.num_candidates, key=key)
         return {"hstu": out}
 
