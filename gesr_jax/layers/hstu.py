@@ -27,26 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold
-from kernels.hstu_attention import hstu_attention
-
-try:  # TRANSITION: until the kernel's cached-prefix mode lands
-    from kernels.hstu_attention import hstu_attention_cached
-except ImportError:
-
-    def hstu_attention_cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries=None, *, self_term=True,
-                              score_fn="silu", normalizer=None, alpha=None, implementation=None):
-        alpha = q.shape[-1] ** -0.5 if alpha is None else alpha
-        hi = jax.lax.Precision.HIGHEST
-        f32 = jnp.float32
-        s = alpha * jnp.einsum("bchd,bnhd->bhcn", q.astype(f32), k_prefix.astype(f32), precision=hi)
-        mask = (jnp.arange(k_prefix.shape[1])[None, :] < prefix_len[:, None])[:, None, None, :]
-        p = jnp.where(mask, jax.nn.silu(s), 0.0) / normalizer
-        out = jnp.einsum("bhcn,bnhd->bchd", p, v_prefix.astype(f32), precision=hi)
-        own = alpha * jnp.sum(q.astype(f32) * k.astype(f32), -1)
-        out = out + (jax.nn.silu(own) / normalizer)[..., None] * v.astype(f32)
-        if num_queries is not None:
-            out = jnp.where((jnp.arange(q.shape[1])[None, :] < num_queries[:, None])[..., None, None], out, 0.0)
-        return out.astype(q.dtype)
+from kernels.hstu_attention import hstu_attention, hstu_attention_cached
 
 HistoryKV = tuple[jax.Array, jax.Array]  # (k [B, N, H, Dqk], v [B, N, H, Dv]) of one layer
 
