@@ -174,6 +174,27 @@ class RankingAttentionBackendTests:
         window = (1, 6) if combo == 3 else (0, None)
         self.check_cached(score_fn, biases, dtype, self_term, *window, seed=combo)
 
+    @pytest.mark.parametrize("self_term, contextual_len, max_attn_len", [(True, 0, None), (False, 0, None),
+                                                                         (True, 1, 6)])
+    def test_cached_silu(self, self_term, contextual_len, max_attn_len):
+        """The serving path: SiLU without biases (empty prefix, rows past num_queries, C and N off the tiles)."""
+        dtype = self.DTYPES[0]
+        self.require("cached", "silu", (), dtype)
+        self.check_cached("silu", (), dtype, self_term, contextual_len, max_attn_len, seed=7)
+
+    def test_cached_silu_bfloat16(self):
+        self.require("cached", "silu", (), jnp.bfloat16)
+        self.check_cached("silu", (), jnp.bfloat16, seed=8)
+
+    @pytest.mark.parametrize("score_fn", ["silu", "softmax"])
+    @pytest.mark.parametrize("platform", ["tpu", "cuda"])
+    def test_export_lowering_cached_no_bias(self, platform, score_fn):
+        """The cached mode without biases, forward + all gradients, lowers at D = 128, N = 1024, C = 512."""
+        if platform not in self.EXPORT_PLATFORMS:
+            pytest.skip(f"{self.IMPLEMENTATION} does not target {platform}")
+        self.require("cached", score_fn, (), jnp.bfloat16)
+        export_features(self.IMPLEMENTATION, platform, "cached", score_fn=score_fn, biases=False)
+
     def test_softmax_alibi_bfloat16(self):
         self.require("full", "softmax", ("alibi",), jnp.bfloat16)
         self.check_full("softmax", ("alibi",), jnp.bfloat16, seed=5)
@@ -220,7 +241,10 @@ class RankingAttentionBackendTests:
         export_features(self.IMPLEMENTATION, platform, mode)
 
 
-def export_features(implementation, platform, mode, *, seq_len=1024, head_dim=128, prefix=1024, blocks=None):
+def export_features(implementation, platform, mode, *, seq_len=1024, head_dim=128, prefix=1024, blocks=None,
+                    score_fn="softmax", biases=True):
+    """jax.export of value_and_grad (q, k, v, prefixes and slopes) for `platform`, bf16; C = seq_len // 2 in the
+    cached mode. biases=False: no ALiBi / time bias (and no slope gradients)."""
     from jax import export
 
     from hstu_attention_cases import abstract_gpu_mesh
@@ -228,8 +252,19 @@ def export_features(implementation, platform, mode, *, seq_len=1024, head_dim=12
     bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     ints = jax.ShapeDtypeStruct((2,), jnp.int32)
     slopes = jax.ShapeDtypeStruct((2,), jnp.float32)
-    kw = dict(score_fn="softmax", implementation=implementation, block_sizes=blocks)
-    if mode == "full":
+    kw = dict(score_fn=score_fn, implementation=implementation, block_sizes=blocks,
+              normalizer=float(prefix) if score_fn == "silu" else None)
+    if not biases:
+        if mode == "full":
+            raise ValueError("export_features: biases=False covers the cached mode only")
+        c = seq_len // 2
+        args = (bf(2, c, 2, head_dim),) * 3 + (bf(2, prefix, 2, head_dim),) * 2 + (ints, ints)
+
+        def loss(q, k, v, kp, vp, plen, nq):
+            return jnp.sum(hstu_attention_cached(q, k, v, kp, vp, plen, nq, **kw).astype(jnp.float32))
+
+        argnums = (0, 1, 2, 3, 4)
+    elif mode == "full":
         args = (bf(2, seq_len, 2, head_dim),) * 3 + (ints, ints, slopes, slopes,
                                                     jax.ShapeDtypeStruct((2, seq_len), jnp.int32))
 
