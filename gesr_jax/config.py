@@ -30,6 +30,7 @@ from gesr_jax.data.config import DataConfig
 from gesr_jax.models import registry
 from gesr_jax.models.config_base import ModelConfigBase
 from gesr_jax.models.gesr.config import GESRConfig
+from gesr_jax.models.two_tower.config import TwoTowerConfig
 from gesr_jax.train.config import TrainConfig
 
 TWO_TOWER_SUFFIX = "_two_tower"
@@ -78,10 +79,13 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"get_config() of {name_or_path!r} returned {type(config).__name__}, not Config")
     if two_tower:
-        try:
-            model = registry.convert(config.model, "two_tower")
-        except TypeError as err:
-            raise ConfigError(f"config {base!r} has no two-tower variant: {err}") from None
+        if not isinstance(config.model, TwoTowerConfig):
+            # Only models built on the two towers (GESR) have the baseline as a variant of themselves.
+            raise ConfigError(
+                f"config {base!r} is a {config.model.kind!r} model without two towers, so it has no "
+                f"{TWO_TOWER_SUFFIX} variant; use a two-tower preset or --set model.kind=two_tower"
+            )
+        model = registry.convert(config.model, "two_tower")
         config = dataclasses.replace(config, name=config.name + TWO_TOWER_SUFFIX, model=model)
     return apply_overrides(config, overrides)
 

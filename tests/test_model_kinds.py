@@ -93,3 +93,9 @@ def test_apply_rejects_an_empty_batch_and_float_ids(tiny):
         api.apply(graphdef, params, {**batch, "cand_item": batch["cand_item"].astype(np.float32)})
     # validate=False skips the host check (what the jitted training step uses).
     api.apply(graphdef, params, {**batch, "cand_item": np.full_like(batch["cand_item"], 10_000)}, validate=False)
+
+
+def test_a_model_without_towers_has_no_two_tower_preset():
+    assert config_lib.load_config("synthetic_genrank").model.kind == "genrank"
+    with pytest.raises(ConfigError, match="no _two_tower variant"):
+        config_lib.load_config("synthetic_genrank_two_tower")
