@@ -5,7 +5,10 @@ Arrays are laid out [B, H, L, D] so that a tile is (rows, head dim) in VMEM. Gri
 so that both the index maps and the kernel bodies know each row's live range: index maps clamp the reduction
 index into [lo, hi), which makes the pipeline re-use the resident tile instead of fetching a skipped one, and
 `pl.when` skips the compute. Candidate diagonal terms not reached by the walk are added at the last step from
-an extra tile of k/v (or q/dO) at the resident block's own rows.
+an extra tile of k/v (or q/dO) at the resident block's own rows. score_fn "silu" accumulates silu(z) V;
+"softmax" runs the online softmax (m, l in VMEM scratch) and saves the row LSE [B, H, L, 1] for the backward.
+No biases yet. Backward kernels: `backend_pallas_tpu_bwd.py`; the cached-prefix mode:
+`backend_pallas_tpu_cached*.py`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.hstu_attention import common
-from kernels.hstu_attention.common import KernelParams, silu, silu_and_grad
+from kernels.hstu_attention import backend_pallas_tpu_cached, common, scores
+from kernels.hstu_attention.common import KernelParams, silu
 from kernels.hstu_attention.base import Backend
 from kernels.hstu_attention.scores import ScoreSpec
 from kernels.hstu_attention.config import BlockSizes
-from kernels.hstu_attention.masks import MaskSpec, key_blocks_for_rows, row_blocks_for_keys, tile_mask, uncovered_diagonal
+from kernels.hstu_attention.masks import MaskSpec, key_blocks_for_rows, tile_mask, uncovered_diagonal
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
@@ -64,7 +67,12 @@ def _row_index(b, h, i, j, len_ref, hist_ref):
     return b, h, i, 0
 
 
-def _fwd_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, kd_ref, vd_ref, o_ref, acc_ref, *, params: KernelParams):
+def _fwd_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, kd_ref, vd_ref, *refs, params: KernelParams):
+    sm = params.score.softmax
+    if sm:
+        o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
+    else:
+        o_ref, acc_ref = refs
     bq, bk = params.blocks.block_q, params.blocks.block_k
     b, qb, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     length, hist = len_ref[b], hist_ref[b]
@@ -75,9 +83,22 @@ def _fwd_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, kd_ref, vd_ref, o_ref, a
     @pl.when(kb == 0)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
+        if sm:
+            m_ref[...] = jnp.full_like(m_ref, scores.MASK_VALUE)
+            l_ref[...] = jnp.zeros_like(l_ref)
 
     def step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        if sm:
+            valid = None
+            if masked:
+                cols = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+                valid = tile_mask(rows, cols, length, hist, params.spec)
+            z = params.alpha * _mm(q, k, trans_b=True)
+            m, corr, w, l = scores.online_softmax_step(m_ref[...], l_ref[...], z, valid)
+            m_ref[...], l_ref[...] = m, l
+            acc_ref[...] = acc_ref[...] * corr + _mm(w.astype(v.dtype), v)
+            return
         p = silu(params.alpha * _mm(q, k, trans_b=True))
         if masked:
             cols = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -93,6 +114,13 @@ def _fwd_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, kd_ref, vd_ref, o_ref, a
         diag = uncovered_diagonal(pos, length, hist, lo, hi, bk)
         q = q_ref[...].astype(jnp.float32)
         sd = params.alpha * jnp.sum(q * kd_ref[...].astype(jnp.float32), axis=1, keepdims=True)
+        if sm:
+            m, corr, w, l = scores.online_softmax_step(m_ref[...], l_ref[...], sd, diag)
+            inv_l, lse = scores.softmax_finish(m, l)
+            acc = (acc_ref[...] * corr + w * vd_ref[...].astype(jnp.float32)) * inv_l
+            o_ref[...] = jnp.where(pos < length, acc, 0.0).astype(o_ref.dtype)
+            lse_ref[...] = jnp.where(pos < length, lse, 0.0)
+            return
         acc = acc_ref[...] + jnp.where(diag, silu(sd), 0.0) * vd_ref[...].astype(jnp.float32)
         o_ref[...] = jnp.where(pos < length, acc * params.inv_normalizer, 0.0).astype(o_ref.dtype)
 
@@ -101,12 +129,20 @@ def _spec(block: int, dim: int, index) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, block, dim), index)
 
 
-def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
+def _forward(q, k, v, lengths, hist, params: KernelParams):
+    """(out, lse [B, H, L, 1] or None) on padded [B, H, L, D] operands."""
     batch, heads, seq_len, dqk = q.shape
     dv = v.shape[-1]
     bq, bk = params.blocks.block_q, params.blocks.block_k
     kv_index = _kv_index(params, bq, bk)
-    return pl.pallas_call(
+    out_specs = [_spec(bq, dv, _row_index)]
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, seq_len, dv), q.dtype)]
+    scratch = [pltpu.VMEM((bq, dv), jnp.float32)]
+    if params.score.softmax:
+        out_specs.append(_spec(bq, 1, _row_index))
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, seq_len, 1), jnp.float32))
+        scratch += [pltpu.VMEM((bq, 1), jnp.float32)] * 2
+    outs = pl.pallas_call(
         functools.partial(_fwd_kernel, params=params),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
@@ -118,161 +154,37 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
                 _spec(bq, dqk, _row_index),
                 _spec(bq, dv, _row_index),
             ],
-            out_specs=_spec(bq, dv, _row_index),
-            scratch_shapes=[pltpu.VMEM((bq, dv), jnp.float32)],
+            out_specs=out_specs,
+            scratch_shapes=scratch,
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, heads, seq_len, dv), q.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=_interpret(params),
         name="hstu_attention_fwd",
     )(lengths, hist, q, k, v, k, v)
+    return outs[0], (outs[1] if params.score.softmax else None)
 
 
-def _dq_kernel(len_ref, hist_ref, q_ref, do_ref, k_ref, v_ref, kd_ref, vd_ref, dq_ref, acc_ref, *, params):
-    bq, bk = params.blocks.block_q, params.blocks.block_k
-    b, qb, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    length, hist = len_ref[b], hist_ref[b]
-    i0 = qb * bq
-    lo, full_hi, hi = key_blocks_for_rows(i0, bq, bk, length, hist, params.spec)
-    rows = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-
-    @pl.when(kb == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    def step(masked: bool):
-        q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-        _, grad = silu_and_grad(params.alpha * _mm(q, k, trans_b=True))
-        ds = _mm(do, v, trans_b=True) * grad
-        if masked:
-            cols = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            ds = jnp.where(tile_mask(rows, cols, length, hist, params.spec), ds, 0.0)
-        acc_ref[...] += _mm(ds.astype(k.dtype), k)
-
-    pl.when((kb >= lo) & (kb < full_hi))(functools.partial(step, False))
-    pl.when((kb >= full_hi) & (kb < hi))(functools.partial(step, True))
-
-    @pl.when(kb == pl.num_programs(3) - 1)
-    def _finish():
-        pos = i0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-        diag = uncovered_diagonal(pos, length, hist, lo, hi, bk)
-        kd = kd_ref[...].astype(jnp.float32)
-        _, grad_d = silu_and_grad(params.alpha * jnp.sum(q_ref[...].astype(jnp.float32) * kd, axis=1, keepdims=True))
-        dpd = jnp.sum(do_ref[...].astype(jnp.float32) * vd_ref[...].astype(jnp.float32), axis=1, keepdims=True)
-        acc = acc_ref[...] + jnp.where(diag, dpd * grad_d, 0.0) * kd
-        scale = params.alpha * params.inv_normalizer
-        dq_ref[...] = jnp.where(pos < length, acc * scale, 0.0).astype(dq_ref.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_bhld(q, k, v, lengths, hist, params):
+    return _forward(q, k, v, lengths, hist, params)[0]
 
 
-def _dkdv_kernel(len_ref, hist_ref, k_ref, v_ref, q_ref, do_ref, qd_ref, dod_ref, dk_ref, dv_ref, dk_acc, dv_acc,
-                 *, params):
-    bq, bk = params.blocks.block_q_bwd, params.blocks.block_k_bwd
-    b, kb, qb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    length, hist = len_ref[b], hist_ref[b]
-    j0 = kb * bk
-    lo, full_lo, full_hi, hi = row_blocks_for_keys(j0, bk, bq, length, hist, params.spec)
-    cols = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-
-    @pl.when(qb == 0)
-    def _init():
-        dk_acc[...] = jnp.zeros_like(dk_acc)
-        dv_acc[...] = jnp.zeros_like(dv_acc)
-
-    def step(masked: bool):
-        q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-        p, grad = silu_and_grad(params.alpha * _mm(q, k, trans_b=True))
-        ds = _mm(do, v, trans_b=True) * grad
-        if masked:
-            rows = qb * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            valid = tile_mask(rows, cols, length, hist, params.spec)
-            p = jnp.where(valid, p, 0.0)
-            ds = jnp.where(valid, ds, 0.0)
-        dv_acc[...] += _mm(p.astype(do.dtype), do, trans_a=True)
-        dk_acc[...] += _mm(ds.astype(q.dtype), q, trans_a=True)
-
-    in_range = (qb >= lo) & (qb < hi)
-    unmasked = (qb >= full_lo) & (qb < full_hi)
-    pl.when(in_range & unmasked)(functools.partial(step, False))
-    pl.when(in_range & ~unmasked)(functools.partial(step, True))
-
-    @pl.when(qb == pl.num_programs(3) - 1)
-    def _finish():
-        pos = j0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-        diag = uncovered_diagonal(pos, length, hist, lo, hi, bq)
-        qd = qd_ref[...].astype(jnp.float32)
-        dod = dod_ref[...].astype(jnp.float32)
-        pd, grad_d = silu_and_grad(params.alpha * jnp.sum(qd * k_ref[...].astype(jnp.float32), axis=1, keepdims=True))
-        dsd = jnp.sum(dod * v_ref[...].astype(jnp.float32), axis=1, keepdims=True) * grad_d
-        dk = dk_acc[...] + jnp.where(diag, dsd, 0.0) * qd
-        dv = dv_acc[...] + jnp.where(diag, pd, 0.0) * dod
-        valid = pos < length
-        dk_ref[...] = jnp.where(valid, dk * (params.alpha * params.inv_normalizer), 0.0).astype(dk_ref.dtype)
-        dv_ref[...] = jnp.where(valid, dv * params.inv_normalizer, 0.0).astype(dv_ref.dtype)
+def _attention_bhld_fwd(q, k, v, lengths, hist, params):
+    # Scores are recomputed in the backward: residuals are O(L) (plus softmax's output and row LSE).
+    out, lse = _forward(q, k, v, lengths, hist, params)
+    return out, (q, k, v, lengths, hist, out if params.score.softmax else None, lse)
 
 
-def _backward(q, k, v, lengths, hist, d_out, params: KernelParams):
-    batch, heads, seq_len, dqk = q.shape
-    dv = v.shape[-1]
-    blocks = params.blocks
-    d_out = d_out.astype(q.dtype)
-    bq, bk = blocks.block_q, blocks.block_k
-    kv_index = _kv_index(params, bq, bk)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, params=params),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(batch, heads, seq_len // bq, seq_len // bk),
-            in_specs=[
-                _spec(bq, dqk, _row_index),
-                _spec(bq, dv, _row_index),
-                _spec(bk, dqk, kv_index),
-                _spec(bk, dv, kv_index),
-                _spec(bq, dqk, _row_index),
-                _spec(bq, dv, _row_index),
-            ],
-            out_specs=_spec(bq, dqk, _row_index),
-            scratch_shapes=[pltpu.VMEM((bq, dqk), jnp.float32)],
-        ),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-        interpret=_interpret(params),
-        name="hstu_attention_dq",
-    )(lengths, hist, q, d_out, k, v, k, v)
+def _attention_bhld_bwd(params, res, d_out):
+    from kernels.hstu_attention.backend_pallas_tpu_bwd import backward  # builds on this module's helpers
 
-    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
-
-    def q_index(b, h, j, i, len_ref, hist_ref):
-        lo, _, _, hi = row_blocks_for_keys(j * bk, bk, bq, len_ref[b], hist_ref[b], params.spec)
-        return b, h, _clamp(i, lo, hi), 0
-
-    def key_index(b, h, j, i, len_ref, hist_ref):
-        return b, h, j, 0
-
-    dk, dv_out = pl.pallas_call(
-        functools.partial(_dkdv_kernel, params=params),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(batch, heads, seq_len // bk, seq_len // bq),
-            in_specs=[
-                _spec(bk, dqk, key_index),
-                _spec(bk, dv, key_index),
-                _spec(bq, dqk, q_index),
-                _spec(bq, dv, q_index),
-                _spec(bk, dqk, key_index),
-                _spec(bk, dv, key_index),
-            ],
-            out_specs=[_spec(bk, dqk, key_index), _spec(bk, dv, key_index)],
-            scratch_shapes=[pltpu.VMEM((bk, dqk), jnp.float32), pltpu.VMEM((bk, dv), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-        interpret=_interpret(params),
-        name="hstu_attention_dkdv",
-    )(lengths, hist, k, v, q, d_out, q, d_out)
-    return dq, dk, dv_out
+    q, k, v, lengths, hist, out, lse = res
+    dq, dk, dv = backward(q, k, v, lengths, hist, out, lse, d_out, params)
+    return dq, dk, dv, None, None
 
 
-_attention_bhld = common.make_attention(_forward, _backward)
+_attention_bhld.defvjp(_attention_bhld_fwd, _attention_bhld_bwd)
 
 
 def _attention(q, k, v, lengths, hist, params):
@@ -304,10 +216,10 @@ def attention(
 
     `interpret=True` runs the TPU interpreter (`pltpu.InterpretParams()`), which models TPU memory spaces.
     """
-    if spec != ScoreSpec():
-        raise NotImplementedError(f"{BACKEND.name} runs silu without biases only")
+    if spec.has_bias:
+        raise NotImplementedError(f"{BACKEND.name} runs without biases only")
     blocks = block_sizes if block_sizes is not None else BACKEND.default_block_sizes(q.shape[1])
-    params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret)
+    params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret, spec)
     multiple = max(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
     return common.run_padded(
         _attention, q, k, v, lengths, num_targets, params, seq_multiple=multiple, head_multiple=lambda d: d
@@ -320,10 +232,11 @@ BACKEND = Backend(
     platforms=("tpu",),
     dtypes=("float32", "bfloat16"),
     priority=10,
-    score_fns=("silu",),
+    score_fns=("silu", "softmax"),
     biases=frozenset(),
-    modes=("full",),
+    modes=("full", "cached"),
     default_blocks=DEFAULT_BLOCKS,
     tuning=TUNING,
     attention=attention,
+    attention_cached=functools.partial(backend_pallas_tpu_cached.attention_cached, default_blocks=DEFAULT_BLOCKS),
 )

@@ -24,3 +24,20 @@ class TestPallasTpu(HSTUAttentionBackendTests):
             out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
             interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
         )(jnp.zeros((16, 128), jnp.float32))
+
+    def test_export_lowering_softmax_full_no_bias(self):
+        """Full-mode softmax without biases, forward + gradients, lowers for TPU at D = 128, L = 1024 (bf16)."""
+        from jax import export
+
+        from kernels.hstu_attention import hstu_attention
+
+        qkv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+        ints = jax.ShapeDtypeStruct((2,), jnp.int32)
+        for contextual_len, max_attn_len in ((0, None), (2, 64)):
+            def loss(q, k, v, lengths, targets):
+                out = hstu_attention(q, k, v, lengths, targets, score_fn="softmax", implementation=self.IMPLEMENTATION,
+                                     contextual_len=contextual_len, max_attn_len=max_attn_len)
+                return jnp.sum(out.astype(jnp.float32))
+
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            export.export(fn, platforms=["tpu"])(qkv, qkv, qkv, ints, ints)
