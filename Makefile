@@ -2,7 +2,21 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# DEVICE=cpu (default), gpu (NVIDIA, installs the `cuda` extra: jax[cuda12]) or tpu (the `tpu` extra), e.g.
+# `make demo DEVICE=gpu`. The demo then runs with JAX_PLATFORMS set, so a missing accelerator is an error,
+# not a silent CPU run.
+DEVICE ?= cpu
+EXTRAS_cpu := test
+EXTRAS_gpu := test,cuda
+EXTRAS_tpu := test,tpu
+PLATFORM_cpu :=
+PLATFORM_gpu := cuda
+PLATFORM_tpu := tpu
+EXTRAS := $(EXTRAS_$(DEVICE))
+ifeq ($(EXTRAS),)
+$(error DEVICE must be cpu, gpu or tpu, got '$(DEVICE)')
+endif
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(DEVICE)
 PYTEST_ARGS ?=
 
 # The first interpreter that really runs and is >= 3.12: PATH first (a pyenv shim can exist and still fail),
@@ -29,15 +43,16 @@ $(STAMP): pyproject.toml
 	  $$py -m venv $(VENV); \
 	fi
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 python:
 	@py=$$( $(find_python) ) && echo $$py || { echo "no Python >= 3.12 found on PATH or under pyenv" >&2; exit 1; }
 
 ## Train the two-tower baseline and GESR on the embedded synthetic data; print NE per task next to the oracle NE.
+## DEVICE=gpu / DEVICE=tpu install the accelerator extra first and run there.
 demo: $(STAMP)
-	$(PY) experiments/demo.py
+	$(if $(PLATFORM_$(DEVICE)),JAX_PLATFORMS=$(PLATFORM_$(DEVICE)) )$(PY) experiments/demo.py
 
 ## The default suite (CPU, < 10 min on 2 cores; slow tests excluded).
 test: $(STAMP)

@@ -6,6 +6,7 @@
     gesr train --workdir /tmp/run                 # resume with the workdir's config.json
     gesr eval  --workdir /tmp/run                 # restore the latest checkpoint, print valid+test metrics
     gesr data  download ml-1m --to DIR | gesr data inspect --path DIR
+    gesr config list | gesr config show synthetic_tiny [--set model.use_hma=false]
 
 Usage errors (:func:`usage_errors`: a bad config, workdir, data file or checkpoint) print one
 ``error: ...`` line and exit with status 2; a run that diverges (NaN/Inf loss) prints one line and exits
@@ -43,12 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "defaults to the workdir's config.json when resuming")  # fmt: skip
     p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, checkpoints/, plots/")
     _add_overrides(p)
+    p.add_argument("--strict", action="store_true",
+                   help="a corrupt checkpoint is an error (default: fall back to the newest intact one, warning)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the data differ from the workdir's data_fingerprint.json")
+    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's address (or $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process run: processes (or $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process run: this process (or $JAX_PROCESS_ID)")
+    _add_cache_flag(p)
     p.set_defaults(func=_run_train)
 
-    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir on valid and test")
+    p = sub.add_parser("eval", help="evaluate the best valid checkpoint of a workdir on valid and test")
     p.add_argument("--workdir", required=True, help="a folder written by `gesr train`")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", default=None, help="checkpoint step, or 'last' for the newest (default: the best valid step)")
     p.add_argument("--splits", default="valid,test", help="comma-separated splits to evaluate (default: valid,test)")
+    p.add_argument("--strict", action="store_true", help="a corrupt checkpoint is an error (default: fall back, warning)")
+    _add_cache_flag(p)
     p.set_defaults(func=_run_eval)
 
     p = sub.add_parser("data", help="download or inspect datasets")
@@ -59,7 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_data_unavailable, import_error=str(err))
     else:
         commands.register(p.add_subparsers(dest="data_command", required=True))
+
+    from gesr_jax.serving.export import register_cli as register_export  # `gesr export`: serving artifacts
+
+    register_export(sub)
+    from gesr_jax import config_commands  # `gesr config list|show`
+
+    config_commands.register(sub)
     return parser
+
+
+def _add_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-compilation-cache", action="store_true",
+        help="do not use JAX's persistent compilation cache ($GESR_CACHE_DIR/jax_compilation_cache; "
+             "also off with GESR_NO_COMPILATION_CACHE=1)",
+    )  # fmt: skip
+
+
+def _compilation_cache(args: argparse.Namespace) -> None:
+    from gesr_jax.train import runtime
+
+    runtime.enable_compilation_cache(False if args.no_compilation_cache else None)
 
 
 def _data_unavailable(args: argparse.Namespace) -> int:
@@ -70,6 +103,11 @@ def _data_unavailable(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from gesr_jax import config as config_lib
+    from gesr_jax.train import distributed
+
+    # Before anything touches a JAX backend; only when one of the three settings is given.
+    distributed.initialize(distributed.settings(args.coordinator_address, args.num_processes, args.process_id))
+    _compilation_cache(args)
     from gesr_jax.train import trainer
 
     workdir = pathlib.Path(args.workdir)
@@ -79,21 +117,40 @@ def _run_train(args: argparse.Namespace) -> int:
         config = config_lib.apply_overrides(config_lib.load_json(workdir / "config.json"), args.overrides)
     else:
         raise ConfigError(f"--config is required: {workdir} has no config.json to resume from")
-    results = trainer.train_and_evaluate(config, workdir)
-    print(json.dumps(trainer.jsonable(results), sort_keys=True))
+    flags = {"strict": args.strict, "allow_data_change": args.allow_data_change}
+    results = trainer.train_and_evaluate(config, workdir, **{k: v for k, v in flags.items() if v})
+    if distributed.is_primary():
+        print(json.dumps(trainer.jsonable(results), sort_keys=True))
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    _compilation_cache(args)
     from gesr_jax.train import trainer
 
     names = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     unknown = sorted(set(names) - {"train", "valid", "test"})
     if unknown or not names:
         raise ConfigError(f"--splits must name train, valid and/or test, got {args.splits!r}")
-    results = trainer.evaluate_workdir(args.workdir, step=args.step, split_names=names)
-    print(json.dumps(trainer.jsonable(results), sort_keys=True))
+    step = args.step if args.step in (None, "last") else _step_number(args.step)
+    from gesr_jax.train import workdir as workdir_lib
+
+    try:
+        if pathlib.Path(args.workdir).is_dir():  # a missing workdir is reported below (no config.json)
+            workdir_lib.check_writable(args.workdir)
+    except workdir_lib.WorkdirNotWritableError as err:  # evaluate anyway; the results are printed
+        print(f"warning: {err}; the results will be printed but eval.json cannot be written", file=sys.stderr)
+    results = trainer.evaluate_workdir(args.workdir, step=step, split_names=names, strict=args.strict, write=False)
+    print(json.dumps(trainer.jsonable(results), sort_keys=True), flush=True)
+    trainer.write_eval_results(args.workdir, results)  # WorkdirNotWritableError: one line, status 2
     return 0
+
+
+def _step_number(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"--step must be a checkpoint step number or 'last', got {raw!r}") from None
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:

@@ -19,3 +19,7 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (MovieLens files are never committed)")
     return SHARED_DATA
+
+# `gesr train` turns JAX's persistent compilation cache on; tests that run the CLI must neither read a cache
+# another run left nor fill ~/.cache (tests of the cache itself set their own folder).
+os.environ.setdefault("GESR_NO_COMPILATION_CACHE", "1")

@@ -81,7 +81,7 @@ def test_data_subcommand_reports_a_missing_module(monkeypatch, capsys):
 
 
 def test_diverged_training_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
-    def diverge(config, workdir):
+    def diverge(config, workdir, **kwargs):
         raise trainer.TrainingDivergedError("loss became nan at step 3; training stopped")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", diverge)
@@ -94,7 +94,7 @@ def test_diverged_training_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
     [DataError("data.source 'x' is unknown"), DataFormatError("ratings.dat:3: bad line"), ConfigError("bad key")],
 )
 def test_usage_errors_exit_2_with_one_line(error, monkeypatch, tmp_path, capsys):
-    def fail(config, workdir):
+    def fail(config, workdir, **kwargs):
         raise error
 
     monkeypatch.setattr(trainer, "train_and_evaluate", fail)
@@ -104,7 +104,7 @@ def test_usage_errors_exit_2_with_one_line(error, monkeypatch, tmp_path, capsys)
 
 @pytest.mark.parametrize("bug", [ValueError("shapes (3,) and (4,) differ"), KeyError("cand_item"), TypeError("x")])
 def test_other_exceptions_keep_their_traceback(bug, monkeypatch, tmp_path, capsys):
-    def fail(config, workdir):
+    def fail(config, workdir, **kwargs):
         raise bug
 
     monkeypatch.setattr(trainer, "train_and_evaluate", fail)
@@ -117,6 +117,7 @@ def test_eval_refuses_a_workdir_trained_by_another_model_api(tmp_path, capsys):
     workdir = tmp_path / "custom"
     config = fx.tiny_config(num_steps=2)
     trainer.train_and_evaluate(config, workdir, model_api=fx.linear_api(), splits=fx.make_splits())
+    capsys.readouterr()  # drop the training run's progress lines
     # `gesr eval` uses the default model API (gesr_jax.api); it must not silently score the stock model.
     assert cli.main(["eval", "--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err.strip()

@@ -2,7 +2,9 @@
 
 :func:`register` adds both subcommands to the ``data`` group of the main CLI; each parser sets
 ``func`` to a handler ``(argparse.Namespace) -> int`` exit code. Run alone with
-``python -m gesr_jax.data.commands inspect --path DIR``.
+``python -m gesr_jax.data.commands inspect --path DIR``. ``inspect --config NAME`` builds the requests
+with that preset's data settings (any ``data.source``) and adds the feature health report
+(gesr_jax/data/health.py) for the preset's HMA pairs.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--base-url", help=f"fetch {{BASE_URL}}/NAME.zip instead of {download_lib.OFFICIAL_BASE_URL}")
     p.set_defaults(func=run_download)
 
-    p = subparsers.add_parser("inspect", help="print one JSON object describing a MovieLens folder")
-    p.add_argument("--path", required=True, help="MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...)")
+    p = subparsers.add_parser("inspect", help="print one JSON object describing a MovieLens folder or a preset's data")
+    p.add_argument("--path", help="MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...); with --config: data.path")
+    p.add_argument("--config", help="preset (or .py file) whose data settings build the requests, e.g. ml1m_base or "
+                   "synthetic_tiny; implies --requests and adds per-split feature health")  # fmt: skip
     p.add_argument("--requests", action="store_true", help="also build the ESR requests and report split sizes")
     p.add_argument(
         "--set",
@@ -65,6 +69,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     from gesr_jax.config import ConfigError, apply_overrides
 
     try:
+        if args.config is not None:
+            return _inspect_preset(args)
+        if args.path is None:
+            raise ConfigError("inspect needs --path DIR (a MovieLens folder) or --config NAME (a preset)")
         overrides = [o.removeprefix("data.") for o in args.overrides]
         data_config = apply_overrides(DataConfig(source="movielens", path=args.path), overrides)
         report = inspect(data_config, build_requests=args.requests)
@@ -73,6 +81,37 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report))
     return 0
+
+
+def _inspect_preset(args: argparse.Namespace) -> int:
+    """``inspect --config NAME``: the preset's data (after ``--set``, ``data.`` prefix optional), requests, health."""
+    from gesr_jax.config import load_config
+
+    overrides = [o if o.split("=", 1)[0].count(".") and o.split(".", 1)[0] in ("data", "model", "train")
+                 else f"data.{o}" for o in args.overrides]  # fmt: skip
+    if args.path is not None:
+        overrides.append(f"data.path={args.path}")
+    config = load_config(args.config, overrides)
+    print(json.dumps(inspect_config(config)))
+    return 0
+
+
+def inspect_config(config: Any) -> dict[str, Any]:
+    """Requests, schema and feature health of ``config.data`` (and the folder counts for MovieLens)."""
+    from gesr_jax.data import health
+
+    data_config = config.data
+    report: dict[str, Any] = {"config": config.name, "source": data_config.source}
+    if data_config.source == "movielens":
+        report |= inspect(data_config)
+    splits = datasets.load_splits(data_config)
+    report["requests"] = splits.stats
+    report["schema"] = dataclasses.asdict(splits.schema)
+    pairs = tuple(getattr(config.model, "hma_pairs", ())) or tuple(
+        (f, f) for f in ("item", *splits.schema.item_feature_names)
+    )  # a model without HMA: every same-name pair, to show which would match
+    report["health"] = health.feature_health(splits, pairs)
+    return report
 
 
 def inspect(data_config: DataConfig, build_requests: bool = False) -> dict[str, Any]:

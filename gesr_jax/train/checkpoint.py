@@ -34,8 +34,6 @@ missing manifests, wrong bytes, non-finite values) is a :class:`CheckpointCorrup
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import pathlib
 import shutil
 import warnings
@@ -43,10 +41,16 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from gesr_jax.train.checksums import (  # noqa: F401  (re-exported: the checkpoint module's API before)
+    all_finite,
+    count_nonfinite,
+    leaf_specs,
+    tree_digest,
+)
+from gesr_jax.train.checksums import iterator_digest as _iterator_digest
 
 INTEGRITY_VERSION = 1
 
@@ -78,6 +82,17 @@ class CheckpointWarning(UserWarning):
     """A step was skipped as corrupt, or restored without checksums (written before they existed)."""
 
 
+class _LatestAndProtected:
+    """Orbax preservation policy: the newest ``n`` steps plus every step in ``protected`` (read at each cleanup)."""
+
+    def __init__(self, n: int, protected: set[int]):
+        self.n, self.protected = n, protected
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        newest = {c.step for c in sorted(checkpoints, key=lambda c: c.step)[-self.n :]} if self.n > 0 else set()
+        return [c.step in newest or c.step in self.protected for c in checkpoints]
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """What :meth:`Checkpointer.restore_latest_intact` returns."""
@@ -92,51 +107,6 @@ class Restored:
 def _abstract(tree: Any) -> Any:
     """Shape/dtype/sharding template of a pytree of arrays, for restoring onto the same layout."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def _host(x: Any) -> np.ndarray:
-    """A full host copy of one leaf; arrays spread over several hosts are gathered first."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{key path: (shape, dtype)}`` of every leaf of ``tree`` (arrays or shape/dtype structs)."""
-    return {
-        jax.tree_util.keystr(path): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def tree_digest(tree: Any) -> dict[str, dict[str, Any]]:
-    """``{key path: {"shape", "dtype", "sha256"}}`` of every leaf, hashed from a host copy of its bytes."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        host = np.asarray(_host(leaf), order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
-        out[jax.tree_util.keystr(path)] = {
-            "shape": list(host.shape),
-            "dtype": str(host.dtype),
-            "sha256": hashlib.sha256(host.tobytes()).hexdigest(),
-        }
-    return out
-
-
-def _iterator_digest(data_iterator: grain.DatasetIterator) -> str:
-    return hashlib.sha256(json.dumps(data_iterator.get_state(), sort_keys=True).encode()).hexdigest()
-
-
-def count_nonfinite(tree: Any) -> int:
-    """Number of NaN/Inf values over the floating-point leaves of ``tree`` (one scalar pulled to host)."""
-    counts = [
-        jnp.sum(~jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
-    ]
-    return sum(int(c) for c in jax.device_get(counts))  # one transfer for all leaves
-
-
-def all_finite(tree: Any) -> bool:
-    """True when every floating-point value of ``tree`` is finite (the trainer saves only such params)."""
-    return count_nonfinite(tree) == 0
 
 
 def _one_line(err: BaseException) -> str:
@@ -159,8 +129,11 @@ class Checkpointer:
         running training would otherwise delete the save in progress.
         """
         self.directory = pathlib.Path(directory).absolute()
+        self._protected: set[int] = set()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_partial
+            create=True,
+            cleanup_tmp_directories=cleanup_partial,
+            preservation_policy=_LatestAndProtected(max_to_keep, self._protected),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         if cleanup_partial:  # Orbax runs it in the background and awaits it only in save(); finish it now
@@ -168,6 +141,11 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def protect(self, steps: set[int] | list[int] | tuple[int, ...]) -> None:
+        """Keep exactly these steps (e.g. the best one) beyond ``max_to_keep``; replaces the previous set."""
+        self._protected.clear()
+        self._protected.update(int(s) for s in steps)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

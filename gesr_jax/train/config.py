@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,10 @@ class TrainConfig:
     task_weights: tuple[float, ...] = ()  # per-task BCE weights; () = 1 for every task
     evaluators: tuple[str, ...] = ("candidate",)  # registered evaluators (train/evaluators.py): candidate, ranking
     ranking_ks: tuple[int, ...] = (1, 10, 50)  # K of HR@K / NDCG@K for the "ranking" evaluator
+    # Model selection (train/selection.py): the valid metric that picks the reported checkpoint.
+    select_metric: str = "mean_ne"  # "mean_ne" (mean NE over tasks), "<task>/ne", "<task>/auc", "ranking/mrr", ...
+    select_mode: str = "auto"  # "min", "max", or "auto" (derived from the metric's name: NE/loss min, AUC/HR max)
+    patience: int = 0  # stop after this many valid passes without improvement; 0 = never stop early
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its valid range."""
@@ -32,7 +37,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "num_steps", "warmup_steps", "log_every", "eval_every", "checkpoint_every"):
+        for name in ("learning_rate", "end_lr_fraction", "weight_decay", "grad_clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        if any(not math.isfinite(w) for w in self.task_weights):
+            raise ValueError(f"train.task_weights must be finite numbers, got {self.task_weights}")
+        for name in ("seed", "num_steps", "warmup_steps", "log_every", "eval_every", "checkpoint_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -46,3 +56,7 @@ class TrainConfig:
             raise ValueError(f"train.evaluators must name at least one evaluator, each once, got {self.evaluators}")
         if not self.ranking_ks or any(k < 1 for k in self.ranking_ks):
             raise ValueError(f"train.ranking_ks must be K >= 1 values, got {self.ranking_ks}")
+        if self.select_mode not in ("auto", "min", "max"):
+            raise ValueError(f"train.select_mode must be 'auto', 'min' or 'max', got {self.select_mode!r}")
+        if not self.select_metric.strip():
+            raise ValueError("train.select_metric must name a valid metric, e.g. 'mean_ne' or 'consume/auc'")

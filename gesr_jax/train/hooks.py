@@ -19,20 +19,23 @@ checkpoint saves and a resume restores. Before using params or train metrics a h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from gesr_jax.train import plots
-from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train import distributed, plots
+from gesr_jax.train.checkpoint import Checkpointer, CheckpointWarning, all_finite
 from gesr_jax.train.setup import Setup
+from gesr_jax.train.workdir import atomic_write_text
 
 
 class TrainingDivergedError(RuntimeError):
@@ -74,11 +77,18 @@ class LoopContext:
     finished: bool = False  # True once the loop is over (the final evaluations)
     hooks: Sequence[Hook] = ()
     progress: Any = None  # the tqdm bar, if any
+    last_saved: int | None = None  # the step of the newest checkpoint this run wrote or restored
+    checkpoint_requested: bool = False  # a hook asked for a checkpoint of this step (model selection)
     start_time: float = dataclasses.field(default_factory=time.perf_counter)
+    reporter: Any = None  # gesr_jax.train.reporting.Reporter: phase lines on stderr (None = silent)
 
     @property
     def config(self) -> Any:
         return self.setup.config
+
+    def phase(self, what: str) -> Any:
+        """A context manager reporting ``what`` and its duration through the run's reporter (no-op without one)."""
+        return self.reporter.phase(what) if self.reporter is not None else contextlib.nullcontext({})
 
     def request_stop(self, reason: str) -> None:
         """End the loop after the current step; the final checkpoint and evaluation still run."""
@@ -92,33 +102,69 @@ class LoopContext:
             self.window[i] = (step, host)
             for key in ("loss", "grad_norm"):
                 if not math.isfinite(host[key]):
-                    self.checkpoints.wait()
-                    raise TrainingDivergedError(
-                        f"{key} became {host[key]} at step {step}; training stopped. The last good checkpoint "
-                        f"(step {self.checkpoints.latest_step()}) is kept in {self.checkpoints.directory}. Lower "
-                        f"train.learning_rate, keep train.grad_clip_norm > 0, or check the data."
-                    )
+                    self.diverged(f"{key} became {host[key]} at step {step}")
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Run the configured evaluators on one split and tell every hook (``on_eval``)."""
+    def diverged(self, what: str) -> None:
+        """Raise :class:`TrainingDivergedError` naming the last good checkpoint (every step on disk was checked)."""
+        self.checkpoints.wait()
+        last = self.checkpoints.latest_step()
+        kept = (
+            "no checkpoint was written" if last is None
+            else f"the last good checkpoint (step {last}) is kept in {self.checkpoints.directory}"
+        )  # fmt: skip
+        raise TrainingDivergedError(
+            f"{what}; training stopped and {kept}. Lower train.learning_rate, keep train.grad_clip_norm > 0, "
+            "or check the data."
+        )
+
+    def evaluate(self, split: str, *, params: Any = None, step: int | None = None) -> dict[str, float]:
+        """Run the configured evaluators on one split and tell every hook (``on_eval``).
+
+        ``params`` / ``step`` default to the current ones (the final test pass uses the best step's).
+        """
         self.require_finite()
-        result = self.setup.evaluator(self.params, getattr(self.setup.splits, split), split)
+        params = self.params if params is None else params
+        with self.phase(f"evaluating {split}"):
+            result = self.setup.evaluator(params, getattr(self.setup.splits, split), split)
         for hook in self.hooks:
-            hook.on_eval(self, self.step, split, result)
+            hook.on_eval(self, self.step if step is None else step, split, result)
         return result
 
-    def save_checkpoint(self) -> None:
-        self.require_finite()  # a checkpoint on disk is always a good one
-        meta = {"log_window": self.window, "hooks": self.hook_state, "stop_reason": self.stop_reason}
-        self.checkpoints.save(self.step, self.params, self.opt_state, self.data_iter, jsonable(meta))
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint of the current step, written once every hook's ``on_step`` ran."""
+        self.checkpoint_requested = True
 
-    def restore(self, step: int) -> None:
-        self.params, self.opt_state, self.step, meta = self.checkpoints.restore(
-            step, params=self.params, opt_state=self.opt_state, data_iterator=self.data_iter
-        )
+    def save_checkpoint(self) -> None:
+        """Save the current state unless this step is already on disk; only finite state is ever saved."""
+        self.checkpoint_requested = False
+        if self.last_saved == self.step:
+            return
+        self.require_finite()  # the loss and gradient of every step up to here
+        if not (all_finite(self.params) and all_finite(self.opt_state)):  # the state after the update
+            self.diverged(f"the parameters or optimizer state became NaN/Inf at step {self.step}")
+        meta = {"log_window": self.window, "hooks": self.hook_state, "stop_reason": self.stop_reason}
+        with self.phase(f"saving checkpoint {self.step}"):
+            self.checkpoints.save(self.step, self.params, self.opt_state, self.data_iter, jsonable(meta))
+        self.last_saved = self.step
+
+    def restore_latest(self, *, strict: bool = False) -> int | None:
+        """Resume from the newest intact checkpoint (corrupt newer ones are quarantined); its step or None."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointWarning)
+            restored = self.checkpoints.restore_latest_intact(
+                params=self.params, opt_state=self.opt_state, data_iterator=self.data_iter,
+                strict=strict, quarantine=True,
+            )  # fmt: skip
+        for w in caught:  # re-issued from here, so they point at the trainer and are not de-duplicated away
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if restored is None:
+            return None
+        self.params, self.opt_state, self.step, meta = restored.params, restored.opt_state, restored.step, restored.metadata
         self.window = [(int(s), m) for s, m in meta.get("log_window", [])]
         self.hook_state = dict(meta.get("hooks", {}))
         self.stop_reason = meta.get("stop_reason")
+        self.resume_step = self.last_saved = restored.step
+        return restored.step
 
 
 class Hook:
@@ -140,37 +186,67 @@ class Hook:
         pass
 
 
-class MetricsLogger(Hook):
-    """Writes ``metrics.jsonl``: mean train metrics every ``train.log_every`` steps, and every evaluation."""
+# Keys of metrics.jsonl / results.json that measure time, not the model: they differ between two identical runs.
+TIMING_KEYS = ("wall_time", "sec_per_step", "requests_per_sec", "candidates_per_sec")
 
-    def __init__(self, path: pathlib.Path, schedule: Callable[[int], Any]):
-        self.path, self.schedule = path, schedule
+
+def _phase_seconds(ctx: LoopContext) -> float:
+    return ctx.reporter.phase_seconds if ctx.reporter is not None else 0.0
+
+
+class MetricsLogger(Hook):
+    """Writes ``metrics.jsonl``: mean train metrics every ``train.log_every`` steps, and every evaluation.
+
+    Train lines also carry ``sec_per_step``, ``requests_per_sec`` and ``candidates_per_sec`` (requests x the
+    train split's mean candidates per request), timed from the end of this run's first step (which
+    compiles) and without the time spent in evaluations and checkpoints. Each record also goes to every
+    ``sinks`` callable (e.g. :class:`gesr_jax.train.reporting.TensorBoard`).
+    """
+
+    def __init__(self, path: pathlib.Path, schedule: Callable[[int], Any], sinks: Sequence[Callable[[dict], Any]] = ()):
+        self.path, self.schedule, self.sinks = path, schedule, tuple(sinks)
         self.window_start = time.perf_counter()
+        self.timed_from: int | None = None  # the step after which steps are timed
+        self.phase_mark = 0.0
+        self.candidates_per_request = 1.0
 
     def on_train_start(self, ctx: LoopContext) -> None:
-        if ctx.resume_step is None:
-            self.path.write_text("")
-        else:  # lines past the restored step are replayed by the resumed run
-            kept = [r for r in plots.read_metrics(self.path) if r["step"] <= ctx.resume_step and not r.get("final")]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if distributed.is_primary():
+            # A resumed run replays every step after the restored one: drop their lines (and any line a
+            # crash cut short), so no line appears twice. Rewritten atomically: a crash keeps the old file.
+            kept = [] if ctx.resume_step is None else [
+                r for r in _read_lines(self.path) if r.get("step", 0) <= ctx.resume_step and not r.get("final")
+            ]  # fmt: skip
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.window_start = time.perf_counter()
+        train = getattr(ctx.setup.splits, "train", None)
+        if isinstance(train, dict) and "num_candidates" in train and len(train["num_candidates"]):
+            self.candidates_per_request = float(np.mean(train["num_candidates"]))
 
     def on_step(self, ctx: LoopContext, step: int, metrics: dict[str, Any]) -> None:
         tc = ctx.config.train
+        if self.timed_from is None:  # this run's first step compiles: time from its end
+            jax.block_until_ready(metrics)
+            self.timed_from, self.window_start, self.phase_mark = step, time.perf_counter(), _phase_seconds(ctx)
         if not (due(step, tc.log_every) or step == tc.num_steps):
             return
         ctx.require_finite()
-        elapsed = time.perf_counter() - self.window_start
+        elapsed = time.perf_counter() - self.window_start - (_phase_seconds(ctx) - self.phase_mark)
+        timed = sum(1 for s, _ in ctx.window if s > self.timed_from)  # a resume's restored window was not timed
+        ok = timed > 0 and elapsed > 0
         keys = ctx.window[-1][1].keys()
         record = {"step": step, "split": "train", **{k: float(np.mean([m[k] for _, m in ctx.window])) for k in keys},
                   "learning_rate": float(self.schedule(step - 1)),
-                  "examples_per_sec": len(ctx.window) * tc.batch_size / max(elapsed, 1e-9),
+                  "sec_per_step": elapsed / timed if ok else float("nan"),
+                  "requests_per_sec": timed * tc.batch_size / elapsed if ok else float("nan"),
+                  "candidates_per_sec": (timed * tc.batch_size * self.candidates_per_request / elapsed if ok
+                                         else float("nan")),
                   "wall_time": time.perf_counter() - ctx.start_time}  # fmt: skip
         self.write(record)
         if ctx.progress is not None:
             ctx.progress.set_postfix(loss=f"{record['loss']:.4f}")
         ctx.window.clear()
-        self.window_start = time.perf_counter()
+        self.window_start, self.phase_mark = time.perf_counter(), _phase_seconds(ctx)
 
     def on_eval(self, ctx: LoopContext, step: int, split: str, metrics: dict[str, float]) -> None:
         final = {"final": True} if ctx.finished else {}
@@ -178,8 +254,26 @@ class MetricsLogger(Hook):
         self.write({"step": step, "split": split, **final, **metrics, "wall_time": wall_time})
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(jsonable(record)) + "\n")
+        if distributed.is_primary():
+            with self.path.open("a") as f:
+                f.write(json.dumps(jsonable(record)) + "\n")
+            for sink in self.sinks:
+                sink(record)
+
+
+def _read_lines(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The JSON records of ``metrics.jsonl``, skipping a torn (unparsable) line a crash left behind."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 class PeriodicEval(Hook):
@@ -204,8 +298,7 @@ class Checkpointing(Hook):
             ctx.save_checkpoint()
 
     def on_loop_end(self, ctx: LoopContext) -> None:
-        if ctx.checkpoints.latest_step() != ctx.step:
-            ctx.save_checkpoint()
+        ctx.save_checkpoint()  # a no-op when this step is already on disk
 
 
 class EarlyStopping(Hook):
@@ -243,14 +336,17 @@ class Plots(Hook):
     """Draws ``plots/loss.png`` and ``plots/ne.png`` from ``metrics.jsonl`` at the end of the run."""
 
     def on_end(self, ctx: LoopContext, results: dict[str, Any]) -> None:
-        plots.write_plots(ctx.workdir / "metrics.jsonl", ctx.workdir / "plots", ctx.setup.tasks)
+        if distributed.is_primary():
+            plots.write_plots(ctx.workdir / "metrics.jsonl", ctx.workdir / "plots", ctx.setup.tasks)
 
 
-def default_hooks(ctx: LoopContext, schedule: Callable[[int], Any]) -> list[Hook]:
-    """The standard behaviour, in order: log, periodic valid eval, checkpoints, plots."""
+def default_hooks(
+    ctx: LoopContext, schedule: Callable[[int], Any], sinks: Sequence[Callable[[dict], Any]] = ()
+) -> list[Hook]:
+    """The standard behaviour, in order: log (metrics.jsonl and ``sinks``), periodic valid eval, checkpoints, plots."""
     tc = ctx.config.train
     return [
-        MetricsLogger(ctx.workdir / "metrics.jsonl", schedule),
+        MetricsLogger(ctx.workdir / "metrics.jsonl", schedule, sinks),
         PeriodicEval(tc.eval_every),
         Checkpointing(tc.checkpoint_every),
         Plots(),

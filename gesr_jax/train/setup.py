@@ -21,11 +21,14 @@ from flax import nnx
 
 from gesr_jax import config as config_lib
 from gesr_jax.config import Config, ConfigError
-from gesr_jax.data import datasets
+from gesr_jax.data import datasets, pipeline
 from gesr_jax.models import registry
+from gesr_jax.train import distributed
 from gesr_jax.train import evaluators as evaluators_lib
 from gesr_jax.train import sharding as sharding_lib
 from gesr_jax.train import step as step_lib
+from gesr_jax.train import workdir as workdir_lib
+from gesr_jax.train.workdir import WorkdirError  # noqa: F401  (the one workdir error type; re-exported)
 
 DEFAULT_MODEL_API = "gesr_jax.api"  # dispatches on config.model.kind through gesr_jax.models.registry
 MODEL_RECORD = "model.json"
@@ -41,12 +44,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.max_checkpoints",
         "train.evaluators",
         "train.ranking_ks",
+        "train.patience",
     }
 )
-
-
-class WorkdirError(ConfigError):
-    """A workdir cannot be used as asked: no config.json or checkpoint, or trained by another model API."""
 
 
 def default_model_api() -> Any:
@@ -124,7 +124,14 @@ def setup(
         weights = step_lib.resolve_task_weights(tasks, tc)
         if training:
             sharding_lib.check_batch_size(tc.batch_size, mesh, "train.batch_size")
+            pipeline.local_batch_size(tc.batch_size, jax.process_count())
+            n_train = pipeline.check_split(splits.train, "train split")
+            if n_train < tc.batch_size:
+                raise ValueError(
+                    f"train.batch_size={tc.batch_size} is larger than the train split ({n_train} requests)"
+                )
         sharding_lib.check_batch_size(tc.eval_batch_size, mesh, "train.eval_batch_size")
+        pipeline.local_batch_size(tc.eval_batch_size, jax.process_count(), field="train.eval_batch_size")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tx = opt_state = opt_state_sharding = None
@@ -150,7 +157,10 @@ def init_model(config: Config, model_api: Any, mesh: jax.sharding.Mesh, schema: 
     # Parameters are created unsharded on the host and placed below; sharding is decided here, not
     # at construction time, so models never need a mesh.
     with nnx.use_eager_sharding(False):
-        graphdef, params = model_api.init(config, config.train.seed, schema=schema)
+        try:
+            graphdef, params = model_api.init(config, config.train.seed, schema=schema)
+        except ValueError as err:  # the model config does not fit this data (e.g. model.hma_pairs names)
+            raise ConfigError(str(err)) from None
     params_sharding = sharding_lib.param_shardings(params, mesh)
     return graphdef, sharding_lib.place(params, params_sharding), params_sharding
 
@@ -180,18 +190,55 @@ def check_resume_config(saved: Config, config: Config) -> None:
         )
 
 
-def prepare_workdir(workdir: pathlib.Path, config: Config, model_api: Any, resume_step: int | None) -> None:
-    """Check a restart against the saved config and model API, then (re)write config.json and model.json."""
+def has_checkpoints(workdir: pathlib.Path) -> bool:
+    """True when ``workdir/checkpoints`` holds a finished Orbax step (a restart), without creating anything."""
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_resume(workdir: pathlib.Path, config: Config, model_api: Any) -> None:
+    """Check a restart against the saved config and model API (reads only)."""
     config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise WorkdirError(f"{workdir} has checkpoints but no config.json to check this config against")
+    check_resume_config(config_lib.load_json(config_path), config)
+    check_model_record(workdir, config, model_api)
+
+
+def check_data(workdir: pathlib.Path, fingerprint: dict[str, Any], resuming: bool, allow_change: bool) -> bool:
+    """Compare the data with the fingerprint saved at the first start; True when the record must be (re)written."""
+    path = workdir / workdir_lib.FINGERPRINT_FILE
+    saved = None
+    if resuming and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise WorkdirError(f"{path} is unreadable ({err}); delete it to resume without the data check") from None
+    changes = workdir_lib.check_data_fingerprint(saved, fingerprint, allow_change=allow_change)
+    return not resuming or saved is None or bool(changes)
+
+
+def prepare_workdir(
+    workdir: pathlib.Path,
+    config: Config,
+    model_api: Any,
+    resume_step: int | None,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
+    """(Re)write config.json and model.json (and the data fingerprint when given), atomically, on process 0.
+
+    A restart is checked first (:func:`check_resume`) when ``resume_step`` is not None.
+    """
     if resume_step is not None:
-        if not config_path.exists():
-            raise WorkdirError(f"{workdir} has checkpoints but no config.json to check this config against")
-        check_resume_config(config_lib.load_json(config_path), config)
-        check_model_record(workdir, config, model_api)
-    config_lib.save_json(config, config_path)
+        check_resume(workdir, config, model_api)
+    if not distributed.is_primary():
+        return
+    workdir_lib.atomic_write_json(workdir / "config.json", config_lib.to_dict(config))
     record = {"kind": model_kind(config), "api": api_name(model_api),
               "config_module": type(config.model).__module__}  # fmt: skip
-    (workdir / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    workdir_lib.atomic_write_json(workdir / MODEL_RECORD, record)
+    if fingerprint is not None:
+        workdir_lib.atomic_write_json(workdir / workdir_lib.FINGERPRINT_FILE, fingerprint)
 
 
 def read_workdir_config(workdir: pathlib.Path) -> Config:

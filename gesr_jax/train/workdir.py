@@ -1,6 +1,6 @@
 """Workdir safety: one run per workdir, atomic small files, a writability check, and a data fingerprint.
 
-Utilities the trainer calls around a run; none of them imports JAX.
+Utilities the trainer calls around a run; none of them imports JAX (``gesr_jax.config`` does not).
 
 * :class:`WorkdirLock` -- ``<workdir>/.lock``, held for the whole run; a second run fails at once.
 * :func:`atomic_write_text` / :func:`atomic_write_json` -- readers never see a half-written file.
@@ -29,13 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from gesr_jax.config import ConfigError
+
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "data_fingerprint.json"  # suggested name for the saved fingerprint
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-class WorkdirError(Exception):
-    """A workdir cannot be used for this run (busy, not writable, or trained on other data)."""
+class WorkdirError(ConfigError):
+    """A workdir cannot be used as asked: busy, not writable, trained on other data or by another model API,
+    or without config.json / checkpoints (a usage error: the CLI prints one line and exits with status 2)."""
 
 
 class WorkdirBusyError(WorkdirError):

@@ -37,10 +37,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+TIMING = ("examples_per_sec", "requests_per_sec", "candidates_per_sec", "sec_per_step", "wall_time")
+
+
 def _final_metrics(workdir: pathlib.Path) -> dict:
     results = json.loads((workdir / "results.json").read_text())
-    for split in ("valid", "test"):
-        results[split].pop("examples_per_sec")
+    metrics = [results[k] for k in ("valid", "test", "best_valid")] + [p["metrics"] for p in results["valid_curve"]]
+    for m in metrics:
+        for key in TIMING:
+            m.pop(key, None)
     return results
 
 
