@@ -16,8 +16,8 @@ class TwoTowerConfig(ModelConfigBase):
     kind: str = "two_tower"  # registry key
     embed_dim: int = 32  # width of every embedding table (and of GESR's MoA token stream)
     tower_mlp: tuple[int, ...] = (64, 32)  # user and item tower MLP widths; the last is the tower output width
-    # user tower embeds user_id; off by default: with a handful of requests per user the id table memorises
-    # (chosen on the synthetic valid split; a switch)
+    # user tower embeds user_id. Off by default (with a handful of requests per user an id table can memorise),
+    # but no valid-split comparison has been run yet: the old justification cited test NE, which is not used.
     use_user_id: bool = False
     tower_history_pool: bool = True  # user tower also sees the mean of its history token embeddings
     # > 0: both tower outputs are L2-normalised and rescaled to this norm before they meet, so the dot
