@@ -42,6 +42,7 @@ class GESRConfig(TwoTowerConfig):
     history_fields: tuple[str, ...] = ("item", "category", "creator", "action")  # summed into a history token
     candidate_fields: tuple[str, ...] = ("item", "category", "creator")  # summed into a candidate token
     nro_query_fields: tuple[str, ...] = ()  # sum-pooled NRO cross-attention query; () = candidate_fields
+    # (history field, candidate field) pairs whose matches HMA counts; the paper's pairs are UNCONFIRMED
     hma_pairs: tuple[tuple[str, str], ...] = (("item", "item"), ("category", "category"), ("creator", "creator"))
     # --- HMA ---
     hma_max_count: int = 8  # M: counts are capped at M; table stride M+1 (UNCONFIRMED: paper shows stride M)
@@ -73,7 +74,7 @@ class GESRConfig(TwoTowerConfig):
     # One entry per branch: "KIND" or "KIND:IN+IN" with KIND in MLPG_BRANCH_KINDS and IN a MoA output name
     # (components.py); without inputs a branch reads the MLPG-routed outputs that are on (spec §1.9 routing,
     # UNCONFIRMED). At least one "gated" branch.
-    mlpg_branches: tuple[str, ...] = ("gated", "mlp")
+    mlpg_branches: tuple[str, ...] = ("gated", "mlp")  # the MLPG logit branches (syntax above)
     mlpg_hidden: int = 32  # hidden width inside each branch
     mlpg_gate: str = "sigmoid"  # "sigmoid" or "lhuc" (2*sigmoid); UNCONFIRMED
     # --- training-time efficiency ---
