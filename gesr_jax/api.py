@@ -44,8 +44,24 @@ def _schema(config: Config, schema: BatchSchema | None) -> BatchSchema:
 
 def build(config: Config, seed: int, schema: BatchSchema | None = None) -> nnx.Module:
     """The model of ``config.model.kind`` as an ``nnx.Module`` (interactive use; training uses :func:`init`)."""
+    _check_attention_impl(config)
     model_class = registry.get(config.model.kind).model_class()
     return model_class(config.model, _schema(config, schema), rngs=nnx.Rngs(params=seed))
+
+
+def _check_attention_impl(config: Config) -> None:
+    """A kernel backend named in ``model.attention_impl`` must run on this process's platform."""
+    name = getattr(config.model, "attention_impl", None)
+    if name is None:
+        return
+    from kernels.hstu_attention.registry import BACKENDS
+
+    platform = "gpu" if jax.default_backend() == "cuda" else jax.default_backend()
+    if name in BACKENDS and platform not in BACKENDS[name].platforms:
+        raise ValueError(
+            f"model.attention_impl={name!r} runs on {list(BACKENDS[name].platforms)}, but this process runs on "
+            f"{platform}; use model.attention_impl=None (the best backend here) or 'xla'"
+        )
 
 
 def init(config: Config, seed: int, schema: BatchSchema | None = None) -> tuple[GraphDef, Params]:

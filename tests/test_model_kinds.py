@@ -99,3 +99,9 @@ def test_a_model_without_towers_has_no_two_tower_preset():
     assert config_lib.load_config("synthetic_genrank").model.kind == "genrank"
     with pytest.raises(ConfigError, match="no _two_tower variant"):
         config_lib.load_config("synthetic_genrank_two_tower")
+
+
+def test_a_kernel_backend_for_another_platform_is_an_error_naming_the_field():
+    config = config_lib.load_config("synthetic_tiny", ["model.attention_impl=pallas_tpu"])
+    with pytest.raises(ValueError, match=r"model.attention_impl='pallas_tpu' runs on \['tpu'\].*this process runs on cpu"):
+        api.init(config, seed=0)
