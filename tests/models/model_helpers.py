@@ -70,3 +70,12 @@ def jitted(model: GESR):
 def full_model() -> GESR:
     """Every component on."""
     return make_model()
+
+
+def candidate_chunks(candidates: dict, size: int):
+    """(start, chunk) pairs: the candidate part cut into chunks of ``size`` slots, each with its own num_candidates."""
+    c = candidates["cand_item"].shape[1]
+    for start in range(0, c, size):
+        part = {k: v[:, start : start + size] for k, v in candidates.items() if v.ndim == 2}
+        part["num_candidates"] = np.clip(candidates["num_candidates"] - start, 0, size).astype(np.int32)
+        yield start, part

@@ -20,7 +20,7 @@ from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.model import GenRank
 from gesr_jax.models.genrank.tokens import interleave
 from kernels.hstu_attention import attention_mask, geometric_alibi_slopes
-from model_helpers import SCHEMA, batch_for
+from model_helpers import SCHEMA, batch_for, candidate_chunks
 
 TINY = GenRankConfig(embed_dim=8, genrank_head_dim=4, genrank_mlp_dim=8, genrank_head_mlp=(8,))
 LAYOUTS = [{}, {"genrank_tokens": "interleaved"}]
@@ -292,12 +292,7 @@ def test_interleaved_history_is_twice_as_long_as_action_oriented():
 # --- serving split: chunked score == apply == one pass ---
 
 
-def _chunks(candidates: dict, size: int):
-    c = candidates["cand_item"].shape[1]
-    for start in range(0, c, size):
-        part = {k: v[:, start : start + size] for k, v in candidates.items() if v.ndim == 2}
-        part["num_candidates"] = np.clip(candidates["num_candidates"] - start, 0, size).astype(np.int32)
-        yield start, part
+_chunks = candidate_chunks
 
 
 def _score_in_chunks(model, batch, size: int) -> np.ndarray:

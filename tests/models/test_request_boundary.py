@@ -14,16 +14,10 @@ from gesr_jax.data.batch import split_batch
 from gesr_jax.layers.hstu import HSTULayer
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 from gesr_jax.models.two_tower.model import TwoTowerModel
-from model_helpers import SCHEMA, TINY, batch_for, make_model, tiny_config
+from model_helpers import SCHEMA, TINY, batch_for, candidate_chunks, make_model, tiny_config
 
 
-def _chunks(candidates: dict, size: int):
-    """The candidate part cut into chunks of ``size`` slots, each with its own num_candidates."""
-    c = candidates["cand_item"].shape[1]
-    for start in range(0, c, size):
-        part = {k: v[:, start : start + size] for k, v in candidates.items() if v.ndim == 2}
-        part["num_candidates"] = np.clip(candidates["num_candidates"] - start, 0, size).astype(np.int32)
-        yield start, part
+_chunks = candidate_chunks
 
 
 def _score_in_chunks(model, batch, size: int) -> dict[str, np.ndarray]:
