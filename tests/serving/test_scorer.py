@@ -198,7 +198,7 @@ def test_fp8_scorer_serves_exactly_the_quantised_model(gesr_model):
     assert any(x.dtype == jax.numpy.float8_e4m3fn for x in jax.tree.leaves(fp8.params))
     qgraph, qparams = api.quantize_fp8(graphdef, params, min_elements=32)
     _check_equal(fp8.score(requests_from_batch(batch, SCHEMA)), _reference(qgraph, qparams, batch), batch)
-    # (How much FP8 moves NE on a trained model is test_fp8_delta_ne_on_a_trained_model, in test_workdir.py.)
+    # (How much FP8 moves NE on a trained model is test_fp8_delta_ne_on_a_trained_model, in test_scorer_workdir.py.)
 
 
 def test_schema_with_no_item_table_serves_without_an_item_cache(gesr_model):
