@@ -110,12 +110,9 @@ def test_bad_sizes_fail_clearly():
         schema_for(DataConfig(synthetic=SyntheticConfig(num_items=50, num_creators=60)))
 
 
-def test_default_size_is_quick_and_signal_is_strong():
-    import time
-
-    start = time.perf_counter()
+def test_default_size_signal_is_strong():
+    # (How long generation takes is a benchmark question, never a unit-test assertion.)
     splits, stats, comps = synthetic.generate(DataConfig())
-    assert time.perf_counter() - start < 10
     test = splits["test"]
     base_only = synthetic.calibrated_ne(
         test["label_consume"], comps["test"]["consume_base"], np.ones(test["cand_item"].shape, bool)
