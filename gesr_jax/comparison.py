@@ -65,8 +65,15 @@ def run_variants(
     extra_overrides: Sequence[str] = (),
     train_fn: Callable[..., dict[str, Any]] | None = None,
     log: Callable[[str], None] = print,
+    reuse_results: bool = True,
 ) -> list[VariantResult]:
-    """Train every variant for every seed (:func:`seed_overrides`) in ``workdir/<label>/seed<k>``; resume-safe."""
+    """Train every variant for every seed (:func:`seed_overrides`) in ``workdir/<label>/seed<k>``; resume-safe.
+
+    A run folder that already holds a finished run of the same config (``results.json`` beside a
+    ``config.json`` equal to this one) is read back, not trained or evaluated again, when
+    ``reuse_results``; so several tables can share runs. Any other existing folder goes to ``train_fn``
+    (the trainer resumes it, or refuses a different config).
+    """
     if train_fn is None:
         from gesr_jax.train.trainer import train_and_evaluate as train_fn
     workdir = pathlib.Path(workdir)
@@ -77,12 +84,29 @@ def run_variants(
             overrides = (*variant.overrides, *extra_overrides, *seed_overrides(seed))
             config = config_lib.load_config(variant.config, overrides)
             run_dir = workdir / _slug(variant.label) / f"seed{seed}"
-            log(f"[{variant.label}] seed {seed}: training {config.name} in {run_dir}")
             start = time.perf_counter()
-            runs.append(train_fn(config, run_dir))
+            finished = _finished_run(run_dir, config) if reuse_results else None
+            if finished is not None:
+                log(f"[{variant.label}] seed {seed}: reusing the finished run in {run_dir}")
+                runs.append(finished)
+            else:
+                log(f"[{variant.label}] seed {seed}: training {config.name} in {run_dir}")
+                runs.append(train_fn(config, run_dir))
             seconds.append(_loop_seconds(run_dir, default=time.perf_counter() - start))
         results.append(VariantResult(variant, runs, seconds, list(seeds)))
     return results
+
+
+def _finished_run(run_dir: pathlib.Path, config: Any) -> dict[str, Any] | None:
+    """``results.json`` of ``run_dir`` when it is a finished run of exactly ``config``, else None."""
+    results, saved = run_dir / "results.json", run_dir / "config.json"
+    if not (results.exists() and saved.exists()):
+        return None
+    try:
+        same = config_lib.load_json(saved) == config
+    except (config_lib.ConfigError, ValueError, TypeError):
+        return None
+    return json.loads(results.read_text()) if same else None
 
 
 def _loop_seconds(run_dir: pathlib.Path, default: float) -> float:

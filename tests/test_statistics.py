@@ -136,3 +136,30 @@ def test_comparison_table_is_paired_and_marks_non_significant_rows(tmp_path):
     with pytest.raises(ValueError, match="not paired"):
         other_seeds = comparison.VariantResult(variants[1], results[1].runs, [], [9] * 5)
         comparison.paired_delta(results[0], other_seeds, "consume/ne")
+
+
+def test_run_variants_reads_back_finished_runs_of_the_same_config_only(tmp_path):
+    import json
+
+    from gesr_jax import comparison, config as config_lib
+
+    calls = []
+    inner = _fake_train({"synthetic_tiny": (0.7, 0.0)})
+
+    def train(config, run_dir):  # writes what the trainer leaves behind: config.json and results.json
+        calls.append((config.train.seed, config.train.num_steps))
+        results = inner(config, run_dir)
+        config_lib.save_json(config, run_dir / "config.json")
+        (run_dir / "results.json").write_text(json.dumps(results))
+        return results
+
+    variant = [comparison.Variant("GESR", "synthetic_tiny")]
+    first = comparison.run_variants(variant, tmp_path, seeds=(0, 1), train_fn=train, log=lambda _: None)
+    again = comparison.run_variants(variant, tmp_path, seeds=(0, 1), train_fn=train, log=lambda _: None)
+    assert calls == [(0, 60), (1, 60)] and again[0].runs == first[0].runs  # read back, not trained again
+    longer = [comparison.Variant("GESR", "synthetic_tiny", ("train.num_steps=70",))]
+    comparison.run_variants(longer, tmp_path, seeds=(0,), train_fn=train, log=lambda _: None)
+    assert calls[-1] == (0, 70)  # another config in the same folder goes to the trainer (which resumes or refuses)
+    comparison.run_variants(variant, tmp_path / "x", seeds=(0,), train_fn=train, log=lambda _: None, reuse_results=False)
+    comparison.run_variants(variant, tmp_path / "x", seeds=(0,), train_fn=train, log=lambda _: None, reuse_results=False)
+    assert calls[-2:] == [(0, 60), (0, 60)]

@@ -11,25 +11,18 @@ Expected: not yet measured.
 """
 
 from gesr_jax.config import Config
-from gesr_jax.configs.ml1m_base import DEFAULT_PATH
-from gesr_jax.data.config import DataConfig
+from gesr_jax.configs import ml1m_base
 from gesr_jax.models.genrank.config import GenRankConfig
-from gesr_jax.train.config import TrainConfig
 
 
 def get_config() -> Config:
+    base = ml1m_base.get_config()  # data and training (incl. model selection) are ml1m_base's, by construction
     return Config(
         name="ml1m_genrank",
-        data=DataConfig(
-            source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
-            min_history=5, max_requests_per_user=16,
-        ),
+        data=base.data,
         model=GenRankConfig(
             history_fields=("item", "genre", "year", "director"),
             candidate_fields=("item", "genre", "year", "director"),
         ),
-        train=TrainConfig(
-            batch_size=128, num_steps=800, learning_rate=2e-3, warmup_steps=50, log_every=100, eval_every=400,
-            checkpoint_every=400,
-        ),
+        train=base.train,
     )

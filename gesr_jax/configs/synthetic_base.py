@@ -20,8 +20,9 @@ def get_config() -> Config:
             source="synthetic", history_len=32, synthetic=SyntheticConfig(num_users=4000, requests_per_user=12)
         ),
         model=GESRConfig(),
+        # Model selection: valid every 100 steps, the best kept, stop after 3 passes without improvement.
         train=TrainConfig(
-            batch_size=64, num_steps=600, learning_rate=2e-3, warmup_steps=50, log_every=50, eval_every=300,
-            checkpoint_every=300,
+            batch_size=64, num_steps=1200, learning_rate=2e-3, warmup_steps=50, log_every=50, eval_every=100,
+            checkpoint_every=100, patience=3,
         ),
     )

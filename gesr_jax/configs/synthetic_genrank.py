@@ -9,20 +9,15 @@ Expected: not yet measured.
 """
 
 from gesr_jax.config import Config
-from gesr_jax.data.config import DataConfig, SyntheticConfig
+from gesr_jax.configs import synthetic_base
 from gesr_jax.models.genrank.config import GenRankConfig
-from gesr_jax.train.config import TrainConfig
 
 
 def get_config() -> Config:
+    base = synthetic_base.get_config()  # data and training (incl. model selection) are synthetic_base's
     return Config(
         name="synthetic_genrank",
-        data=DataConfig(
-            source="synthetic", history_len=32, synthetic=SyntheticConfig(num_users=4000, requests_per_user=12)
-        ),
+        data=base.data,
         model=GenRankConfig(),  # history/candidate fields: item, category, creator (the defaults)
-        train=TrainConfig(
-            batch_size=64, num_steps=600, learning_rate=2e-3, warmup_steps=50, log_every=50, eval_every=300,
-            checkpoint_every=300,
-        ),
+        train=base.train,
     )
