@@ -60,3 +60,19 @@ def test_model_comparison_report_pairs_every_row_with_the_two_tower(tmp_path, mo
     assert set(rows) >= {"two-tower", "GESR (all on)", "GenRank (action-oriented)", "GenRank (interleaved)"}
     assert "-12.50 ± 0.00" in rows["GenRank (interleaved)"] and "0 (baseline)" in rows["two-tower"]
     assert "4, 4, 4" in rows["GESR (all on)"]
+
+
+def test_valid_checks_flip_one_default_against_the_shared_default_run(tmp_path, monkeypatch):
+    import valid_checks
+
+    rows = valid_checks.variants("ml1m_base", "two-tower")
+    ablation = dict(_key(v) for v in ablations.variants("ml1m_base", ()))
+    assert _key(rows[0]) == ("two-tower", ablation["two-tower"])
+    flipped = _key(rows[1])[1]
+    assert flipped.model.use_user_id and not ablation["two-tower"].model.use_user_id
+    assert dataclasses.replace(flipped.model, use_user_id=False) == ablation["two-tower"].model
+    monkeypatch.setattr(comparison, "run_variants", functools.partial(comparison.run_variants, train_fn=_fake_train))
+    out = tmp_path / "checks.md"
+    assert valid_checks.main(["--dataset", "ml1m", "--models", "two-tower", "--seeds", "2", "--workdir", str(tmp_path),
+                              "--out", str(out)]) == 0  # fmt: skip
+    assert "## two-tower" in out.read_text() and "**Valid** split" in out.read_text()
