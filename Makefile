@@ -56,7 +56,7 @@ demo: $(STAMP)
 
 ## The default suite (CPU, < 10 min on 2 cores; slow tests excluded).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 ## Only the long runs.
 test-slow: $(STAMP)

@@ -27,13 +27,25 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import functools
 import io
 import pathlib
 import re
-from collections.abc import Iterator
 
 import numpy as np
+
+from gesr_jax.data.movielens_lines import (
+    MAX_TIMESTAMP,
+    DataFormatError,
+    check_duplicates,
+    check_rows,
+    count_rows,
+    int_field,
+    list_once,
+    numbered_lines,
+    problem,
+    rating_line,
+    read_text,
+)
 
 # Union of the genre names every format uses; "Children's" (ml-1m/100k) and "Children" (csv) are one genre.
 GENRES: tuple[str, ...] = (
@@ -50,31 +62,8 @@ OCCUPATIONS_100K: tuple[str, ...] = (
     "scientist", "student", "technician", "writer",
 )  # fmt: skip
 AGE_CODES_1M: tuple[int, ...] = (1, 18, 25, 35, 45, 50, 56)  # users.dat age buckets; 100k ages map onto them
-MAX_TIMESTAMP = 2**31 - 1  # batches carry times as int32
 FORMATS = ("dat", "100k", "csv")
 DIRECTOR_FILE = pathlib.Path("extra") / "movies_extrainfos.dat"
-
-
-class DataFormatError(ValueError):
-    """A MovieLens folder or file is missing, unknown or malformed; the message names file and line."""
-
-
-def _read_text(path: pathlib.Path, encoding: str) -> str:
-    """The file as text with ``\n`` line ends; undecodable bytes are reported with their line number."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataFormatError(f"cannot read {path}: {err.strerror or err}") from None
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataFormatError(
-            f"{path}:{line}: byte 0x{data[err.start]:02x} (byte {column} of the line) is not valid {encoding}; "
-            f"this MovieLens file is expected to be {encoding}-encoded"
-        ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,29 +179,18 @@ def load_interactions(path: str | pathlib.Path) -> Interactions:
     user, item, rating, ts = _read_ratings(files)
     header = 1 if files.format == "csv" else 0
     listed_item = item_known[np.minimum(item, num_items)] & (item <= num_items)
-    _check_rows(files.ratings, header, listed_item, f"movie id not listed in {files.movies.name}")
+    check_rows(files.ratings, header, listed_item, f"movie id not listed in {files.movies.name}")
     num_users = int(user.max()) if user.size else 0
     if user_features:
         listed = next(iter(user_features.values())) > 0
         known = (user < listed.size) & listed[np.minimum(user, listed.size - 1)]
-        _check_rows(files.ratings, header, known, f"user id not listed in {files.users.name}")
+        check_rows(files.ratings, header, known, f"user id not listed in {files.users.name}")
         num_users = listed.size - 1
-    num_tags = _count_rows(files.tags) - 1 if files.tags is not None else 0
+    num_tags = count_rows(files.tags) - 1 if files.tags is not None else 0
     return Interactions(
         files, user, item, rating, ts, num_users, num_items, item_known, item_genres, item_primary, item_year,
         item_director, director_names, user_features, max(num_tags, 0),
     )  # fmt: skip
-
-
-def _check_rows(path: pathlib.Path, header: int, ok: np.ndarray, what: str) -> None:
-    if not np.all(ok):
-        row = int(np.flatnonzero(~ok)[0])
-        raise DataFormatError(f"{path}:{row + 1 + header}: {what}")
-
-
-def _count_rows(path: pathlib.Path) -> int:
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 # ---------------------------------------------------------------------------------------------- ratings
@@ -220,7 +198,7 @@ def _count_rows(path: pathlib.Path) -> int:
 
 def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     path, fmt = files.ratings, files.format
-    text = _read_text(path, "utf-8" if fmt == "csv" else "latin-1")
+    text = read_text(path, "utf-8" if fmt == "csv" else "latin-1")
     header = int(fmt == "csv")
     if header:
         first, _, text = text.partition("\n")
@@ -234,75 +212,31 @@ def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.nda
         line = text.count("\n", 0, blank.end() - 1) + 1 + header
         raise DataFormatError(f"{path}:{line}: empty line inside the ratings")
     # One C-speed regex pass over the text: np.loadtxt alone would read "1e2" as 100 and "3.0" as 3.
-    bad = _rating_line(sep).search(text)
+    bad = rating_line(sep).search(text)
     if bad is not None:
         line = text[bad.start() :].split("\n", 1)[0]
-        problem = _problem(line, sep) or f"malformed ratings line {line!r}"
-        raise DataFormatError(f"{path}:{text.count(chr(10), 0, bad.start()) + 1 + header}: {problem}")
+        reason = problem(line, sep) or f"malformed ratings line {line!r}"
+        raise DataFormatError(f"{path}:{text.count(chr(10), 0, bad.start()) + 1 + header}: {reason}")
     body = text.replace("::", "\t") if fmt == "dat" else text
     try:
         table = np.loadtxt(io.StringIO(body), delimiter="\t" if fmt != "csv" else ",", dtype=np.float64, ndmin=2)
     except ValueError as err:  # a rating that is not a number: find its line (slow, only on failure)
         lines = enumerate(text.split("\n"), start=1 + header)
-        found = next((f"{path}:{n}: {p}" for n, line in lines if line and (p := _problem(line, sep))), None)
+        found = next((f"{path}:{n}: {p}" for n, line in lines if line and (p := problem(line, sep))), None)
         raise DataFormatError(found or f"{path}: could not parse the ratings ({err})") from None
     user, item, rating, ts = table.T
     for col, name in ((user, "user id"), (item, "movie id")):
-        _check_rows(path, header, (col >= 1) & (col < 2**31), f"{name} is not a positive integer")
+        check_rows(path, header, (col >= 1) & (col < 2**31), f"{name} is not a positive integer")
     ts_ok = (ts >= 0) & (ts <= MAX_TIMESTAMP)
-    _check_rows(path, header, ts_ok, f"bad timestamp (expected integer unix seconds in [0, {MAX_TIMESTAMP}])")
+    check_rows(path, header, ts_ok, f"bad timestamp (expected integer unix seconds in [0, {MAX_TIMESTAMP}])")
     if fmt == "csv":
         valid = (rating >= 0.5) & (rating <= 5) & (rating * 2 == np.round(rating * 2))
-        _check_rows(path, header, valid, "rating is not a half star in 0.5..5")
+        check_rows(path, header, valid, "rating is not a half star in 0.5..5")
     else:
-        _check_rows(path, header, np.isin(rating, [1, 2, 3, 4, 5]), "rating is not an integer in 1..5")
+        check_rows(path, header, np.isin(rating, [1, 2, 3, 4, 5]), "rating is not an integer in 1..5")
     out = user.astype(np.int32), item.astype(np.int32), rating.astype(np.float32), ts.astype(np.int64)
-    _check_duplicates(path, header, out[0], out[1], out[3])
+    check_duplicates(path, header, out[0], out[1], out[3])
     return out
-
-
-def _check_duplicates(path: pathlib.Path, header: int, user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> None:
-    """Raise naming both lines of the first (user, movie, timestamp) rated twice (first by its second line)."""
-    order = np.lexsort((np.arange(user.size), ts, item, user))  # row index last: ties keep file order
-    u, i, t = user[order], item[order], ts[order]
-    same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
-    if same.any():
-        later = order[1:][same]
-        k = int(np.argmin(later))  # the duplicate that appears first in the file
-        first, second = int(order[:-1][same][k]), int(later[k])
-        raise DataFormatError(
-            f"{path}:{second + 1 + header}: duplicate rating: user {user[second]} rated movie {item[second]} at "
-            f"timestamp {ts[second]} already on line {first + 1 + header}"
-        )
-
-
-_ID = r"[ ]*\d+[ ]*"  # plain decimal digits: no sign, exponent, decimal point or underscore
-_TIMESTAMP = r"[ ]*-?\d+[ ]*"  # the sign is let through so the range check can say "bad timestamp"
-
-
-@functools.cache
-def _rating_line(sep: str) -> re.Pattern[str]:
-    """Matches at the start of the first non-empty line that is not ``id SEP id SEP rating SEP timestamp``."""
-    s, rating = re.escape(sep), rf"[^{re.escape(sep[0])}\n]*"
-    return re.compile(rf"^(?!{_ID}{s}{_ID}{s}{rating}{s}{_TIMESTAMP}$)(?=.)", re.M | re.ASCII)
-
-
-def _problem(line: str, sep: str) -> str | None:
-    """What is wrong with one ratings line, or None when its fields look right."""
-    fields = line.split(sep)
-    if len(fields) != 4:
-        return f"expected 4 fields separated by {sep!r}, found {len(fields)}: {line!r}"
-    for name, value in zip(("user id", "movie id", "rating", "timestamp"), fields):
-        try:
-            float(value)
-        except ValueError:
-            return f"{name} {value!r} is not a number"
-    for name, value in (("user id", fields[0]), ("movie id", fields[1])):
-        if not re.fullmatch(_ID, value, re.ASCII):
-            return f"{name} is not a positive integer: {value!r}"
-    if not re.fullmatch(_TIMESTAMP, fields[3], re.ASCII):
-        return f"bad timestamp {fields[3]!r} (expected integer unix seconds in [0, {MAX_TIMESTAMP}])"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- side files
@@ -314,7 +248,7 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
     movies: dict[int, tuple[list[int], int]] = {}
     listed_on: dict[int, int] = {}  # movie id -> line, to name both lines of a duplicate
     if fmt == "csv":
-        reader = csv.reader(io.StringIO(_read_text(path, "utf-8"), newline=""))
+        reader = csv.reader(io.StringIO(read_text(path, "utf-8"), newline=""))
         numbered = []
         try:
             for row in reader:
@@ -325,13 +259,13 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
             raise DataFormatError(f"{path}:1: expected the header 'movieId,title,genres'")
         numbered = [(n, r) for n, r in numbered[1:] if r]
     else:
-        numbered = list(_numbered_lines(path, "latin-1", "::" if fmt == "dat" else "|"))
+        numbered = list(numbered_lines(path, "latin-1", "::" if fmt == "dat" else "|"))
     expected = 3 if fmt != "100k" else 24
     for number, fields in numbered:
         if len(fields) != expected:
             raise DataFormatError(f"{path}:{number}: expected {expected} fields, found {len(fields)}")
-        movie = _int_field(path, number, fields[0], "movie id")
-        _list_once(path, listed_on, movie, number, "movie id")
+        movie = int_field(path, number, fields[0], "movie id")
+        list_once(path, listed_on, movie, number, "movie id")
         if fmt == "100k":
             flags = fields[5:]
             if any(v not in ("0", "1") for v in flags):
@@ -352,10 +286,10 @@ def _read_movies(files: MovieLensFiles) -> dict[int, tuple[list[int], int]]:
 def _read_directors(path: pathlib.Path, num_items: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """Director rank per movie (1 = director with most movies; ties by name); the first of several credited."""
     by_movie: dict[int, str] = {}
-    for number, fields in _numbered_lines(path, "utf-8", "::"):
+    for number, fields in numbered_lines(path, "utf-8", "::"):
         if len(fields) != 11:
             raise DataFormatError(f"{path}:{number}: expected 11 fields separated by '::', found {len(fields)}")
-        movie = _int_field(path, number, fields[0], "movie id")
+        movie = int_field(path, number, fields[0], "movie id")
         name = fields[6].split(",")[0].strip()
         if name and name != "N/A" and movie <= num_items:
             by_movie[movie] = name
@@ -375,23 +309,23 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
     sep, n_fields = ("::", 5) if files.format == "dat" else ("|", 5)
     rows: list[tuple[int, int, int, int]] = []
     listed_on: dict[int, int] = {}
-    for number, fields in _numbered_lines(path, "latin-1", sep):
+    for number, fields in numbered_lines(path, "latin-1", sep):
         if len(fields) != n_fields:
             raise DataFormatError(
                 f"{path}:{number}: expected {n_fields} fields separated by {sep!r}, found {len(fields)}"
             )
-        user = _int_field(path, number, fields[0], "user id")
-        _list_once(path, listed_on, user, number, "user id")
+        user = int_field(path, number, fields[0], "user id")
+        list_once(path, listed_on, user, number, "user id")
         if files.format == "dat":
-            gender, age, occ = fields[1], _int_field(path, number, fields[2], "age"), fields[3]
+            gender, age, occ = fields[1], int_field(path, number, fields[2], "age"), fields[3]
             if age not in AGE_CODES_1M:
                 raise DataFormatError(f"{path}:{number}: age code {age} is not one of {AGE_CODES_1M}")
             age_code = AGE_CODES_1M.index(age) + 1
-            occ_code = _int_field(path, number, occ, "occupation") + 1
+            occ_code = int_field(path, number, occ, "occupation") + 1
             if not 1 <= occ_code <= 21:
                 raise DataFormatError(f"{path}:{number}: occupation code {occ} is not in 0..20")
         else:
-            age, gender, occ = _int_field(path, number, fields[1], "age"), fields[2], fields[3]
+            age, gender, occ = int_field(path, number, fields[1], "age"), fields[2], fields[3]
             age_code = int(np.searchsorted(AGE_CODES_1M, age, side="right"))
             if occ not in OCCUPATIONS_100K:
                 raise DataFormatError(f"{path}:{number}: unknown occupation {occ!r}")
@@ -407,30 +341,6 @@ def _read_users(files: MovieLensFiles) -> dict[str, np.ndarray]:
         arr = np.zeros(int(table[:, 0].max()) + 1, np.int32)
         arr[table[:, 0]] = table[:, col]
         out[name] = arr
-    return out
-
-
-def _numbered_lines(path: pathlib.Path, encoding: str, sep: str) -> Iterator[tuple[int, list[str]]]:
-    """``(line number, fields)`` of every non-blank line of a side file."""
-    for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
-        if line.strip():
-            yield number, line.split(sep)
-
-
-def _list_once(path: pathlib.Path, seen: dict[int, int], key: int, number: int, what: str) -> None:
-    """Note that ``key`` is listed on line ``number``; a second listing is an error naming both lines."""
-    if key in seen:
-        raise DataFormatError(f"{path}:{number}: {what} {key} is listed twice (lines {seen[key]} and {number})")
-    seen[key] = number
-
-
-def _int_field(path: pathlib.Path, number: int, value: str, name: str) -> int:
-    # int() alone would also take "1_000", "+3" and non-ASCII digits; the files only use plain decimals.
-    if not re.fullmatch(r"[ ]*-?\d+[ ]*", value, re.ASCII):
-        raise DataFormatError(f"{path}:{number}: {name} {value!r} is not an integer")
-    out = int(value)
-    if name.endswith("id") and out < 1:
-        raise DataFormatError(f"{path}:{number}: {name} {out} must be >= 1")
     return out
 
 
