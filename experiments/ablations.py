@@ -31,6 +31,7 @@ from collections.abc import Callable
 import jax
 
 from gesr_jax import comparison, config as config_lib
+from gesr_jax.train import runtime
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -77,6 +78,7 @@ def run_and_report(
     make_variants: Callable[[str, tuple[str, ...]], list[comparison.Variant]],
 ) -> int:  # fmt: skip
     """Train ``make_variants(preset, overrides)`` over the paired seeds and write the markdown table."""
+    runtime.enable_compilation_cache()  # every seed of a row compiles the same programs: compile them once
     preset, preset_overrides = DATASETS[args.dataset]
     overrides = (*preset_overrides, *args.overrides, *((f"train.num_steps={args.steps}",) if args.steps else ()))
     workdir = pathlib.Path(args.workdir) if args.workdir else RUNS_ROOT / args.dataset

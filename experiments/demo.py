@@ -26,6 +26,7 @@ import time
 import jax
 
 from gesr_jax import comparison, config as config_lib
+from gesr_jax.train import runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="paired seeds per model (the demo's default: 1)")
     parser.add_argument("--out", default=None, help="also write the table and the gap lines to this markdown file")
     args = parser.parse_args(argv)
+    runtime.enable_compilation_cache()  # seeds of one row compile the same programs: compile them once
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="gesr_demo_"))
     variants = [
         comparison.Variant("two-tower", f"{args.config}{config_lib.TWO_TOWER_SUFFIX}"),

@@ -26,6 +26,7 @@ import ablations
 import jax
 
 from gesr_jax import comparison, config as config_lib, statistics
+from gesr_jax.train import runtime
 
 PRESET = "ml1m_base"
 DEFAULT_N = 50  # ml1m_base's history_len: these rows are the ablation table's
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value for every run")
     parser.add_argument("--out", default=None, help="default: experiments/results/history_length_ml1m.md")
     args = parser.parse_args(argv)
+    runtime.enable_compilation_cache()  # seeds of one row compile the same programs: compile them once
     try:
         lengths = sorted({int(n) for n in args.lengths.split(",")})
     except ValueError:

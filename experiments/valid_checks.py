@@ -24,6 +24,7 @@ import ablations
 import jax
 
 from gesr_jax import comparison, config as config_lib
+from gesr_jax.train import runtime
 
 CHECKS = ("model.use_user_id=true",)  # each flips one default; the row without it is the default
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="default: /tmp/gesr_runs/<dataset>")
     parser.add_argument("--out", default=None, help="default: experiments/results/valid_checks_<dataset>.md")
     args = parser.parse_args(argv)
+    runtime.enable_compilation_cache()  # seeds of one row compile the same programs: compile them once
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - {"two-tower", "GESR"})
     if unknown:
