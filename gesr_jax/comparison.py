@@ -146,17 +146,27 @@ def comparison_table(
     tasks: Sequence[str],
     split: str = "test",
     references: dict[str, dict[str, float]] | None = None,
+    also_vs: str | None = None,
 ) -> str:
     """A markdown table; ΔNE is paired per seed against ``results[0]`` (see the module docstring).
 
     ``references`` adds rows that were not trained, label -> task -> NE (e.g. the synthetic log's
     decoupled ceiling); the oracle row comes from the runs' ``<task>/oracle_ne`` when present. Their
-    ΔNE is against the baseline's per-seed NE, like every other row.
+    ΔNE is against the baseline's per-seed NE, like every other row. ``also_vs`` names a second row
+    (e.g. "GESR (all on)" in an ablation table) that every trained row is also compared with, paired.
     """
     base = results[0]
+    second = None
+    if also_vs is not None:
+        matches = [res for res in results if res.variant.label == also_vs]
+        if not matches:
+            raise ValueError(f"also_vs={also_vs!r} is not a row; rows: {[r.variant.label for r in results]}")
+        second = matches[0]
     header = ["model"]
     for task in tasks:
-        header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)", f"AUC {task}"]
+        header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)"]
+        header += [f"ΔNE {task} vs {also_vs} (%, paired)"] if second is not None else []
+        header += [f"AUC {task}"]
     show_best = any(step is not None for res in results for step in res.best_steps())
     header += (["best valid step"] if show_best else []) + ["train time (s)"]
     rows = [header, ["---"] * len(header)]
@@ -165,7 +175,11 @@ def comparison_table(
         for task in tasks:
             rel = paired_delta(base, res, f"{task}/ne", split)
             delta = "0 (baseline)" if res is base else statistics.format_delta(*statistics.mean_ci(rel))
-            row += [_mean_ci(res.metric(split, f"{task}/ne"), 4), delta, _mean_ci(res.metric(split, f"{task}/auc"), 4)]
+            row += [_mean_ci(res.metric(split, f"{task}/ne"), 4), delta]
+            if second is not None:
+                rel2 = paired_delta(second, res, f"{task}/ne", split)
+                row.append("0 (reference)" if res is second else statistics.format_delta(*statistics.mean_ci(rel2)))
+            row.append(_mean_ci(res.metric(split, f"{task}/auc"), 4))
         if show_best:
             row.append(", ".join("—" if s is None else str(s) for s in res.best_steps()))
         row.append(_mean_ci(np.array(res.train_seconds), 0))
@@ -180,7 +194,7 @@ def comparison_table(
         for task in tasks:
             ne = values.get(task, math.nan)
             rel = statistics.paired_relative_delta(base.metric(split, f"{task}/ne"), np.full(len(base.runs), ne))
-            row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel)), "—"]
+            row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel))] + (["—"] if second else []) + ["—"]
         row += (["—"] if show_best else []) + ["—"]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)

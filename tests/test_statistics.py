@@ -163,3 +163,25 @@ def test_run_variants_reads_back_finished_runs_of_the_same_config_only(tmp_path)
     comparison.run_variants(variant, tmp_path / "x", seeds=(0,), train_fn=train, log=lambda _: None, reuse_results=False)
     comparison.run_variants(variant, tmp_path / "x", seeds=(0,), train_fn=train, log=lambda _: None, reuse_results=False)
     assert calls[-2:] == [(0, 60), (0, 60)]
+
+
+def test_comparison_table_also_pairs_each_row_with_a_second_reference(tmp_path):
+    from gesr_jax import comparison
+
+    variants = [comparison.Variant("two-tower", "synthetic_tiny_two_tower"), comparison.Variant("GESR", "synthetic_tiny"),
+                comparison.Variant("GESR without X", "synthetic_tiny", ("model.use_hma=false",))]  # fmt: skip
+    ne = {("synthetic_tiny_two_tower", True): 0.8, ("synthetic_tiny", True): 0.72, ("synthetic_tiny", False): 0.756}
+
+    def train(config, run_dir):
+        value = ne[config.name, config.model.use_hma if config.model.kind != "two_tower" else True]
+        value *= 1 + 0.05 * config.train.seed  # seeds move every row alike: paired, the changes are exact
+        test = {"consume/ne": value, "consume/auc": 0.8, "num_examples": 10}
+        return {"step": 5, "valid": dict(test), "test": test}
+
+    results = comparison.run_variants(variants, tmp_path, train_fn=train, log=lambda _: None)
+    lines = comparison.comparison_table(results, ["consume"], also_vs="GESR").splitlines()
+    assert "ΔNE consume vs two-tower (%, paired) | ΔNE consume vs GESR (%, paired)" in lines[0]
+    assert "| 0 (baseline) | 11.11 ± 0.00 |" in lines[2] and "| -10.00 ± 0.00 | 0 (reference) |" in lines[3]
+    assert "| -5.50 ± 0.00 | 5.00 ± 0.00 |" in lines[4]  # removing X costs 5 % against full GESR
+    with pytest.raises(ValueError, match="also_vs='nope' is not a row"):
+        comparison.comparison_table(results, ["consume"], also_vs="nope")
