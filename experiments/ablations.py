@@ -98,8 +98,8 @@ def run_and_report(
         + "".join(f" --set {o}" for o in args.overrides)
         + f"` on {datetime.date.today().isoformat()}; jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{platform.processor() or platform.machine()} with {len(jax.devices())} device(s); total "
-        f"{(time.perf_counter() - start) / 60:.1f} min (runs trained earlier for another table are only "
-        "re-evaluated).",
+        f"{(time.perf_counter() - start) / 60:.1f} min to write the table (runs finished earlier, e.g. for another table, are "
+        "read back; the train time column is each run's own).",
         "",
         f"Test split: {int(results[0].runs[0]['test']['num_examples'])} candidates (seed 0). Seeds "
         f"{list(range(args.seeds))}, each setting train.seed and data.seed, shared by every row (paired ΔNE: "
