@@ -10,7 +10,8 @@ The GenRank presets take their data and training sections (model selection inclu
 preset, so every row sees the same requests, candidates, seeds and step budget. The runs share
 experiments/ablations.py's folders (``/tmp/gesr_runs/<dataset>``): the two-tower and GESR rows trained
 there are only re-evaluated here. Columns as in ablations.py: test NE and AUC per task at the best
-valid step, the paired relative NE change vs the two-tower (mean ± 95% t CI; "n.s." when it holds 0),
+valid step, the paired relative NE change vs the two-tower and vs GenRank (action-oriented) (mean ± 95% t
+CI; "n.s." when it holds 0; the interleaved row's second column is the paper's token-layout comparison),
 the best step per seed and the training loop's seconds. Speed per model (train step and serving
 latency at N = 50 and 200) is experiments/bench_genrank.py's table.
 Expected: experiments/results/models_<dataset>.md.
@@ -39,7 +40,9 @@ def variants(preset: str, overrides: tuple[str, ...]) -> list[comparison.Variant
 
 def main(argv: list[str] | None = None) -> int:
     args = ablations.parse_args(__doc__.splitlines()[0], "models", argv)
-    return ablations.run_and_report(args, "model_comparison.py", "Model comparison", "models", variants)
+    return ablations.run_and_report(
+        args, "model_comparison.py", "Model comparison", "models", variants, also_vs="GenRank (action-oriented)"
+    )
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def test_model_comparison_report_pairs_every_row_with_the_two_tower(tmp_path, mo
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"two-tower", "GESR (all on)", "GenRank (action-oriented)", "GenRank (interleaved)"}
     assert "-12.50 ± 0.00" in rows["GenRank (interleaved)"] and "0 (baseline)" in rows["two-tower"]
+    assert "0 (reference)" in rows["GenRank (action-oriented)"] and "0.00 ± 0.00 (n.s.)" in rows["GenRank (interleaved)"]
     assert "4, 4, 4" in rows["GESR (all on)"]
 
 
