@@ -89,6 +89,7 @@ def test_forward_flops_count_valid_pairs(bench, shape):
     assert bench.forward_flops(shape) == 4 * batch * heads * dim * pairs
 
 
+@pytest.mark.slow  # about a minute on 2 cores (compile-bound); `make test-slow` runs it
 def test_ranking_benchmark_smoke(tmp_path):
     """bench_ranking_attention.py --smoke: softmax + ALiBi and cached-prefix tables, every row checked ok."""
     spec = importlib.util.spec_from_file_location("bench_ranking_attention", SCRIPT.parent / "bench_ranking_attention.py")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # about a minute on 2 cores (compile-bound); `make test-slow` runs it
 def test_bench_serving_smoke_writes_the_table(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "experiments" / "bench_serving.py")
     bench = importlib.util.module_from_spec(spec)
