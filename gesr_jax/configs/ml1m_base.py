@@ -4,7 +4,9 @@ Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.path
 Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
-Expected: experiments/results/ablation_ml1m.md holds the measured NE of this config and its ablations.
+Expected: test NE at the best valid step (step 800 for most seeds), 5 paired seeds: consume 0.8716 ± 0.0207,
+          engage 0.8535 ± 0.0137; the two-tower 0.9474 / 0.9111, so ΔNE -8.00 ± 2.11 % / -6.32 ± 1.22 %
+          (experiments/results/ablation_ml1m.md). About 2.5 min per GESR run on a 2-core CPU shared with a second run.
 """
 
 import pathlib

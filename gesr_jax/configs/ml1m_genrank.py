@@ -7,7 +7,9 @@ Launch:   gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --se
 Baseline: gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
-Expected: not yet measured.
+Expected: test NE at the best valid step, 5 paired seeds (experiments/results/models_ml1m.md): consume
+          0.8441 ± 0.0127, engage 0.8481 ± 0.0102; vs the two-tower -10.88 ± 2.42 % / -6.91 ± 1.31 %, and better
+          than GESR (ml1m_base) on consume (GESR is +3.25 ± 1.90 % against it; engage n.s.).
 """
 
 from gesr_jax.config import Config

@@ -67,7 +67,7 @@ def test_presets_load_and_document_their_launch(name):
     assert cfg.name == name and cfg.model.kind == "genrank"
     assert cfg.model.interleaved == name.endswith("_interleaved")
     doc = __import__(f"gesr_jax.configs.{name}", fromlist=["x"]).__doc__
-    assert f"gesr train --config {name}" in doc and "Expected:" in doc
+    assert f"gesr train --config {name}" in doc and "Expected:" in doc and "experiments/results/models_" in doc
 
 
 def test_presets_mirror_the_base_data_and_training_settings():
