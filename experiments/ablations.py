@@ -112,11 +112,7 @@ def run_and_report(
         table,
         "",
     ]
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"{table_name}_{args.dataset}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    comparison.write_report(args.out or RESULTS / f"{table_name}_{args.dataset}.md", lines)
     return 0
 
 

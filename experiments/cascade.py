@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from gesr_jax import cascade, statistics
+from gesr_jax import cascade, comparison, statistics
 from gesr_jax.data import datasets
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -115,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         table(per_seed, args.k),
         "",
     ]
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"cascade_{args.dataset}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}.md", lines)
     return 0
 
 

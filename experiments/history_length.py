@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         vs_two_tower(results, lengths, tasks),
         "",
     ]
-    out = pathlib.Path(args.out) if args.out else ablations.RESULTS / "history_length_ml1m.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    comparison.write_report(args.out or ablations.RESULTS / "history_length_ml1m.md", lines)
     return 0
 
 

@@ -68,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         results = comparison.run_variants(variants(preset, model), workdir, seeds=range(args.seeds))
         tasks = tuple(k.split("/")[0] for k in results[0].runs[0]["valid"] if k.endswith("/ne"))
         lines += [f"## {model}", "", comparison.comparison_table(results, tasks, split="valid"), ""]
-    out = pathlib.Path(args.out) if args.out else ablations.RESULTS / f"valid_checks_{args.dataset}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    comparison.write_report(args.out or ablations.RESULTS / f"valid_checks_{args.dataset}.md", lines)
     return 0
 
 

@@ -109,6 +109,16 @@ def _finished_run(run_dir: pathlib.Path, config: Any) -> dict[str, Any] | None:
     return json.loads(results.read_text()) if same else None
 
 
+def write_report(path: str | pathlib.Path, lines: Sequence[str]) -> pathlib.Path:
+    """Write a markdown report (one string per line), echo it, and say where it went."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return path
+
+
 def _loop_seconds(run_dir: pathlib.Path, default: float) -> float:
     """The trainer's own clock for the training loop (last train record of metrics.jsonl).
 
