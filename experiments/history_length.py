@@ -16,6 +16,7 @@ Expected: experiments/results/history_length_ml1m.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import pathlib
 import platform
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted(rows, key=lambda key: (key[0] == "GESR", key[1]))
     trained = comparison.run_variants([rows[key] for key in order], workdir, seeds=range(args.seeds))
     results = dict(zip(order, trained))
+    for (model, n), result in results.items():  # the shared N = 50 rows carry the ablation labels; say N here
+        if n == DEFAULT_N:
+            result.variant = dataclasses.replace(result.variant, label=f"{model} N={n} (ml1m_base)")
     tasks = tuple(k.split("/")[0] for k in trained[0].runs[0]["test"] if k.endswith("/ne"))
     by_length = [results["GESR", n] for n in lengths] + [results["two-tower", n] for n in lengths]
     config = config_lib.load_config(PRESET, overrides)
