@@ -119,13 +119,24 @@ def test_fit_ylim_gives_one_point_a_readable_range():
     assert low < 0.8 < high and high - low < 0.1
 
 
-def test_reporter_lines_and_phases(capsys):
+def test_reporter_lines_and_phases(capsys, monkeypatch):
+    # A clock the test moves, not wall time: the tally is checked exactly and cannot depend on the box's load.
+    now = [100.0]
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
     reporter = reporting.Reporter(enabled=True)
     with reporter.phase("doing a thing") as info:
         info["detail"] = "3 items"
+        now[0] += 2.5
+    now[0] += 50.0  # time outside phases is not counted
+    with reporter.phase("outer"):
+        now[0] += 3.0
+        with reporter.phase("inner"):  # nested: counted once, inside the outer phase
+            now[0] += 4.0
     err = capsys.readouterr().err.splitlines()
     assert err[0].endswith("doing a thing ...") and re.search(r"doing a thing: [\d.]+ s \(3 items\)$", err[1])
     assert reporter.phase_seconds >= 0
+    assert reporter.phase_seconds == 2.5 + 7.0
+    monkeypatch.undo()
     assert reporting.format_duration(75) == "1 min 15 s" and reporting.format_duration(3725) == "1 h 02 min"
     silent = reporting.Reporter(enabled=False)
     with silent.phase("quiet"):
