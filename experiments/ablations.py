@@ -42,7 +42,7 @@ DATASETS = {
     "ml1m": ("ml1m_base", ()),
 }
 # Runs live in RUNS_ROOT/<dataset>/<row>/seed<k>; experiments/model_comparison.py reuses the same root, so the
-# two-tower and GESR rows are trained once for both tables (re-running a finished run only re-evaluates it).
+# two-tower and GESR rows are trained once for both tables (a finished run of the same config is read back).
 RUNS_ROOT = pathlib.Path("/tmp/gesr_runs")
 
 ABLATIONS = [

@@ -36,6 +36,7 @@ import numpy as np
 from gesr_jax import api, metrics as metrics_lib
 from gesr_jax.data import batch as batch_lib
 from gesr_jax.data import datasets
+from gesr_jax.train import evaluators
 
 
 class CascadeError(ValueError):
@@ -125,29 +126,28 @@ def cascade_ranks(
     candidate_fields = ranker.schema.item_feature_names
 
     out: dict[str, list[np.ndarray]] = {"retrieval": [], "cascade": []}
-    num_requests = label.shape[0]
-    for start in range(0, num_requests, batch_size):
-        rows = slice(start, min(start + batch_size, num_requests))
+    items = np.asarray(arrays["cand_item"])
+    for start in range(0, label.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
         pos = positives[rows]
         if not pos.any():
             continue
-        request, _ = batch_lib.split_batch({key: np.asarray(v)[rows] for key, v in arrays.items()}, retriever.schema)
-        request = {key: jnp.asarray(v) for key, v in request.items()}
+        batch = {key: np.asarray(v)[rows] for key, v in arrays.items()}
+        request, _ = batch_lib.split_batch(batch, retriever.schema)
         scores, top = (np.asarray(x) for x in retrieve(retriever.params, request, cache))
         cand = {"cand_item": top, "num_candidates": np.full(top.shape[0], top.shape[1], np.int32)}
         cand |= {f"cand_{name}": np.asarray(table[name])[top] for name in candidate_fields}
-        ranker_request, _ = batch_lib.split_batch({key: np.asarray(v)[rows] for key, v in arrays.items()}, ranker.schema)
+        ranker_request, _ = batch_lib.split_batch(batch, ranker.schema)
         logits = np.asarray(rerank(ranker.params, ranker_request, cand))
-        retrieval, cascade = _positive_ranks(scores, top, logits, np.asarray(arrays["cand_item"])[rows], pos, k)
-        out["retrieval"].append(retrieval)
-        out["cascade"].append(cascade)
+        # Whole catalogue: the ranking evaluator's own ranks (padding item and other positives left out).
+        out["retrieval"].append(evaluators.catalogue_ranks(scores, items[rows], pos))
+        out["cascade"].append(_list_ranks(top, logits, items[rows], pos, k))
     return {key: np.concatenate(v) if v else np.zeros(0) for key, v in out.items()}
 
 
 def _top_items(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """(scores [B, V] with the padding item at -inf, the top ``width`` item ids [B, width], best first)."""
-    scores = scores.at[:, 0].set(-jnp.inf)
-    return scores, jax.lax.top_k(scores, width)[1].astype(jnp.int32)
+    """(scores [B, V], the top ``width`` item ids [B, width] without the padding item, best first)."""
+    return scores, jax.lax.top_k(scores.at[:, 0].set(-jnp.inf), width)[1].astype(jnp.int32)
 
 
 def _ranker_logits(graphdef: Any, params: Any, request: Any, candidates: Any, task: str) -> jax.Array:
@@ -155,30 +155,22 @@ def _ranker_logits(graphdef: Any, params: Any, request: Any, candidates: Any, ta
     return api.score(graphdef, params, state, candidates)[task]
 
 
-def _positive_ranks(
-    scores: np.ndarray, top: np.ndarray, logits: np.ndarray, items: np.ndarray, positives: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Retrieval and cascade rank of every positive of one batch (see the module docstring)."""
+def _list_ranks(top: np.ndarray, logits: np.ndarray, items: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
+    """Rank of every positive (``np.nonzero`` order) within its top-``k`` list by the ranker, inf if not listed."""
     rows, cols = np.nonzero(positives)
-    targets = items[rows, cols]
-    retrieval, cascade = np.empty(rows.size), np.empty(rows.size)
-    for i, (row, target) in enumerate(zip(rows, targets)):
-        others = set(items[row][positives[row]].tolist()) - {int(target)}
-        # Whole catalogue: every item but the padding item and the other positives competes.
-        full = np.delete(scores[row], [0, *others])
-        retrieval[i] = np.count_nonzero(full >= scores[row, target])  # the target counts itself: rank >= 1
-        listed = [j for j, item in enumerate(top[row]) if int(item) not in others][:k]
-        where = [j for j in listed if int(top[row, j]) == int(target)]
-        if not where:
-            cascade[i] = math.inf
-            continue
-        own = logits[row, where[0]]
-        cascade[i] = 1 + sum(1 for j in listed if j != where[0] and logits[row, j] >= own)
-    return retrieval, cascade
+    ranks = np.full(rows.size, math.inf)
+    for i, (row, target) in enumerate(zip(rows, items[rows, cols])):
+        others = items[row][positives[row] & (items[row] != target)]
+        listed = np.flatnonzero(~np.isin(top[row], others))[:k]  # the first k that are not another positive
+        hit = listed[top[row, listed] == target]
+        if hit.size:  # ties count against the positive, as in metrics.target_ranks
+            ranks[i] = np.count_nonzero(logits[row, listed] >= logits[row, hit[0]])
+    return ranks
 
 
 def cascade_metrics(ranks: Mapping[str, np.ndarray], ks: Sequence[int] = (10,)) -> dict[str, float]:
-    """HR@K / NDCG@K / MRR of both stages, keys ``<stage>/hr@K`` ..., plus ``num_targets`` and ``recall@k``."""
+    """HR@K / NDCG@K / MRR of both stages (keys ``<stage>/hr@K``, ...), ``num_targets``, and ``retrieved_share``
+    (the share of positives inside the retriever's top K: its recall@K, the ceiling of the cascade's HR)."""
     out: dict[str, float] = {"num_targets": float(len(ranks["cascade"]))}
     for stage, values in ranks.items():
         out |= {f"{stage}/{key}": value for key, value in metrics_lib.ranking_metrics(values, ks).items()}

@@ -219,17 +219,26 @@ class RankingEvaluator:
         """1-based catalogue rank of every positive of the batch (one row per positive)."""
         items = host["cand_item"]
         valid = np.arange(items.shape[1])[None, :] < host["num_candidates"][:, None]
-        positive = valid & (host[f"label_{self._task}"] == 1)
-        rows, cols = np.nonzero(positive)
-        if rows.size == 0:
-            return np.zeros(0)
-        exclude = np.zeros((rows.size, scores.shape[1]), bool)
-        exclude[:, 0] = True  # the padding item is not in the catalogue
-        # Leave the request's other positives out, so each positive competes with non-positives only.
-        for j in range(items.shape[1]):
-            other = positive[rows, j] & (items[rows, j] != items[rows, cols])
-            exclude[np.flatnonzero(other), items[rows[other], j]] = True
-        return metrics_lib.target_ranks(scores[rows], items[rows, cols], exclude)
+        return catalogue_ranks(scores, items, valid & (host[f"label_{self._task}"] == 1))
+
+
+def catalogue_ranks(scores: np.ndarray, items: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """1-based rank of each positive candidate among the whole catalogue, in ``np.nonzero(positive)`` order.
+
+    ``scores`` [B, V] scores every item id per request, ``items`` [B, C] the candidates' ids and
+    ``positive`` [B, C] marks the positives. The padding item 0 and the request's other positives are
+    left out, so each positive competes with non-positives only; ties count against it.
+    """
+    rows, cols = np.nonzero(positive)
+    if rows.size == 0:
+        return np.zeros(0)
+    exclude = np.zeros((rows.size, scores.shape[1]), bool)
+    exclude[:, 0] = True  # the padding item is not in the catalogue
+    # Leave the request's other positives out, so each positive competes with non-positives only.
+    for j in range(items.shape[1]):
+        other = positive[rows, j] & (items[rows, j] != items[rows, cols])
+        exclude[np.flatnonzero(other), items[rows[other], j]] = True
+    return metrics_lib.target_ranks(scores[rows], items[rows, cols], exclude)
 
 
 register_evaluator("candidate", CandidateEvaluator.from_context)
