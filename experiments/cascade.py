@@ -23,14 +23,14 @@ import platform
 import sys
 import time
 
+import ablations
 import jax
 import numpy as np
 
 from gesr_jax import cascade, comparison, statistics
 from gesr_jax.data import datasets
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-RUNS_ROOT = pathlib.Path("/tmp/gesr_runs")  # experiments/ablations.py's run folders
+RESULTS, RUNS_ROOT = ablations.RESULTS, ablations.RUNS_ROOT  # the table folder and ablations.py's run folders
 RETRIEVER = "two_tower"
 RERANKERS = [("two-tower → two-tower task head", "two_tower"), ("two-tower → GESR", "gesr__all_on")]
 METRICS = ("hr@10", "ndcg@10", "mrr")
