@@ -62,6 +62,8 @@ class DataConfig:
     director_vocab: int = 2000  # most frequent directors kept; the rest map to id 1 ("other")
     cache: bool = True  # keep built MovieLens splits in ~/.cache/gesr_jax (or $GESR_CACHE_DIR)
     seed: int = 0  # negatives and splits are fixed by this seed
+    prepared: str | None = None  # folder written by `gesr data prepare`; train/eval read it instead of the source
+    hash_buckets: int = 0  # 0 = off; else ids past a table's size are hashed into this many extra rows
     synthetic: SyntheticConfig = SyntheticConfig()  # generator sizes when source="synthetic"
 
     @property
@@ -77,7 +79,9 @@ class DataConfig:
         for name in ("history_len", "num_positives", "min_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_negatives", "max_requests_per_user", "director_vocab"):
+        if self.prepared is not None and not self.prepared.strip():
+            raise ValueError("data.prepared must be a folder written by `gesr data prepare`, or None")
+        for name in ("num_negatives", "max_requests_per_user", "director_vocab", "hash_buckets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.split not in SPLITS:

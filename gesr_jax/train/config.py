@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class TrainConfig:
     select_metric: str = "mean_ne"  # "mean_ne" (mean NE over tasks), "<task>/ne", "<task>/auc", "ranking/mrr", ...
     select_mode: str = "auto"  # "min", "max", or "auto" (derived from the metric's name: NE/loss min, AUC/HR max)
     patience: int = 0  # stop after this many valid passes without improvement; 0 = never stop early
+    model_parallel: int = 1  # size of the mesh's `model` axis (embedding rows/columns shard over it); 1 = data only
+    # "dense": embedding tables train with the main optimizer; "rowwise_adagrad": tables get their own optax
+    # partition with one Adagrad accumulator per row (train/sharding.py, issue 21)
+    table_optimizer: typing.Literal["dense", "rowwise_adagrad"] = "dense"
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its valid range."""
@@ -58,5 +63,9 @@ class TrainConfig:
             raise ValueError(f"train.ranking_ks must be K >= 1 values, got {self.ranking_ks}")
         if self.select_mode not in ("auto", "min", "max"):
             raise ValueError(f"train.select_mode must be 'auto', 'min' or 'max', got {self.select_mode!r}")
+        if self.model_parallel < 1:
+            raise ValueError(f"train.model_parallel must be >= 1, got {self.model_parallel}")
+        if self.table_optimizer not in typing.get_args(typing.get_type_hints(TrainConfig)["table_optimizer"]):
+            raise ValueError(f"train.table_optimizer must be 'dense' or 'rowwise_adagrad', got {self.table_optimizer!r}")
         if not self.select_metric.strip():
             raise ValueError("train.select_metric must name a valid metric, e.g. 'mean_ne' or 'consume/auc'")
