@@ -2,8 +2,9 @@
 
 Registered as ``data.source = "movielens"``; reads the folder ``data.path`` (any format
 :mod:`gesr_jax.data.movielens` detects). :func:`schema` is cheap when the folder has a users file (no
-rating log is read). :func:`load_splits` builds every request once (gesr_jax/data/requests.py), as
-three big batches, and caches the parsed log and the built splits as ``.npz`` under
+rating log is read). :func:`load_splits` builds every request once (gesr_jax/data/requests.py), by
+reference into one event log (gesr_jax/data/event_log.py), and caches the parsed log and the built
+splits as ``.npz`` under
 ``$GESR_CACHE_DIR`` (default ``~/.cache/gesr_jax``), keyed by the data config and the size and mtime
 of every input file.
 
@@ -27,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from gesr_jax.data import movielens, requests
+from gesr_jax.data import event_log, movielens, requests
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
 from gesr_jax.data.datasets import Splits, register_dataset
@@ -40,7 +41,7 @@ MOVIELENS_USER_FEATURES: tuple[tuple[str, int], ...] = (
     ("age", len(movielens.AGE_CODES_1M) + 1),
     ("occupation", len(movielens.OCCUPATIONS_100K) + 1),
 )
-_CACHE_VERSION = 2  # bump when parsing or request construction changes, so stale caches are not reused
+_CACHE_VERSION = 3  # bump when parsing or request construction changes, so stale caches are not reused
 
 
 def movielens_item_features(data_config: DataConfig, has_directors: bool) -> tuple[tuple[str, int], ...]:
@@ -97,13 +98,14 @@ def load_splits(data_config: DataConfig) -> Splits:
         cached = _read_npz(path)
         if cached is not None:
             arrays, stats = cached
-            parts = {s: {k[len(s) + 1 :]: v for k, v in arrays.items() if k.startswith(s + "/")} for s in _SPLITS}
-            return Splits(**parts, schema=batch_schema, stats=stats)
+            with contextlib.suppress(ValueError):  # a cache of another layout is rebuilt
+                parts = event_log.unflatten_splits(arrays, batch_schema)
+                return Splits(**parts, schema=batch_schema, stats=stats)
     inter = load_interactions_cached(data_config)
     built = requests.build_requests(inter, movielens_item_table(inter, data_config), batch_schema, data_config)
     splits = Splits(built.train, built.valid, built.test, batch_schema, built.stats)
-    if path is not None:
-        flat = {f"{s}/{k}": v for s in _SPLITS for k, v in getattr(splits, s).items()}
+    if path is not None:  # requests by reference: the log once plus per-request columns, not [R, N] histories
+        flat = event_log.flatten_splits({s: getattr(splits, s) for s in _SPLITS})
         _write_npz(path, flat, splits.stats)
     return splits
 

@@ -1,8 +1,10 @@
 """The input pipeline: grain ``MapDataset`` over batch-level sources, host sharding, checkpointable iterators.
 
 A split is a dict of numpy arrays in the batch layout (``gesr_jax/data/batch.py``) whose leading
-dimension counts requests. Element ``i`` of a :class:`RequestBatchSource` is a whole batch gathered
-with one fancy-indexing call per key, so Python runs once per batch, never once per request.
+dimension counts requests, or a :class:`~gesr_jax.data.event_log.RequestSplit` (requests by reference
+into one event log, whose history windows are gathered per batch). Element ``i`` of a
+:class:`RequestBatchSource` is a whole batch gathered with one fancy-indexing call per key, so Python
+runs once per batch, never once per request.
 
 * Training (:func:`train_dataset`): endless; every epoch draws a fresh permutation of *requests*
   (not just of batch order), determined by ``(seed, epoch)``; the ``num_requests % batch_size``
@@ -29,12 +31,15 @@ import jax
 import numpy as np
 
 from gesr_jax.data import batch as batch_lib
+from gesr_jax.data.event_log import RequestSplit
 
 Arrays = Mapping[str, np.ndarray]
 
 
 def check_split(arrays: Arrays, name: str = "split") -> int:
     """Return the number of requests in ``arrays``, raising if its keys disagree on it."""
+    if isinstance(arrays, RequestSplit):  # checked when built; its keys would otherwise be gathered here
+        return arrays.num_requests
     if "user_id" not in arrays:
         raise ValueError(f"{name} has no 'user_id' array; the layout is documented in gesr_jax/data/batch.py")
     n = int(np.shape(arrays["user_id"])[0])
@@ -60,7 +65,9 @@ class RequestBatchSource:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self._name = name or ("train split" if shuffle else "eval split")
         self._num_requests = check_split(arrays, self._name)
-        self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        # A split by reference (gesr_jax/data/event_log.py) gathers each batch's history windows itself.
+        self._split = arrays if isinstance(arrays, RequestSplit) else None
+        self._arrays = {} if self._split is not None else {k: np.asarray(v) for k, v in arrays.items()}
         self._batch_size = batch_size
         self._shuffle = shuffle
         self._seed = seed
@@ -106,9 +113,14 @@ class RequestBatchSource:
         if self._shuffle:
             epoch, j = divmod(index, self.batches_per_epoch)
             rows = self._permutation(epoch)[j * b : (j + 1) * b]
-            return {k: v[rows] for k, v in self._arrays.items()}
+            return self._rows(rows)
         lo, hi = min(index * b, self._num_requests), min((index + 1) * b, self._num_requests)
-        return batch_lib.pad_rows({k: v[lo:hi] for k, v in self._arrays.items()}, b)
+        return batch_lib.pad_rows(self._rows(slice(lo, hi)), b)
+
+    def _rows(self, rows: np.ndarray | slice) -> dict[str, np.ndarray]:
+        if self._split is not None:
+            return self._split.gather(rows)
+        return {k: v[rows] for k, v in self._arrays.items()}
 
     def __repr__(self) -> str:
         return (

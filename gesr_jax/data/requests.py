@@ -59,8 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax.data.batch import BatchSchema, empty_batch, validate_batch
+from gesr_jax.data.batch import BatchSchema, validate_batch
 from gesr_jax.data.config import DataConfig
+from gesr_jax.data.event_log import HISTORY_END, EventLog, RequestSplit
 from gesr_jax.data.movielens import Interactions
 
 _MAX_REJECTION_ROUNDS = 12  # after this, the few rows still short of negatives are filled exactly, row by row
@@ -70,9 +71,9 @@ _MAX_REJECTION_ROUNDS = 12  # after this, the few rows still short of negatives 
 class BuiltRequests:
     """Output of :func:`build_requests`: one batch per split plus counts."""
 
-    train: dict[str, np.ndarray]
-    valid: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
+    train: RequestSplit
+    valid: RequestSplit
+    test: RequestSplit
     stats: dict[str, Any]
 
 
@@ -123,21 +124,14 @@ def build_requests(
     owner, start, hist_end, hist_avail = (a[chrono] for a in (owner, start, hist_end, hist_avail))
     num_requests = owner.size
 
-    batch = empty_batch(schema, num_requests)
-    batch["user_id"] = users[owner].astype(np.int32)
+    # Requests by reference (gesr_jax/data/event_log.py): the log once, each request its window's end.
+    log = EventLog(item.astype(np.int32), np.ceil(rating).astype(np.uint8), ts.astype(np.int32))
+    columns: dict[str, np.ndarray] = {"user_id": users[owner].astype(np.int32)}
     for name, _ in schema.user_features:
-        batch[f"user_{name}"] = inter.user_features[name][users[owner]].astype(np.int32)
-
-    length = np.minimum(hist_avail, n_hist)
-    slots = np.arange(n_hist)
-    hist_valid = slots[None, :] < length[:, None]
-    hist_idx = np.where(hist_valid, hist_end[:, None] - length[:, None] + slots[None, :], 0)
-    hist_item = np.where(hist_valid, item[hist_idx], 0)
-    batch["history_item"] = hist_item.astype(np.int32)
-    batch["history_action"] = np.where(hist_valid, np.ceil(rating[hist_idx]), 0).astype(np.int32)
-    batch["history_time"] = np.where(hist_valid, ts[hist_idx], 0).astype(np.int32)
-    batch["history_len"] = length.astype(np.int32)
-    batch["request_time"] = ts[start].astype(np.int32)
+        columns[f"user_{name}"] = inter.user_features[name][users[owner]].astype(np.int32)
+    columns["history_len"] = np.minimum(hist_avail, n_hist).astype(np.int32)
+    columns["request_time"] = ts[start].astype(np.int32)
+    columns[HISTORY_END] = hist_end
 
     if cuts is None:
         rank = _ranks_within(owner[::-1])[::-1]  # 0 = the user's last request after all filtering
@@ -169,19 +163,17 @@ def build_requests(
     # Padding (no negative found) sorts last so it stays on the right.
     perm = np.argsort(shuffle_keys + (~valid) * 2.0, axis=1, kind="stable")
     cand, consume, engage, valid = (np.take_along_axis(a, perm, axis=1) for a in (cand, consume, engage, valid))
-    batch["cand_item"] = cand.astype(np.int32)
-    batch["num_candidates"] = valid.sum(axis=1).astype(np.int32)
-    batch["label_consume"] = consume.astype(np.float32)
-    batch["label_engage"] = engage.astype(np.float32)
-    for name, _ in schema.item_features:
-        batch[f"history_{name}"] = np.where(hist_valid, item_table[name][hist_item], 0).astype(np.int32)
-        batch[f"cand_{name}"] = np.where(valid, item_table[name][cand], 0).astype(np.int32)
+    columns["cand_item"] = cand.astype(np.int32)
+    columns["num_candidates"] = valid.sum(axis=1).astype(np.int32)
+    columns["label_consume"] = consume.astype(np.float32)
+    columns["label_engage"] = engage.astype(np.float32)
 
     parts = {
-        name: {k: v[split_of == code] for k, v in batch.items()} for code, name in enumerate(("train", "valid", "test"))
+        name: RequestSplit(log, item_table, schema, {k: v[split_of == code] for k, v in columns.items()})
+        for code, name in enumerate(("train", "valid", "test"))
     }
     for part in parts.values():
-        validate_batch(part, schema)
+        validate_split(part, schema)
     users_with_requests = int(np.unique(owner).size)
     stats = {
         "events": int(user.size),
@@ -191,7 +183,7 @@ def build_requests(
         "skipped_users": int(users.size - users_with_requests),
         "skipped_users_too_few_events": int(np.count_nonzero(too_few)),
         "requests_dropped_same_second_history": dropped_ties,
-        "requests_short_of_negatives": int(np.count_nonzero(valid.sum(axis=1) < n_pos + dc.num_negatives)),
+        "requests_short_of_negatives": int(np.count_nonzero(columns["num_candidates"] < n_pos + dc.num_negatives)),
         "split": dc.split,
         **({"split_cut_times": [int(c) for c in cuts]} if cuts is not None else {}),
         **{
@@ -200,6 +192,12 @@ def build_requests(
         },
     }
     return BuiltRequests(parts["train"], parts["valid"], parts["test"], stats)
+
+
+def validate_split(split: RequestSplit, schema: BatchSchema, chunk: int = 8192) -> None:
+    """:func:`validate_batch` over every request, gathered ``chunk`` requests at a time (bounded memory)."""
+    for lo in range(0, max(split.num_requests, 1), chunk):
+        validate_batch(split.gather(slice(lo, lo + chunk)), schema)
 
 
 def global_time_cuts(request_time: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
