@@ -1,52 +1,92 @@
-"""Bytes of one ``jax.export.Exported``: its official serialization, or a self-contained fallback container.
+"""The files of a serving export: jax's own ``Exported`` bytes, sha256 checksums, and their errors.
 
-``jax.export``'s own ``serialize``/``deserialize`` need the optional ``flatbuffers`` package, which is not in
-this project's pinned set. When it is importable, those are used. Otherwise an Exported is written as::
+Each ``*.jaxexp`` file holds ``jax.export.serialize(exported)`` (jax's flatbuffer format; ``flatbuffers`` is
+a pinned dependency). The export's manifest records the sha256 of every file it wrote; :func:`read_verified`
+reads a file once, checks its bytes against that digest, and hands the same bytes on, so what is verified is
+what is deserialized. A mismatch, a missing file or bytes jax cannot deserialize raise :class:`ExportError`
+naming the file.
 
-    b"GESRXP1\\n" | 8-byte little-endian header length | JSON header | StableHLO portable artifact
-
-where the header holds everything ``jax.export.Exported`` needs besides the module (name, input/output
-pytrees and avals, platforms, calling convention, kept variables). The module bytes are exactly
-``Exported.mlir_module_serialized`` (StableHLO's versioned portable artifact), so the container is as
-forward-compatible as jax's own format for what serving exports: static shapes, no shardings, no effects.
-:func:`deserialize` reads both formats. Only jax and numpy are imported.
+Exports written before checksums (manifest version 1) may hold a home-made container,
+``b"GESRXP1\\n" | 8-byte little-endian header length | JSON header | StableHLO module``, used when
+flatbuffers was not installed. It is read (never written) by :func:`deserialize`, so such exports still load.
+Only jax, numpy and the request errors are imported (the loader must not import model code).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pathlib
 import struct
 from typing import Any
 
 import jax
 import numpy as np
-from jax import tree_util
 
-MAGIC = b"GESRXP1\n"
+from gesr_jax.serving.requests import RequestError
+
+LEGACY_MAGIC = b"GESRXP1\n"
 
 
-def _flatbuffers_available() -> bool:
+class ExportError(ValueError):
+    """An export file is missing, damaged, or was written by an incompatible version; ``path`` names it."""
+
+    def __init__(self, message: str, *, path: str | pathlib.Path | None = None):
+        self.path = None if path is None else pathlib.Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class ArtifactUnavailable(RequestError):
+    """A request could not be scored because an artifact its bucket needs is damaged (lazy verification).
+
+    A :class:`RequestError` so it takes the request's slot in ``score``'s results; ``path`` names the file.
+    """
+
+    def __init__(self, message: str, *, path: pathlib.Path | None = None, index: int | None = None):
+        self.path = path
+        super().__init__(message, index=index)
+
+    def with_index(self, index: int) -> ArtifactUnavailable:
+        return ArtifactUnavailable(self.message, path=self.path, index=index)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(path: pathlib.Path, expected: str | None) -> bytes:
+    """The bytes of ``path`` after checking their sha256 against ``expected`` (``None``: unverified)."""
     try:
-        import flatbuffers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ExportError("is missing (the manifest lists it)", path=path) from None
+    except OSError as err:
+        raise ExportError(f"cannot be read ({err.strerror or err})", path=path) from None
+    if expected is not None and sha256(data) != expected:
+        raise ExportError(
+            f"is damaged: sha256 {sha256(data)[:16]}... differs from the manifest's {expected[:16]}... "
+            f"({len(data)} bytes); re-export it",
+            path=path,
+        )
+    return data
 
 
-def _tree_to_json(tree: tree_util.PyTreeDef) -> Any:
-    if tree_util.treedef_is_leaf(tree) and tree.num_leaves == 1:
-        return {"k": "leaf"}
-    node_type, aux = tree.node_data()
-    children = [_tree_to_json(c) for c in tree.children()]
-    if node_type is type(None):
-        return {"k": "none"}
-    if node_type is tuple:
-        return {"k": "tuple", "c": children}
-    if node_type is list:
-        return {"k": "list", "c": children}
-    if node_type is dict:
-        return {"k": "dict", "keys": list(aux), "c": children}
-    raise ValueError(f"cannot store pytree node {node_type.__name__}: serving exports take lists, tuples and dicts")
+def serialize(exported: jax.export.Exported) -> bytes:
+    """jax's own serialization of ``exported``."""
+    return bytes(exported.serialize())
+
+
+def deserialize(data: bytes, *, path: pathlib.Path | None = None) -> jax.export.Exported:
+    """The Exported of :func:`serialize`'s bytes (or of a legacy container); :class:`ExportError` naming ``path``."""
+    try:
+        if data.startswith(LEGACY_MAGIC):
+            return _deserialize_legacy(data)
+        return jax.export.deserialize(bytearray(data))
+    except Exception as err:  # flatbuffer / StableHLO decoders raise many types; all mean "unreadable"
+        raise ExportError(f"is not a readable jax.export artifact ({type(err).__name__}: {err})", path=path) from None
+
+
+# ------------------------------------------------------------------------------------- legacy (read-only)
 
 
 def _tree_from_json(data: Any) -> Any:
@@ -64,48 +104,15 @@ def _tree_from_json(data: Any) -> Any:
     return dict(zip(data["keys"], children, strict=True))
 
 
-def _avals(avals: Any) -> list[dict[str, Any]]:
-    return [{"shape": [int(d) for d in a.shape], "dtype": str(np.dtype(a.dtype))} for a in avals]
+def _avals(records: list[dict[str, Any]]) -> tuple[jax.core.ShapedArray, ...]:
+    return tuple(jax.core.ShapedArray(tuple(a["shape"]), np.dtype(jax.numpy.dtype(a["dtype"]))) for a in records)
 
 
-def serialize(exported: jax.export.Exported, *, fallback: bool | None = None) -> bytes:
-    """Bytes of ``exported``; ``fallback=None`` picks jax's format when flatbuffers is importable."""
-    if fallback is None:
-        fallback = not _flatbuffers_available()
-    if not fallback:
-        return bytes(exported.serialize())
-    if exported.ordered_effects or exported.unordered_effects or exported.disabled_safety_checks:
-        raise ValueError("the fallback container stores no effects or disabled safety checks")
-    if any(s is not None for s in (*exported.in_shardings_hlo, *exported.out_shardings_hlo)):
-        raise ValueError("the fallback container stores no shardings")
-    header = {
-        "fun_name": exported.fun_name,
-        "in_tree": _tree_to_json(exported.in_tree),
-        "in_avals": _avals(exported.in_avals),
-        "out_tree": _tree_to_json(exported.out_tree),
-        "out_avals": _avals(exported.out_avals),
-        "nr_devices": exported.nr_devices,
-        "platforms": list(exported.platforms),
-        "calling_convention_version": exported.calling_convention_version,
-        "module_kept_var_idx": list(exported.module_kept_var_idx),
-        "uses_global_constants": bool(exported.uses_global_constants),
-    }
-    raw = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack("<Q", len(raw)) + raw + bytes(exported.mlir_module_serialized)
-
-
-def deserialize(data: bytes) -> jax.export.Exported:
-    """The Exported of :func:`serialize`'s bytes (either format)."""
-    if not data.startswith(MAGIC):
-        return jax.export.deserialize(bytearray(data))
-    (size,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
-    start = len(MAGIC) + 8
+def _deserialize_legacy(data: bytes) -> jax.export.Exported:
+    (size,) = struct.unpack("<Q", data[len(LEGACY_MAGIC) : len(LEGACY_MAGIC) + 8])
+    start = len(LEGACY_MAGIC) + 8
     header = json.loads(data[start : start + size])
-    module = bytes(data[start + size :])
-    in_avals = tuple(jax.core.ShapedArray(tuple(a["shape"]), np.dtype(jax.numpy.dtype(a["dtype"])))
-                     for a in header["in_avals"])  # fmt: skip
-    out_avals = tuple(jax.core.ShapedArray(tuple(a["shape"]), np.dtype(jax.numpy.dtype(a["dtype"])))
-                      for a in header["out_avals"])  # fmt: skip
+    in_avals, out_avals = _avals(header["in_avals"]), _avals(header["out_avals"])
     return jax.export.Exported(
         fun_name=header["fun_name"],
         in_tree=jax.tree.structure(_tree_from_json(header["in_tree"])),
@@ -121,7 +128,7 @@ def deserialize(data: bytes) -> jax.export.Exported:
         ordered_effects=(),
         unordered_effects=(),
         disabled_safety_checks=(),
-        mlir_module_serialized=module,
+        mlir_module_serialized=bytes(data[start + size :]),
         calling_convention_version=header["calling_convention_version"],
         module_kept_var_idx=tuple(header["module_kept_var_idx"]),
         uses_global_constants=header["uses_global_constants"],

@@ -12,6 +12,7 @@ score the candidates in chunks of bucket sizes. Everything it jits is compiled o
 from __future__ import annotations
 
 import collections
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gesr_jax.data.batch import BatchSchema
+from gesr_jax.serving.artifact import ArtifactUnavailable, ExportError
 from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.requests import ParsedRequest, RequestError, pack_candidates, pack_requests, parse_request
 from gesr_jax.serving.user_cache import UserStateCache
@@ -94,7 +96,12 @@ class Engine:
         step = self.buckets.max_requests
         for start in range(0, len(good), step):
             group = good[start : start + step]
-            probs = self._score_group([p for _, p in group])
+            try:
+                probs = self._score_group([p for _, p in group])
+            except ExportError as err:  # a damaged bucket artifact (lazy loading): fails this batch only
+                for i, _ in group:
+                    results[i] = ArtifactUnavailable(f"not scored: {err}", path=err.path, index=i)
+                continue
             for row, (i, p) in enumerate(group):
                 c = p.num_candidates
                 results[i] = {t: probs[k, row, :c].copy() for k, t in enumerate(self.tasks)}
@@ -110,16 +117,25 @@ class Engine:
     def warmup(self) -> int:
         """Compile every bucket shape now (encode per request size, score per (request, chunk) size).
 
-        Returns how many traces it added; afterwards no request shape compiles anything.
+        Returns how many traces it added; afterwards no request shape compiles anything. A bucket whose
+        artifact is damaged (an export loaded with ``verify="lazy"``) is skipped with a warning naming the
+        file; its requests then get that error, and every other bucket serves.
         """
         before = self.num_compiles
         for rows in self.buckets.request_sizes:
-            state = self._encode(self.consts, pack_requests([], self.schema, rows))
+            try:
+                state = self._encode(self.consts, pack_requests([], self.schema, rows))
+            except ExportError as err:
+                warnings.warn(f"warmup skips request size {rows}: {err}", stacklevel=2)
+                continue
             if self.user_cache is not None and rows > 1:
                 state = self._stack(list(self._split(state)))
             for width in self.buckets.chunk_sizes:
                 cands, counts = pack_candidates([], self.schema, rows, width)
-                jax.block_until_ready(self._score(self.consts, state, cands | {"num_candidates": counts}))
+                try:
+                    jax.block_until_ready(self._score(self.consts, state, cands | {"num_candidates": counts}))
+                except ExportError as err:
+                    warnings.warn(f"warmup skips bucket {rows}x{width}: {err}", stacklevel=2)
         return self.num_compiles - before
 
     # ------------------------------------------------------------------------------------------ internals

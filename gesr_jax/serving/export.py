@@ -2,9 +2,10 @@
 
 ``export_workdir(workdir, out_dir)`` (or ``export_scorer(scorer, out_dir)``) writes::
 
-    manifest.json          format/version, model kind, tasks, schema, buckets, platforms, inputs, files
+    manifest.json          format/version, model kind, tasks, schema, buckets, platforms, inputs, files, and
+                           the sha256 of every other file (``serving.load`` verifies them; ``artifact.py``)
     encode_r{R}.jaxexp     serialized encode_request per request-batch size R: (consts, request) -> state leaves
-                           (bytes: ``artifact.py``, jax's format, or a fallback container without flatbuffers)
+                           (``jax.export.serialize`` bytes)
     score_r{R}_c{C}.jaxexp serialized score per (R, chunk size C): (consts, state leaves, chunk) -> probs [T, R, C]
     params.npz             the parameter leaves (raw bytes; shape and dtype in the manifest: fp8 survives)
     item_table.npz         the item-tower table ``item_cache`` [V, Dt] (when the model has one) and the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import io
 import json
 import pathlib
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.engine import sigmoid_stack
 from gesr_jax.serving.requests import pack_candidates, pack_requests
 
-FORMAT, VERSION = "gesr_jax.serving", 1
+FORMAT, VERSION = "gesr_jax.serving", 2  # version 2: manifest["sha256"] (loader.py reads 1 and 2)
 DEFAULT_PLATFORMS: tuple[str, ...] = ("cpu", "cuda")
 
 
@@ -45,6 +47,13 @@ def _spec(x: Any) -> jax.ShapeDtypeStruct:
 def _raw(x: Any) -> np.ndarray:
     """The bytes of an array as a flat uint8 array (npz cannot hold float8 / bfloat16 dtypes)."""
     return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes of ``np.savez(arrays)`` (hashed and written in one go)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _leaf_record(name: str, x: Any) -> dict[str, Any]:
@@ -116,24 +125,30 @@ def export_scorer(
             wanted = wanted[:1]
             return artifact.serialize(jax.export.export(jax.jit(fn), platforms=wanted)(*args))
 
+    sums: dict[str, str] = {}
+
+    def write(name: str, data: bytes) -> None:
+        (out / name).write_bytes(data)
+        sums[name] = artifact.sha256(data)
+
     files: dict[str, dict[str, str]] = {"encode": {}, "score": {}}
     for rows in buckets.request_sizes:
         name = f"encode_r{rows}.jaxexp"
-        (out / name).write_bytes(export(encode, const_specs, request_specs(rows)))
+        write(name, export(encode, const_specs, request_specs(rows)))
         files["encode"][str(rows)] = name
         state_specs = [jax.ShapeDtypeStruct((rows, *s.shape[1:]), s.dtype) for s in state_leaves_1]
         for width in buckets.chunk_sizes:
             name = f"score_r{rows}_c{width}.jaxexp"
-            (out / name).write_bytes(export(score, const_specs, state_specs, chunk_specs(rows, width)))
+            write(name, export(score, const_specs, state_specs, chunk_specs(rows, width)))
             files["score"][f"{rows}x{width}"] = name
     if len(wanted) < len(platforms):  # the first buckets may have been lowered for more platforms: redo them
         return export_scorer(scorer, out, platforms=wanted, source={**(source or {}), "platform_notes": notes})
 
-    np.savez(out / "params.npz", **{f"p{i}": _raw(x) for i, x in enumerate(leaves)})
+    write("params.npz", _npz({f"p{i}": _raw(x) for i, x in enumerate(leaves)}))
     table = {f"feature_{k}": np.asarray(v, np.int32) for k, v in scorer.item_table.items()}
     if has_cache:
         table["item_cache"] = _raw(scorer.item_cache)
-    np.savez(out / "item_table.npz", **table)
+    write("item_table.npz", _npz(table))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -157,6 +172,7 @@ def export_scorer(
             "output": {"shape": ["T", "R", "C"], "dtype": "float32", "meaning": "sigmoid probabilities, tasks order"},
         },
         "files": files,
+        "sha256": dict(sorted(sums.items())),
         "source": {k: v for k, v in (source or {}).items() if k != "platform_notes"},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
