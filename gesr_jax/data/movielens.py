@@ -13,8 +13,9 @@ movies file and ``num_users`` the largest user id in the users file (or in the r
 format has none). Optional side data: ``extra/movies_extrainfos.dat`` (MeLU's director file)
 adds a director per movie.
 
-Validation: every problem is a :class:`DataFormatError` naming ``file:line``. Ratings are checked
-with one regex pass (ids and timestamps must be plain decimal integers: ``1e2``, ``3.0`` and ``abc``
+Validation: every problem is a :class:`DataFormatError` naming ``file:line``. Ratings are first read
+vectorised over bytes (gesr_jax/data/ratings_fast.py), which accepts only clean lines; when it refuses
+a file, the strict reader runs: ratings are checked with one regex pass (ids and timestamps must be plain decimal integers: ``1e2``, ``3.0`` and ``abc``
 are refused, not silently read as numbers) and parsed vectorised (``np.loadtxt``); a line that
 fails is then explained field by field. Bytes that are not valid in the file's encoding are reported
 with the line they are on. A (user, movie, timestamp) triple rated twice is an error naming both
@@ -33,6 +34,7 @@ import re
 
 import numpy as np
 
+from gesr_jax.data import ratings_fast
 from gesr_jax.data.movielens_lines import (
     MAX_TIMESTAMP,
     DataFormatError,
@@ -197,12 +199,37 @@ def load_interactions(path: str | pathlib.Path) -> Interactions:
 
 
 def _read_ratings(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ratings columns: vectorised over bytes (ratings_fast.py); the strict reader names a bad line."""
+    path, fmt = files.ratings, files.format
+    if fmt != "csv" or _csv_header(path) == _CSV_HEADER:
+        fast = ratings_fast.read_ratings_fast(path, fmt, header=fmt == "csv")
+        if fast is not None:
+            check_duplicates(path, int(fmt == "csv"), fast[0], fast[1], fast[3])
+            return fast
+    return _read_ratings_strict(files)
+
+
+_CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
+
+
+def _csv_header(path: pathlib.Path) -> list[str] | None:
+    """The first four names of a ratings.csv header, or None when the first line cannot be read as UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().removeprefix(ratings_fast.BOM).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first.strip().split(",")[:4]
+
+
+def _read_ratings_strict(files: MovieLensFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Line-level reading that explains the first bad line (only run when the vectorised reader refuses)."""
     path, fmt = files.ratings, files.format
     text = read_text(path, "utf-8" if fmt == "csv" else "latin-1")
     header = int(fmt == "csv")
     if header:
         first, _, text = text.partition("\n")
-        if first.strip().split(",")[:4] != ["userId", "movieId", "rating", "timestamp"]:
+        if first.strip().split(",")[:4] != _CSV_HEADER:
             raise DataFormatError(f"{path}:1: expected the header 'userId,movieId,rating,timestamp', got {first!r}")
     sep = {"dat": "::", "100k": "\t", "csv": ","}[fmt]
     if not text.strip():
