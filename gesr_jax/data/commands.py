@@ -22,6 +22,8 @@ from gesr_jax.data import download as download_lib
 from gesr_jax.data import datasets, movielens, movielens_dataset
 from gesr_jax.data.config import DataConfig
 
+USAGE_ERROR = 2  # the CLI's exit code for usage, config and data errors (bad data is the caller's input)
+
 
 def register(subparsers: Any) -> None:
     """Add ``download`` and ``inspect`` to an ``argparse`` subparsers object."""
@@ -78,7 +80,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = inspect(data_config, build_requests=args.requests)
     except (ConfigError, datasets.DataError, movielens.DataFormatError) as err:  # usage errors; bugs keep a traceback
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
     print(json.dumps(report))
     return 0
 
@@ -107,9 +109,15 @@ def inspect_config(config: Any) -> dict[str, Any]:
     splits = datasets.load_splits(data_config)
     report["requests"] = splits.stats
     report["schema"] = dataclasses.asdict(splits.schema)
+    fields = ("item", *splits.schema.item_feature_names)
     pairs = tuple(getattr(config.model, "hma_pairs", ())) or tuple(
-        (f, f) for f in ("item", *splits.schema.item_feature_names)
+        (f, f) for f in fields
     )  # a model without HMA: every same-name pair, to show which would match
+    for name in (f for pair in pairs for f in pair):
+        if name not in fields:  # the same one line `gesr train` gives (gesr_jax/models/gesr/tokens.py)
+            raise datasets.DataError(
+                f"model.hma_pairs names {name!r}, which this dataset does not have; available: {list(fields)}"
+            )
     report["health"] = health.feature_health(splits, pairs)
     return report
 

@@ -15,7 +15,8 @@ adds a director per movie.
 
 Validation: every problem is a :class:`DataFormatError` naming ``file:line``. Ratings are first read
 vectorised over bytes (gesr_jax/data/ratings_fast.py), which accepts only clean lines; when it refuses
-a file, the strict reader runs: ratings are checked with one regex pass (ids and timestamps must be plain decimal integers: ``1e2``, ``3.0`` and ``abc``
+a file, the strict reader runs: ratings are checked with one regex pass (ids and timestamps must be
+plain decimal integers: ``1e2``, ``3.0`` and ``abc``
 are refused, not silently read as numbers) and parsed vectorised (``np.loadtxt``); a line that
 fails is then explained field by field. Bytes that are not valid in the file's encoding are reported
 with the line they are on. A (user, movie, timestamp) triple rated twice is an error naming both

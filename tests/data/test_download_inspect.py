@@ -141,10 +141,11 @@ def test_inspect_reports_counts_and_skipped_users(tmp_path, capsys):
 
 
 def test_inspect_bad_input_exits_nonzero(tmp_path, capsys):
-    assert commands.main(["inspect", "--path", str(tmp_path)]) == 1
+    # Issue 24: bad data or settings are usage errors, exit code 2 (not 1, which the CLI uses for divergence).
+    assert commands.main(["inspect", "--path", str(tmp_path)]) == 2
     assert "not a MovieLens folder" in capsys.readouterr().err
     root = write_dat(tmp_path / "ml", random_log())
-    assert commands.main(["inspect", "--path", str(root), "--set", "data.history_lenn=3"]) == 1
+    assert commands.main(["inspect", "--path", str(root), "--set", "data.history_lenn=3"]) == 2
     assert "unknown config key 'history_lenn'" in capsys.readouterr().err
 
 
