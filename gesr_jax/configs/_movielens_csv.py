@@ -8,8 +8,8 @@ stars; actions round them up (gesr_jax/data/movielens_dataset.py), ``engage`` is
 import pathlib
 
 from gesr_jax.config import Config
+from gesr_jax.configs import ml100k_base
 from gesr_jax.data.config import DataConfig
-from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -23,11 +23,8 @@ def csv_config(name: str, folder: str, train: TrainConfig, max_requests_per_user
             source="movielens", path=str(SHARED_DATA / folder), history_len=50, num_positives=4, num_negatives=12,
             min_history=5, max_requests_per_user=max_requests_per_user,
         ),
-        model=GESRConfig(
-            history_fields=("item", "genre", "year", "action"),
-            candidate_fields=("item", "genre", "year"),
-            # No ("item", "item") pair (always 0 on MovieLens) and no director: the CSV family has none.
-            hma_pairs=(("genre", "genre"), ("year", "year")),
-        ),
+        # ml100k_base's model: item, genre, year (and action) only, HMA on genre and year -- no director, which
+        # the CSV family lacks, and no ("item", "item") pair (always 0 on MovieLens).
+        model=ml100k_base.get_config().model,
         train=train,
     )

@@ -1,6 +1,8 @@
-"""``gesr data download`` and ``gesr data inspect``.
+"""``gesr data download``, ``gesr data inspect`` and ``gesr data prepare``.
 
-:func:`register` adds both subcommands to the ``data`` group of the main CLI; each parser sets
+``prepare --config NAME --out DIR`` writes the requests of a preset as a prepared folder
+(gesr_jax/data/prepared.py); train from it with ``--set data.prepared=DIR``.
+:func:`register` adds the subcommands to the ``data`` group of the main CLI; each parser sets
 ``func`` to a handler ``(argparse.Namespace) -> int`` exit code. Run alone with
 ``python -m gesr_jax.data.commands inspect --path DIR``. ``inspect --config NAME`` builds the requests
 with that preset's data settings (any ``data.source``) and adds the feature health report
@@ -50,6 +52,13 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_inspect)
 
+    p = subparsers.add_parser("prepare", help="build a preset's requests once and write them as memory-mappable files")
+    p.add_argument("--config", required=True, help="preset (or .py file) whose data settings build the requests")
+    p.add_argument("--out", required=True, help="new folder to write (train from it with --set data.prepared=OUT)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="config override, e.g. --set data.path=/data/ml-20m")  # fmt: skip
+    p.set_defaults(func=run_prepare)
+
 
 def run_download(args: argparse.Namespace) -> int:
     try:
@@ -85,6 +94,23 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prepare(args: argparse.Namespace) -> int:
+    """``gesr data prepare``: progress and phase durations on stderr, the manifest's summary on stdout."""
+    from gesr_jax.config import ConfigError, load_config
+    from gesr_jax.data import prepared
+
+    try:
+        config = load_config(args.config, args.overrides)
+        manifest = prepared.prepare(config.data, args.out)
+    except (ConfigError, datasets.DataError, movielens.DataFormatError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    summary = {k: manifest[k] for k in ("layout", "stats", "phases")}
+    summary["bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    print(json.dumps({"prepared": args.out, **summary}))
+    return 0
+
+
 def _inspect_preset(args: argparse.Namespace) -> int:
     """``inspect --config NAME``: the preset's data (after ``--set``, ``data.`` prefix optional), requests, health."""
     from gesr_jax.config import load_config
@@ -110,7 +136,8 @@ def inspect_config(config: Any) -> dict[str, Any]:
     report["requests"] = splits.stats
     report["schema"] = dataclasses.asdict(splits.schema)
     fields = ("item", *splits.schema.item_feature_names)
-    pairs = tuple(getattr(config.model, "hma_pairs", ())) or tuple(
+    hma = getattr(config.model, "hma", None)  # model.hma.pairs (sectioned configs) or model.hma_pairs (flat ones)
+    pairs = tuple(getattr(hma, "pairs", None) or getattr(config.model, "hma_pairs", ())) or tuple(
         (f, f) for f in fields
     )  # a model without HMA: every same-name pair, to show which would match
     for name in (f for pair in pairs for f in pair):

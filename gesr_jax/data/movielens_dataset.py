@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from gesr_jax.data import event_log, movielens, requests
+from gesr_jax.data import event_log, movielens, prepared, requests
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
 from gesr_jax.data.datasets import Splits, register_dataset
@@ -111,15 +111,24 @@ def load_splits(data_config: DataConfig) -> Splits:
 
 
 class MovieLensDataset:
-    """``data.source = "movielens"`` in the dataset registry (gesr_jax/data/datasets.py); reads ``data.path``."""
+    """``data.source = "movielens"`` in the dataset registry (gesr_jax/data/datasets.py); reads ``data.path``.
+
+    With ``data.prepared`` set, everything comes from that prepared folder (gesr_jax/data/prepared.py) instead.
+    """
 
     def schema(self, data_config: DataConfig) -> BatchSchema:
+        if data_config.prepared:
+            return prepared.PreparedDataset().schema(data_config)
         return schema(data_config)
 
     def load_splits(self, data_config: DataConfig) -> Splits:
+        if data_config.prepared:
+            return prepared.PreparedDataset().load_splits(data_config)
         return load_splits(data_config)
 
     def item_table(self, data_config: DataConfig) -> dict[str, np.ndarray]:
+        if data_config.prepared:
+            return prepared.PreparedDataset().item_table(data_config)
         return item_table(data_config)
 
 
