@@ -19,19 +19,20 @@ batch B in {1, 16}:
   [history ; candidates] sequence, O((N + C)^2), the model as it was before the request/candidate split
   (the issue's baseline).
 
-Latency is per call (B requests), p50 / p99 over the repeats after one untimed call (compiles excluded);
-candidates/s = B * C / p50. Ratios are computed from this run only. The table goes to
-experiments/results/serving_<device>.md (machine, jax version and date in its header).
+All variants of one (N, C, B) are timed interleaved, round by round (``bench_common.interleaved``: one
+untimed compile call each, then every variant once per round). Latency is per call (B requests): median
+wall time (p99 beside it) and median CPU (process) time over the rounds; candidates/s = B * C / wall p50.
+Every ratio is the median of per-round CPU-time ratios with its 25th-75th percentile spread, so a load burst
+from another job on a shared machine hits both sides of a ratio alike. The table goes to
+experiments/results/serving_<device>.md (machine, CPU model, load average, jax version and date in its
+header).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -39,35 +40,21 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
-from gesr_jax.serving import Buckets, Scorer, UserStateCache  # noqa: E402
+from gesr_jax.serving.buckets import Buckets  # noqa: E402
+from gesr_jax.serving.scorer import Scorer  # noqa: E402
+from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
 
 SHAPES = [(256, 500), (1024, 500), (1024, 2000)]
 SMOKE_SHAPES = [(16, 20), (16, 50)]
 BATCHES = (1, 16)
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return {
-        "platform": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "cpu": f"{cpu} ({os.cpu_count()} logical cores visible)",
-        "jax": jax.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="minutes"),
-        "python": platform.python_version(),
-    }
+MODES = ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")
 
 
 def requests_for(schema, table, n: int, c: int, b: int, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -92,19 +79,8 @@ def requests_for(schema, table, n: int, c: int, b: int, seed: int) -> tuple[list
     return reqs, batch
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(p50, p99) milliseconds of ``fn()`` after one untimed call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
-
-
-def bench_shape(presets: tuple[str, str], n: int, c: int, repeats: int, buckets: Buckets) -> list[dict]:
-    rows = []
+def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: Buckets) -> tuple[list, dict]:
+    """Rows (one per model and mode) and the ratios of each batch size B, all variants of a B interleaved."""
     models = {}
     for kind, preset in zip(("gesr", "two_tower"), presets, strict=True):
         cfg = config_lib.load_config(preset, [f"data.history_len={n}"])
@@ -120,90 +96,92 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, repeats: int, buckets:
             full = jax.jit(lambda p, batch, cache, g=full_graphdef: api.apply(g, p, batch, item_cache=cache,
                                                                                validate=False))  # fmt: skip
         models[kind] = (schema, table, scorer, params, naive, full)
+    rows, ratios = [], {}
     for b in BATCHES:
+        variants, setup, caches = {}, {}, {}
         for kind, (schema, table, scorer, params, naive, full) in models.items():
             reqs, batch = requests_for(schema, table, n, c, b, seed=n + c + b)
-            scorer.user_cache = None
-            p50, p99 = timed(lambda s=scorer, r=reqs: s.score(r), repeats)
-            rows.append(dict(n=n, c=c, b=b, model=kind, mode="scorer", p50=p50, p99=p99))
-            scorer.user_cache = UserStateCache()
-            p50, p99 = timed(lambda s=scorer, r=reqs: s.score(r), repeats)  # the untimed call fills the cache
-            assert scorer.user_cache.stats.hits >= repeats * b
-            rows.append(dict(n=n, c=c, b=b, model=kind, mode="scorer+reuse", p50=p50, p99=p99))
+            caches[kind] = reuse = UserStateCache()  # filled by the untimed first call, hit by every timed one
+            variants[(kind, "scorer")] = lambda s=scorer, r=reqs: s.score(r)
+            setup[(kind, "scorer")] = lambda s=scorer: setattr(s, "user_cache", None)
+            variants[(kind, "scorer+reuse")] = lambda s=scorer, r=reqs: s.score(r)
+            setup[(kind, "scorer+reuse")] = lambda s=scorer, u=reuse: setattr(s, "user_cache", u)
             cache = scorer.item_cache
-            p50, p99 = timed(lambda f=naive, p=params, x=batch, k=cache: f(p, x, k), repeats)
-            rows.append(dict(n=n, c=c, b=b, model=kind, mode="naive apply", p50=p50, p99=p99))
+            variants[(kind, "naive apply")] = lambda f=naive, p=params, x=batch, k=cache: f(p, x, k)
             if full is not None:
-                p50, p99 = timed(lambda f=full, p=params, x=batch, k=cache: f(p, x, k), repeats)
-                rows.append(dict(n=n, c=c, b=b, model=kind, mode="full-sequence apply", p50=p50, p99=p99))
-            print(f"N={n} C={c} B={b} {kind}: " + ", ".join(f"{r['mode']} {r['p50']:.1f} ms" for r in rows[-4:]
-                                                          if r["model"] == kind), flush=True)  # fmt: skip
-    for r in rows:
-        r["cps"] = r["b"] * r["c"] / (r["p50"] / 1e3)
-    return rows
+                variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
+        timings = interleaved(variants, rounds, before_each=setup)
+        for kind in models:
+            assert caches[kind].stats.hits >= rounds * b, "the +reuse rows must hit the user-state cache"
+        for (kind, mode), t in timings.items():
+            rows.append(dict(n=n, c=c, b=b, model=kind, mode=mode, p50=t.wall_ms, p99=t.p99_wall_ms, cpu=t.cpu_ms,
+                             cps=b * c / (t.wall_ms / 1e3), x_naive=ratio(timings, (kind, "naive apply"), (kind, mode))))
+        g = {m: ("gesr", m) for m in MODES}
+        ratios[(n, c, b)] = {
+            "GESR scorer x full-sequence apply": ratio(timings, g["full-sequence apply"], g["scorer"]),
+            "GESR +reuse x full-sequence apply": ratio(timings, g["full-sequence apply"], g["scorer+reuse"]),
+            "GESR scorer x naive": ratio(timings, g["naive apply"], g["scorer"]),
+            "GESR +reuse x naive": ratio(timings, g["naive apply"], g["scorer+reuse"]),
+            "GESR +reuse x no reuse": ratio(timings, g["scorer"], g["scorer+reuse"]),
+            "GESR / two-tower cand/s (scorer)": ratio(timings, ("two_tower", "scorer"), g["scorer"]),
+            "GESR / two-tower cand/s (+reuse)": ratio(timings, ("two_tower", "scorer+reuse"), g["scorer+reuse"]),
+        }
+        print(f"N={n} C={c} B={b}: " + ", ".join(f"{k[0]} {k[1]} {t.cpu_ms:.1f} ms CPU" for k, t in timings.items()),
+              flush=True)  # fmt: skip
+    return rows, ratios
 
 
-def render(rows: list[dict], info: dict[str, str], args: argparse.Namespace, elapsed: float) -> str:
+def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse.Namespace, elapsed: float) -> str:
     lines = [
         "# Serving benchmark: GESR Scorer vs two-tower Scorer vs api.apply (cached and full-sequence)",
         "",
-        f"Machine: platform **{info['platform']}** ({info['device']}), CPU {info['cpu']}; jax {info['jax']}, "
-        f"Python {info['python']}; {info['date']}. Command: `python experiments/bench_serving.py"
-        f"{' --smoke' if args.smoke else ''} --repeats {args.repeats}`; whole run {elapsed:.0f} s.",
+        machine_line(info, finished=end) + f" Command: `python experiments/bench_serving.py"
+        f"{' --smoke' if args.smoke else ''} --repeats {args.repeats}` ({args.repeats} rounds); whole run "
+        f"{elapsed:.0f} s.",
+        "",
+        METHOD_NOTE,
         "",
         "Models: `" + "` / `".join(args.presets) + "` (random parameters), item cache on for every row. "
         f"Scorer buckets: requests {list(args.buckets.request_sizes)}, chunks {list(args.buckets.chunk_sizes)}. "
-        "Latency per call of B requests, p50 / p99 over the repeats (compiles excluded); cand/s = B*C/p50. "
+        "Latency per call of B requests (median wall, p99 wall, median CPU); cand/s = B*C/wall p50. "
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
         "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays. "
         "`full-sequence apply`: the same GESR params with `model.hstu_scoring=full` (HSTU over the packed "
         "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split).",
         "",
-        "| N | C | B | model | mode | p50 ms | p99 ms | cand/s | x naive apply (same model) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | C | B | model | mode | wall p50 ms | wall p99 ms | CPU ms | cand/s | x naive apply (same model, CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    index = {(r["n"], r["c"], r["b"], r["model"], r["mode"]): r for r in rows}
     for r in rows:
-        naive = index[(r["n"], r["c"], r["b"], r["model"], "naive apply")]
         lines.append(
             f"| {r['n']} | {r['c']} | {r['b']} | {r['model']} | {r['mode']} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['cps']:,.0f} | {naive['p50'] / r['p50']:.2f} |"
+            f"{r['cpu']:.2f} | {r['cps']:,.0f} | {r['x_naive']} |"
         )
-    lines += ["", "Ratios inside this run (p50):", "",
-              "| N | C | B | GESR scorer x full-sequence apply | GESR +reuse x full-sequence apply | "
-              "GESR scorer x naive | GESR +reuse x naive | GESR +reuse x no reuse | "
-              "GESR / two-tower cand/s (scorer) | GESR / two-tower cand/s (+reuse) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for n, c, b in dict.fromkeys((r["n"], r["c"], r["b"]) for r in rows):
-        g = {m: index[(n, c, b, "gesr", m)] for m in ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")}
-        t = {m: index[(n, c, b, "two_tower", m)] for m in ("scorer", "scorer+reuse")}
-        full = g["full-sequence apply"]["p50"]
-        lines.append(
-            f"| {n} | {c} | {b} | {full / g['scorer']['p50']:.2f} | {full / g['scorer+reuse']['p50']:.2f} | "
-            f"{g['naive apply']['p50'] / g['scorer']['p50']:.2f} | "
-            f"{g['naive apply']['p50'] / g['scorer+reuse']['p50']:.2f} | "
-            f"{g['scorer']['p50'] / g['scorer+reuse']['p50']:.2f} | {g['scorer']['cps'] / t['scorer']['cps']:.3f} | "
-            f"{g['scorer+reuse']['cps'] / t['scorer+reuse']['cps']:.3f} |"
-        )
+    names = list(next(iter(ratios.values())))
+    lines += ["", "Ratios of CPU time from the same rounds (median, 25th-75th percentile):", "",
+              "| N | C | B | " + " | ".join(names) + " |", "| --- " * (3 + len(names)) + "|"]  # fmt: skip
+    for (n, c, b), by_name in ratios.items():
+        lines.append(f"| {n} | {c} | {b} | " + " | ".join(f"{by_name[k]}" for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes and models, 2 repeats (for tests)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 5; smoke 2)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and models, 2 rounds (for tests)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; smoke 2)")
     parser.add_argument("--out", default=None, help="markdown path (default experiments/results/serving_<device>.md)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 5)
     args.presets = ("synthetic_tiny", "synthetic_tiny_two_tower") if args.smoke else (
         "synthetic_base", "synthetic_base_two_tower")  # fmt: skip
     args.buckets = Buckets((1, 16), (16, 64) if args.smoke else (256, 1024))
-    info = machine()
+    info = machine_info()
     start = time.perf_counter()
-    rows = []
+    rows, ratios = [], {}
     for n, c in SMOKE_SHAPES if args.smoke else SHAPES:
-        rows += bench_shape(args.presets, n, c, args.repeats, args.buckets)
-    text = render(rows, info, args, time.perf_counter() - start)
+        shape_rows, shape_ratios = bench_shape(args.presets, n, c, args.repeats, args.buckets)
+        rows, ratios = rows + shape_rows, ratios | shape_ratios
+    text = render(rows, ratios, info, machine_info(), args, time.perf_counter() - start)
     out = pathlib.Path(args.out) if args.out else RESULTS / f"serving_{info['platform']}{'_smoke' if args.smoke else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

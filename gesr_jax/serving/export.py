@@ -3,7 +3,7 @@
 ``export_workdir(workdir, out_dir)`` (or ``export_scorer(scorer, out_dir)``) writes::
 
     manifest.json          format/version, model kind, tasks, schema, buckets, platforms, inputs, files, and
-                           the sha256 of every other file (``serving.load`` verifies them; ``artifact.py``)
+                           the sha256 of every other file (``loader.load`` verifies them; ``artifact.py``)
     encode_r{R}.jaxexp     serialized encode_request per request-batch size R: (consts, request) -> state leaves
                            (``jax.export.serialize`` bytes)
     score_r{R}_c{C}.jaxexp serialized score per (R, chunk size C): (consts, state leaves, chunk) -> probs [T, R, C]
@@ -12,7 +12,7 @@
                            item features ``feature_<f>`` [V] that fill features a request leaves out
 
 Parameters are arguments of the exported functions, not constants, so each artifact stays small and the
-weights are stored once. ``gesr_jax.serving.load(out_dir)`` (loader.py) serves them. ``register_cli`` adds
+weights are stored once. ``gesr_jax.serving.loader.load(out_dir)`` serves them. ``register_cli`` adds
 ``gesr export --workdir W --out DIR`` to the ``gesr`` command line.
 """
 

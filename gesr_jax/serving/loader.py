@@ -2,7 +2,7 @@
 
 ::
 
-    scorer = gesr_jax.serving.load("exports/synth")    # manifest.json, *.jaxexp, params.npz, item_table.npz
+    scorer = gesr_jax.serving.loader.load("exports/synth")  # manifest.json, *.jaxexp, params.npz, item_table.npz
     results = scorer.score([request, ...])            # as Scorer.score: {task: probs [C]} | RequestError
 
 The manifest holds the sha256 of every other file (``artifact.py``). ``verify="eager"`` (the default) checks

@@ -16,8 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from gesr_jax.serving import Buckets, Scorer, export_scorer, load
 from gesr_jax.serving import artifact
+from gesr_jax.serving.buckets import Buckets
+from gesr_jax.serving.export import export_scorer
+from gesr_jax.serving.loader import load
+from gesr_jax.serving.scorer import Scorer
 from gesr_jax.serving.artifact import ArtifactUnavailable, ExportError
 from gesr_jax.serving.requests import RequestError, requests_from_batch
 

@@ -1,0 +1,207 @@
+"""Benchmark timing that survives a shared machine: interleaved rounds, CPU time beside wall time, paired ratios.
+
+Every ``experiments/bench_*.py`` times its variants with :func:`interleaved`::
+
+    from bench_common import interleaved, machine_info, machine_line, ratio
+
+    info = machine_info()                                   # CPU model, cores, jax, load average now
+    timings = interleaved({"fast": lambda: f(x), "slow": lambda: g(x)}, rounds=7)
+    timings["fast"].cpu_ms, timings["fast"].wall_ms         # medians per call (also .p99_wall_ms, .rounds)
+    r = ratio(timings, "slow", "fast")                      # slow / fast per round, CPU time: Ratio(median, lo, hi)
+    f"{r}"                                                  # "2.31x (2.20-2.45)"
+    header = machine_line(info, finished=machine_info())    # a markdown line naming the machine and its load
+
+How: each variant is called once untimed (compiles), then ``rounds`` rounds run every variant once each, in an
+order that rotates from round to round, so a burst of load from another job hits all variants of a round
+alike. A call is timed with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU seconds of this
+process, all its threads): on a loaded box the wall time grows with the other jobs' share of the cores while
+the CPU time mostly does not. A ratio of two variants is the median of the per-round ratios (the two calls of
+a round saw the same load), with the 25th-75th percentile as its spread. A variant shorter than
+``min_call_ms`` is called several times per timed sample (the same count every round), so timer resolution
+and dispatch jitter stay small against it. Results are per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pathlib
+import platform
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["METHOD_NOTE", "Ratio", "Timing", "interleaved", "load_average", "machine_info", "machine_line", "ratio"]
+
+
+def _block(value: Any) -> Any:
+    """Wait for jax's asynchronous dispatch (no-op for non-jax results)."""
+    try:
+        import jax
+    except ImportError:
+        return value
+    return jax.block_until_ready(value)
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call times of one variant, one entry per round (milliseconds)."""
+
+    wall: list[float]
+    cpu: list[float]
+    calls_per_sample: int
+
+    @property
+    def rounds(self) -> int:
+        return len(self.wall)
+
+    @property
+    def wall_ms(self) -> float:
+        return float(np.median(self.wall))
+
+    @property
+    def cpu_ms(self) -> float:
+        return float(np.median(self.cpu))
+
+    @property
+    def p99_wall_ms(self) -> float:
+        return float(np.percentile(self.wall, 99))
+
+    @property
+    def cpu_share(self) -> float:
+        """Median CPU time / wall time of a call: ~1 single-threaded, up to the cores used, < 1 when starved."""
+        return float(np.median(np.asarray(self.cpu) / np.maximum(np.asarray(self.wall), 1e-9)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """The median of per-round ratios and their 25th-75th percentile spread."""
+
+    median: float
+    lo: float
+    hi: float
+    rounds: int
+
+    def scaled(self, factor: float) -> Ratio:
+        """The same ratio times a constant (e.g. a FLOP count ratio turning a time ratio into a rate ratio)."""
+        return Ratio(self.median * factor, self.lo * factor, self.hi * factor, self.rounds)
+
+    def __format__(self, spec: str) -> str:
+        spec = spec or ".2f"
+        return f"{self.median:{spec}}x ({self.lo:{spec}}-{self.hi:{spec}})"
+
+    def __str__(self) -> str:
+        return format(self, "")
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    min_call_ms: float = 5.0,
+    before_each: Mapping[str, Callable[[], Any]] | None = None,
+) -> dict[str, Timing]:
+    """Time every variant once per round, ``rounds`` rounds; per-call wall and CPU milliseconds per round.
+
+    ``variants`` are zero-argument callables (their jax results are waited for). ``before_each[name]`` runs
+    untimed before each of that variant's samples (e.g. to reset a cache). The first ``warmup`` calls of each
+    variant are untimed; the last of them sets how many calls make one sample (``min_call_ms``).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(variants)
+    setup = dict(before_each or {})
+    calls: dict[str, int] = {}
+    for name in names:
+        elapsed = 0.0
+        for _ in range(max(warmup, 1)):
+            if name in setup:
+                setup[name]()
+            start = time.perf_counter()
+            _block(variants[name]())
+            elapsed = (time.perf_counter() - start) * 1e3
+        calls[name] = max(1, int(np.ceil(min_call_ms / max(elapsed, 1e-3)))) if elapsed < min_call_ms else 1
+    out = {name: Timing([], [], calls[name]) for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates every round
+            if name in setup:
+                setup[name]()
+            fn, n = variants[name], calls[name]
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                _block(fn())
+            cpu1, wall1 = time.process_time(), time.perf_counter()
+            out[name].wall.append((wall1 - wall0) * 1e3 / n)
+            out[name].cpu.append((cpu1 - cpu0) * 1e3 / n)
+    return out
+
+
+def ratio(timings: Mapping[str, Timing], numerator: str, denominator: str, *, clock: str = "cpu") -> Ratio:
+    """``numerator`` time / ``denominator`` time, round by round (``clock`` "cpu" or "wall")."""
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
+    num = np.asarray(getattr(timings[numerator], clock))
+    den = np.asarray(getattr(timings[denominator], clock))
+    per_round = num / np.maximum(den, 1e-9)
+    lo, med, hi = np.percentile(per_round, [25, 50, 75])
+    return Ratio(float(med), float(lo), float(hi), len(per_round))
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (nan where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, device, CPU model and core count, jax/python versions, date and the load average now."""
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "platform": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "load": load_average(),
+    }
+
+
+def machine_line(info: Mapping[str, Any], *, finished: Mapping[str, Any] | None = None) -> str:
+    """One markdown line naming the machine, versions and the load average at the start (and end) of a run."""
+    load = "/".join(f"{x:.2f}" for x in info["load"])
+    text = (
+        f"Machine: platform **{info['platform']}** ({info['device']}), CPU {info['cpu']} ({info['arch']}, "
+        f"{info['cores']} logical cores visible, shared with other jobs); jax {info['jax']}, Python "
+        f"{info['python']}; {info['date']}. Load average (1/5/15 min) at start {load}"
+    )
+    if finished is not None:
+        text += ", at end " + "/".join(f"{x:.2f}" for x in finished["load"])
+    return text + "."
+
+
+METHOD_NOTE = (
+    "Method (experiments/bench_common.py): variants interleaved round by round (order rotating), one untimed "
+    "compile call each; per call the median wall and CPU (process) time over the rounds; every ratio is the "
+    "median of per-round CPU-time ratios with its 25th-75th percentile spread in parentheses."
+)

@@ -1,0 +1,54 @@
+"""experiments/bench_common.py: interleaved rounds, per-round ratios, the machine line (no duration asserted)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
+from bench_common import Ratio, Timing, interleaved, machine_info, machine_line, ratio  # noqa: E402
+
+
+def test_every_variant_runs_once_per_round_in_a_rotating_order():
+    calls: list[str] = []
+    variants = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    resets: list[str] = []
+    out = interleaved(variants, rounds=4, min_call_ms=0.0, before_each={"b": lambda: resets.append("b")})
+    assert calls[:3] == ["a", "b", "c"]  # the untimed warm-up calls
+    timed = calls[3:]
+    assert [timed[i : i + 3] for i in range(0, 12, 3)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert len(resets) == 5  # before the warm-up call and before each of the 4 samples
+    assert all(t.rounds == 4 and t.calls_per_sample == 1 for t in out.values())
+    assert all(x >= 0 for t in out.values() for x in t.wall + t.cpu)
+
+
+def test_a_short_variant_is_called_several_times_per_sample():
+    count = [0]
+
+    def tiny():
+        count[0] += 1
+
+    out = interleaved({"tiny": tiny}, rounds=3, min_call_ms=50.0)
+    n = out["tiny"].calls_per_sample
+    assert n > 1 and count[0] == 1 + 3 * n
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    timings = {"slow": Timing(wall=[1, 1, 1, 1], cpu=[2.0, 4.0, 9.0, 30.0], calls_per_sample=1),
+               "fast": Timing(wall=[1, 2, 1, 1], cpu=[1.0, 2.0, 3.0, 10.0], calls_per_sample=1)}  # fmt: skip
+    r = ratio(timings, "slow", "fast")
+    assert (r.median, r.rounds) == (2.5, 4) and r.lo == pytest.approx(2.0) and r.hi == pytest.approx(3.0)
+    assert ratio(timings, "slow", "fast", clock="wall").median == 1.0
+    assert f"{Ratio(2.0, 1.5, 2.5, 3)}" == "2.00x (1.50-2.50)"
+    with pytest.raises(ValueError, match="clock"):
+        ratio(timings, "slow", "fast", clock="gpu")
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved({"x": lambda: None}, rounds=0)
+
+
+def test_machine_line_names_the_cpu_and_the_load():
+    info = machine_info()
+    line = machine_line(info, finished=info)
+    assert info["cpu"] in line and "Load average" in line and "at end" in line and f"jax {info['jax']}" in line
