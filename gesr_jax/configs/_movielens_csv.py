@@ -5,6 +5,7 @@ model names only those (``ml1m_base`` names ``director``, which these folders la
 stars; actions round them up (gesr_jax/data/movielens_dataset.py), ``engage`` is rating >= 4.
 """
 
+import dataclasses
 import pathlib
 
 from gesr_jax.config import Config
@@ -24,7 +25,8 @@ def csv_config(name: str, folder: str, train: TrainConfig, max_requests_per_user
             min_history=5, max_requests_per_user=max_requests_per_user,
         ),
         # ml100k_base's model: item, genre, year (and action) only, HMA on genre and year -- no director, which
-        # the CSV family lacks, and no ("item", "item") pair (always 0 on MovieLens).
-        model=ml100k_base.get_config().model,
+        # the CSV family lacks, and no ("item", "item") pair (always 0 on MovieLens). With no user features,
+        # the user id embedding is the user profile (the RO cross's profile query needs one).
+        model=dataclasses.replace(ml100k_base.get_config().model, use_user_id=True),
         train=train,
     )

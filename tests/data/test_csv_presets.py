@@ -29,6 +29,14 @@ def test_csv_presets_name_only_fields_a_csv_folder_has(tmp_path, name):
     check_fields(config.model, schema)  # raises on a field the data lacks (what `gesr train` checks)
 
 
+def test_the_csv_model_builds_on_csv_data(tmp_path):
+    from gesr_jax import api
+
+    root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
+    config = load_config("ml32m_base", [f"data.path={root}"])
+    api.init(config, 0, schema=schema_for(config.data))  # a model that needs data the folder lacks raises here
+
+
 def test_inspect_a_csv_preset_reports_health(tmp_path, capsys):
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
     assert commands.main(["inspect", "--config", "ml20m_base", "--path", str(root)]) == 0
