@@ -3,10 +3,13 @@
     python experiments/bench_genrank.py                  # N in {50, 200}
     python experiments/bench_genrank.py --smoke          # tiny, 2 repeats (tests)
 
-For each history length N, one process times on the same machine (ratios are computed inside this run):
+For each history length N, one process times on the same machine, every variant of that N interleaved
+round by round (``bench_common.interleaved``: one untimed compile call each, then each variant once per round):
 * train step: ``jax.jit(value_and_grad(loss))`` + AdamW update of one batch (B = 64 requests, C = 16
-  candidates), median over the repeats after one untimed compile call;
-* serving latency: one request (B = 1, C = 16): ``encode_request`` + ``score``, jitted, median.
+  candidates);
+* serving latency: one request (B = 1, C = 16): ``encode_request`` + ``score``, jitted.
+Each gets its median wall and CPU (process) time; the ratios are medians of per-round CPU-time ratios with
+their 25th-75th percentile spread.
 Models: ``synthetic_genrank`` (action-oriented), ``synthetic_genrank_interleaved``, ``synthetic_base`` (GESR)
 and ``synthetic_base_two_tower``, random parameters, every history full. The paper's claim (spec §3.3): the
 action-oriented layout halves the sequence, cutting attention cost ~75 % and linear-projection cost ~50 %;
@@ -18,21 +21,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import pathlib
-import platform
-import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import optax
 
-from gesr_jax import api
-from gesr_jax import config as config_lib
-from gesr_jax.data import datasets
-from gesr_jax.train import step as step_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+
+from gesr_jax import api  # noqa: E402
+from gesr_jax import config as config_lib  # noqa: E402
+from gesr_jax.data import datasets  # noqa: E402
+from gesr_jax.train import step as step_lib  # noqa: E402
 
 MODELS = {
     "GenRank (action-oriented)": "synthetic_genrank",
@@ -42,17 +47,8 @@ MODELS = {
 }
 
 
-def _median_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def bench(preset: str, n: int, batch: int, cands: int, repeats: int) -> dict[str, float]:
+def variants(preset: str, n: int, batch: int, cands: int) -> tuple[Callable, Callable, int]:
+    """(train step, one-request serving call, parameter count) of one model, ready to time."""
     cfg = config_lib.load_config(preset, [f"data.history_len={n}", f"data.min_history={min(4, n)}"])
     schema = dataclasses.replace(datasets.schema_for(cfg.data), num_candidates=cands)
     graphdef, params = api.init(cfg, 0, schema)
@@ -75,7 +71,6 @@ def bench(preset: str, n: int, batch: int, cands: int, repeats: int) -> dict[str
         return optax.apply_updates(p, updates), s, loss
 
     key = jax.random.key(0)
-    step_ms = _median_ms(lambda: train_step(params, opt_state, data, key)[2], repeats)
     one = {k: v[:1] for k, v in data.items()}
 
     @jax.jit
@@ -83,46 +78,49 @@ def bench(preset: str, n: int, batch: int, cands: int, repeats: int) -> dict[str
         state = api.encode_request(graphdef, p, b)
         return api.score(graphdef, p, state, b)
 
-    latency_ms = _median_ms(lambda: serve(params, one), repeats)
-    return {"train_step_ms": step_ms, "latency_ms": latency_ms, "params": api.num_params(params)}
+    return lambda: train_step(params, opt_state, data, key)[2], lambda: serve(params, one), api.num_params(params)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes and 2 repeats (for tests)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and 2 rounds (for tests)")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--out", default=None, help="output markdown path")
     args = parser.parse_args(argv)
-    lengths, batch, repeats = ((8,), 4, 2) if args.smoke else ((50, 200), 64, args.repeats)
+    lengths, batch, rounds = ((8,), 4, 2) if args.smoke else ((50, 200), 64, args.repeats)
+    info = machine_info()
     start = time.perf_counter()
-    rows = []
+    rows, ratios = [], {}
     for n in lengths:
+        fns, sizes = {}, {}
         for label, preset in MODELS.items():
-            r = bench(preset, n, batch, 16, repeats)
-            rows.append({"n": n, "model": label, **r})
-            print(f"N={n} {label}: step {r['train_step_ms']:.1f} ms, latency {r['latency_ms']:.2f} ms", flush=True)
-    device = jax.devices()[0]
+            fns[(label, "step")], fns[(label, "serve")], sizes[label] = variants(preset, n, batch, 16)
+        timings = interleaved(fns, rounds)
+        for label in MODELS:
+            step, serve = timings[(label, "step")], timings[(label, "serve")]
+            rows.append({"n": n, "model": label, "params": sizes[label], "step": step, "serve": serve})
+            print(f"N={n} {label}: step {step.cpu_ms:.1f} ms CPU, latency {serve.cpu_ms:.2f} ms CPU", flush=True)
+        a, i, g = "GenRank (action-oriented)", "GenRank (interleaved)", "GESR"
+        ratios[n] = (ratio(timings, (i, "step"), (a, "step")), ratio(timings, (i, "serve"), (a, "serve")),
+                     ratio(timings, (a, "step"), (g, "step")))  # fmt: skip
     lines = [
         "# GenRank efficiency: action-oriented vs interleaved tokens",
         "",
-        f"Machine: {jax.default_backend()} ({device.device_kind}), {platform.processor() or platform.machine()}, "
-        f"jax {jax.__version__}, {datetime.date.today()}; command `python experiments/bench_genrank.py"
-        f"{' --smoke' if args.smoke else ''}`; whole run {time.perf_counter() - start:.0f} s. Random parameters; "
-        f"train step B={batch}, C=16; latency B=1, C=16; medians of {repeats} after a compile call.",
+        machine_line(info, finished=machine_info()) + " Command `python experiments/bench_genrank.py"
+        f"{' --smoke' if args.smoke else f' --repeats {rounds}'}`; whole run {time.perf_counter() - start:.0f} s. "
+        f"Random parameters; train step B={batch}, C=16; latency B=1, C=16; {rounds} interleaved rounds.",
         "",
-        "| N | model | params | train step (ms) | serving latency per request (ms) |",
-        "| --- | --- | --- | --- | --- |",
+        METHOD_NOTE,
+        "",
+        "| N | model | params | train step wall (ms) | train step CPU (ms) | latency wall (ms) | latency CPU (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['n']} | {r['model']} | {r['params']:,} | {r['train_step_ms']:.2f} | {r['latency_ms']:.3f} |"
-              for r in rows]  # fmt: skip
-    lines += ["", "Ratios inside this run (the paper: attention cost −75 %, linear projections −50 %):", "",
-              "| N | interleaved / action-oriented train step | interleaved / action-oriented latency | "
+    lines += [f"| {r['n']} | {r['model']} | {r['params']:,} | {r['step'].wall_ms:.2f} | {r['step'].cpu_ms:.2f} | "
+              f"{r['serve'].wall_ms:.3f} | {r['serve'].cpu_ms:.3f} |" for r in rows]  # fmt: skip
+    lines += ["", "CPU-time ratios from the same rounds (the paper: attention cost −75 %, linear projections −50 %):",
+              "", "| N | interleaved / action-oriented train step | interleaved / action-oriented latency | "
               "GenRank (action) / GESR train step |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for n in lengths:
-        by = {r["model"]: r for r in rows if r["n"] == n}
-        a, i, g = by["GenRank (action-oriented)"], by["GenRank (interleaved)"], by["GESR"]
-        lines.append(f"| {n} | {i['train_step_ms'] / a['train_step_ms']:.2f} | {i['latency_ms'] / a['latency_ms']:.2f} "
-                     f"| {a['train_step_ms'] / g['train_step_ms']:.2f} |")  # fmt: skip
+    lines += [f"| {n} | {s} | {lat} | {gs} |" for n, (s, lat, gs) in ratios.items()]
     out = pathlib.Path(args.out or f"experiments/results/genrank_efficiency_{jax.default_backend()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
