@@ -9,7 +9,7 @@ from flax import nnx
 
 from gesr_jax.layers.core import Dense
 from gesr_jax.models.gesr import components
-from model_helpers import SCHEMA, batch_for, make_model, tiny_config
+from helpers.models import SCHEMA, batch_for, make_model, tiny_config
 
 
 class LastItemEcho(nnx.Module):

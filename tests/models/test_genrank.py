@@ -20,7 +20,7 @@ from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.model import GenRank
 from gesr_jax.models.genrank.tokens import interleave
 from kernels.hstu_attention import attention_mask, geometric_alibi_slopes
-from model_helpers import SCHEMA, batch_for, candidate_chunks
+from helpers.models import SCHEMA, batch_for, candidate_chunks
 
 TINY = GenRankConfig(embed_dim=8, genrank_head_dim=4, genrank_mlp_dim=8, genrank_head_mlp=(8,))
 LAYOUTS = [{}, {"genrank_tokens": "interleaved"}]

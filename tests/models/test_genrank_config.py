@@ -17,7 +17,7 @@ from gesr_jax.models import registry
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.model import GenRank
 from gesr_jax.models.genrank.tokens import sessions, time_bucket
-from model_helpers import SCHEMA
+from helpers.models import SCHEMA
 
 PRESETS = ("synthetic_genrank", "synthetic_genrank_interleaved", "ml1m_genrank", "ml1m_genrank_interleaved")
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema, pad_rows, random_batch
-from model_helpers import SCHEMA, TINY, batch_for, jitted, make_model, tiny_config
+from helpers.models import SCHEMA, TINY, batch_for, jitted, make_model, tiny_config
 
 CAND_KEYS = ("cand_item", "cand_category", "cand_creator")
 HIST_KEYS = ("history_item", "history_category", "history_creator", "history_action")

@@ -14,7 +14,7 @@ from gesr_jax.data.batch import split_batch
 from gesr_jax.layers.hstu import HSTULayer
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 from gesr_jax.models.two_tower.model import TwoTowerModel
-from model_helpers import SCHEMA, TINY, batch_for, candidate_chunks, make_model, tiny_config
+from helpers.models import SCHEMA, TINY, batch_for, candidate_chunks, make_model, tiny_config
 
 
 _chunks = candidate_chunks

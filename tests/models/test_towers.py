@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from gesr_jax.models.two_tower.towers import Interaction
-from model_helpers import TINY
+from helpers.models import TINY
 
 
 def _interaction(scale: float) -> Interaction:

@@ -1,4 +1,4 @@
-"""Tiny shapes shared by the model tests: embed 8, N 6, C 4, B 3."""
+"""Tiny shapes shared by the model and layer tests: embed 8, N 6, C 4, B 3."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from flax import nnx
 from gesr_jax import api
 from gesr_jax.layers.core import Dense
 from gesr_jax.layers.quantize import FP8, quantize_fp8
-from model_helpers import batch_for, make_model
+from helpers.models import batch_for, make_model
 
 
 def _nbytes(params) -> int:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from gesr_jax.layers.cross_attention import attend
 from gesr_jax.models.gesr.moa import NROCrossComponent, ROCrossComponent
-from model_helpers import SCHEMA, tiny_config
+from helpers.models import SCHEMA, tiny_config
 
 B, N, C, D = 3, 6, 4, 8
 HLEN = jnp.array([6, 2, 0], jnp.int32)

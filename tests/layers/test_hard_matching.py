@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gesr_jax.layers.hard_matching import brute_force_counts, match_counts, sorted_history
 from gesr_jax.models.gesr.moa import HMAComponent
-from model_helpers import SCHEMA, batch_for, tiny_config
+from helpers.models import SCHEMA, batch_for, tiny_config
 
 
 def _numpy_counts(history, hist_len, cands):

@@ -15,7 +15,7 @@ from gesr_jax.layers.mlpg import MLPG as _MLPG
 def MLPG(config, dims, num_tasks, *, rngs):  # noqa: N802  (the layer from a GESR config)
     return _MLPG(config.mlpg_branch_specs(), dims, num_tasks, hidden=config.mlpg_hidden, gate=config.mlpg_gate,
                  dropout_rate=config.dropout, rngs=rngs)
-from model_helpers import tiny_config
+from helpers.models import tiny_config
 
 B, C = 3, 4
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from gesr_jax.layers.hstu import last_history, pack, unpack_candidates
 from gesr_jax.models.gesr.moa import HSTUComponent
-from model_helpers import SCHEMA, tiny_config
+from helpers.models import SCHEMA, tiny_config
 
 B, N, C, D = 3, 6, 4, 8
 HLEN = jnp.array([6, 1, 3], jnp.int32)
