@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,10 +43,6 @@ def dense_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32)
     """LeCun normal: truncated normal with variance 1 / fan_in (fan_in = all but the last dim)."""
     fan_in = math.prod(shape[:-1]) or 1
     return _truncated_normal(key, tuple(shape), math.sqrt(1.0 / fan_in), dtype)
-
-
-EMBED_INIT = embed_init
-DENSE_INIT = dense_init
 
 
 def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Names) -> nnx.Param:
@@ -82,7 +79,7 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
         names: tuple[str | None, str | None] = (None, None),
         use_bias: bool = True,
-        kernel_init: Initializer = DENSE_INIT,
+        kernel_init: Initializer = dense_init,
     ):
         names = _dedupe(names)
         self.kernel = make_param(rngs, kernel_init, (in_dim, out_dim), names)
@@ -116,7 +113,11 @@ class MultiInputDense(nnx.Module):
         out_name: str | None = "mlp",
         use_bias: bool = True,
     ):
-        self.parts = nnx.List([Dense(d, out_dim, rngs=rngs, names=(None, out_name), use_bias=False) for d in in_dims])
+        base = rngs.params()  # part i draws from stream i: appending an input leaves the others' values unchanged
+        self.parts = nnx.List([
+            Dense(d, out_dim, rngs=named_rngs(base, i), names=(None, out_name), use_bias=False)
+            for i, d in enumerate(in_dims)
+        ])
         self.bias = make_param(rngs, nnx.initializers.zeros, (out_dim,), (out_name,)) if use_bias else None
 
     def __call__(self, xs: Sequence[jax.Array]) -> jax.Array:
@@ -136,9 +137,30 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def fold(key: jax.Array | None, tag: int) -> jax.Array | None:
-    """A key for sub-call ``tag``: distinct call sites draw independent randomness from one key."""
-    return None if key is None else jax.random.fold_in(key, tag)
+def stream_id(name: str) -> int:
+    """A stable 31-bit number for a stream name (crc32): the same name gives the same key in every process."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def fold(key: jax.Array | None, stream: str | int) -> jax.Array | None:
+    """The key of sub-stream ``stream`` of ``key``: a part's name, or the index of a repeated layer.
+
+    Named streams make a part's randomness a function of its name alone, so adding, removing or
+    reordering other parts never changes it; indices are only for the layers of one stack.
+    """
+    if key is None:
+        return None
+    return jax.random.fold_in(key, stream_id(stream) if isinstance(stream, str) else stream)
+
+
+def named_rngs(base: jax.Array, stream: str | int) -> nnx.Rngs:
+    """The ``Rngs`` a named part is built from: its initial values depend on ``base`` and its name only.
+
+    A module with named parts draws one ``base = rngs.params()`` and builds each part from
+    ``named_rngs(base, name)``, so a part's initial values never depend on which other parts exist or
+    in which order they are built.
+    """
+    return nnx.Rngs(params=fold(base, stream))
 
 
 class MLP(nnx.Module):
@@ -181,7 +203,7 @@ class MLP(nnx.Module):
 class Embed(nnx.Module):
     """An embedding table [vocab, dim]; ids outside [0, vocab) are clipped (the batch validator rejects them)."""
 
-    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, init: Initializer = EMBED_INIT):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, init: Initializer = embed_init):
         if vocab < 1:
             raise ValueError(f"embedding vocabulary must be >= 1, got {vocab}")
         self.table = make_param(rngs, init, (vocab, dim), ("vocab", "embed"))
@@ -226,7 +248,8 @@ class FieldTables(nnx.Module):
 
     def __init__(self, vocabs: Mapping[str, int], dim: int, *, rngs: nnx.Rngs):
         self.fields = tuple(vocabs)
-        self.tables = nnx.Dict({f: Embed(vocab, dim, rngs=rngs) for f, vocab in vocabs.items()})
+        base = rngs.params()  # one stream per field name: a new field leaves the other tables unchanged
+        self.tables = nnx.Dict({f: Embed(vocab, dim, rngs=named_rngs(base, f)) for f, vocab in vocabs.items()})
 
     def sum(self, batch: Mapping[str, jax.Array], fields: tuple[str, ...], prefix: str) -> jax.Array:
         """Sum of the embeddings of ``fields`` read from ``batch[prefix + field]``."""

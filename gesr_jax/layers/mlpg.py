@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.layers.core import Dense, MultiInputDense, dropout, fold
+from gesr_jax.layers.core import Dense, MultiInputDense, dropout, fold, named_rngs
 
 
 class MLPGBranch(nnx.Module):
@@ -44,14 +44,15 @@ class MLPGBranch(nnx.Module):
     ):
         self.kind, self.inputs = kind, inputs
         in_dims = [dims[name] for name in inputs]
-        self.hidden = MultiInputDense(in_dims, hidden, rngs=rngs)
+        base = rngs.params()  # each part's initial values come from its name (layers/core.named_rngs)
+        self.hidden = MultiInputDense(in_dims, hidden, rngs=named_rngs(base, "hidden"))
         if kind == "gated":
-            self.gate = MultiInputDense(in_dims, hidden, rngs=rngs)
-            self.mix = MultiInputDense([hidden, *in_dims], hidden, rngs=rngs)
+            self.gate = MultiInputDense(in_dims, hidden, rngs=named_rngs(base, "gate"))
+            self.mix = MultiInputDense([hidden, *in_dims], hidden, rngs=named_rngs(base, "mix"))
         else:
             self.gate = None
             self.mix = None
-        self.out = Dense(hidden, num_tasks, rngs=rngs, names=("mlp", None))
+        self.out = Dense(hidden, num_tasks, rngs=named_rngs(base, "out"), names=("mlp", None))
         self.lhuc = gate == "lhuc"
         self.dropout_rate = dropout_rate
 
@@ -83,9 +84,11 @@ class MLPG(nnx.Module):
         missing = sorted({name for _, inputs in specs for name in inputs} - set(dims))
         if missing:
             raise ValueError(f"model.mlpg_branches reads {missing}, which this model does not compute")
-        self.branches = nnx.List(
-            [MLPGBranch(kind, inputs, dims, num_tasks, rngs=rngs, **branch_args) for kind, inputs in specs]
-        )
+        base = rngs.params()  # branch i draws from stream i, whatever the other branches read
+        self.branches = nnx.List([
+            MLPGBranch(kind, inputs, dims, num_tasks, rngs=named_rngs(base, i), **branch_args)
+            for i, (kind, inputs) in enumerate(specs)
+        ])
 
     def __call__(self, values: Mapping[str, jax.Array], num_candidates: int, *, key: jax.Array | None = None):
         total = sum(branch(values, key=fold(key, i)) for i, branch in enumerate(self.branches))

@@ -35,7 +35,7 @@ class LastItemEcho(nnx.Module):
 @pytest.fixture(scope="module", autouse=True)
 def registered():
     row = components.Component("last_item_echo", LastItemEcho, stage="nro", route="mlpg",
-                               outputs=lambda c: {"last_item_echo": c.embed_dim}, tag=99)  # fmt: skip
+                               outputs=lambda c: {"last_item_echo": c.embed_dim})  # fmt: skip
     components.register_component(row)
     yield row
     components.MOA_COMPONENTS.remove(row)
@@ -63,3 +63,35 @@ def test_unknown_extra_component_is_an_error_naming_the_field():
     with pytest.raises(ValueError, match="model.extra_moa names 'nope'"):
         make_model(tiny_config(extra_moa=("nope",)))
     assert SCHEMA.num_items > 0
+
+
+def _flat_params(model) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
+
+
+def test_adding_a_component_leaves_every_other_initial_value_unchanged():
+    """Initial values come from each part's name (layers/core.named_rngs), not from build order (issue 20)."""
+    without = _flat_params(make_model(tiny_config(), seed=3))
+    with_extra = _flat_params(make_model(tiny_config(extra_moa=("last_item_echo",)), seed=3))
+    added = set(with_extra) - set(without)
+    # The new component's own parameters, and one new input projection per MLPG layer that now reads its output.
+    assert any("'last_item_echo'" in path for path in added)
+    assert all("'last_item_echo'" in path or "'mlpg'" in path for path in added), sorted(added)
+    assert set(without) <= set(with_extra)
+    changed = [path for path, value in without.items() if not np.array_equal(value, with_extra[path])]
+    assert changed == []
+    # The seed still matters: the comparison above is not between constants.
+    other_seed = _flat_params(make_model(tiny_config(), seed=4))
+    assert not np.array_equal(without["['towers']['tables']['tables']['item']['table'].value"],
+                              other_seed["['towers']['tables']['tables']['item']['table'].value"])  # fmt: skip
+
+
+def test_switching_a_builtin_component_off_leaves_the_others_unchanged():
+    full = _flat_params(make_model(tiny_config(), seed=3))
+    no_hma = _flat_params(make_model(tiny_config(use_hma=False), seed=3))
+    # Without HMA the interaction MLP reads one input less, so its first kernel changes shape; all else is equal.
+    interaction_in = "['towers']['interaction']['mlp']['layers'][0]['kernel'].value"
+    assert full[interaction_in].shape != no_hma[interaction_in].shape
+    kept = [p for p in no_hma if p != interaction_in]
+    assert kept and all(np.array_equal(full[p], no_hma[p]) for p in kept)

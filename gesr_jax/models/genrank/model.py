@@ -47,17 +47,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, split_batch
-from gesr_jax.layers.core import MLP, LayerNorm, fold
+from gesr_jax.layers.core import MLP, LayerNorm, fold, named_rngs
 from gesr_jax.models.base import Batch, RankingModel
 from gesr_jax.models.genrank.block import DecoderBlock
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.tokens import GenRankTokens, check_fields
 from gesr_jax.models.gesr.tokens import check_part
 from kernels.hstu_attention import geometric_alibi_slopes
-
-# fold_in tags of the model's random streams.
-_HISTORY, _CANDIDATES, _SEQUENCE, _HEAD = 0, 1, 2, 3
-
 
 def pack(history: jax.Array, candidates: jax.Array, history_len: jax.Array, num_candidates: jax.Array) -> jax.Array:
     """[B, N, ...] and [B, C, ...] -> [B, N + C, ...] rows [hist[:len] ; cand[:nc] ; zeros], dtype kept."""
@@ -92,19 +88,20 @@ class GenRank(RankingModel):
         check_fields(config, schema)
         self.config, self.schema = config, schema
         d, h = config.embed_dim, config.genrank_heads
-        self.tokens = GenRankTokens(config, schema, rngs=rngs)
+        base = rngs.params()  # each part's initial values come from its name (layers/core.named_rngs)
+        self.tokens = GenRankTokens(config, schema, rngs=named_rngs(base, "tokens"))
         score_fn = "softmax" if config.genrank_attention == "softmax" else "silu"
         self.blocks = nnx.List([
             DecoderBlock(
                 d, heads=h, head_dim=config.genrank_head_dim, mlp=config.genrank_mlp, mlp_dim=config.genrank_mlp_dim,
                 score_fn=score_fn, normalizer=config.genrank_hstu_normalizer, implementation=config.attention_impl,
-                dropout_rate=config.dropout, rngs=rngs,
+                dropout_rate=config.dropout, rngs=named_rngs(base, f"blocks/{i}"),
             )
-            for _ in range(config.genrank_layers)
+            for i in range(config.genrank_layers)
         ])  # fmt: skip
-        self.norm_out = LayerNorm(d, rngs=rngs)
-        self.head = MLP(d, (*config.genrank_head_mlp, len(schema.tasks)), rngs=rngs, in_name="embed",
-                        dropout_rate=config.dropout)  # fmt: skip
+        self.norm_out = LayerNorm(d, rngs=named_rngs(base, "norm_out"))
+        self.head = MLP(d, (*config.genrank_head_mlp, len(schema.tasks)), rngs=named_rngs(base, "head"),
+                        in_name="embed", dropout_rate=config.dropout)  # fmt: skip
         learn = config.genrank_learnable_slopes
         self.alibi_slopes = _slope_param(h) if learn and config.genrank_alibi else None
         self.time_slopes = _slope_param(h) if learn and config.genrank_time_alibi else None
@@ -143,7 +140,7 @@ class GenRank(RankingModel):
 
     def encode_request(self, request: Batch, *, key: jax.Array | None = None, train: bool = False) -> dict:
         """The request state: {"kv": per-block history (k, v), "history_len" (tokens), "cand_ctx" [B, D], ...}."""
-        key = fold(self._check_train(key, train), _HISTORY)
+        key = fold(self._check_train(key, train), "history")
         check_part(request, self.request_keys, self.schema, REQUEST)
         request = {k: jnp.asarray(v) for k, v in request.items()}
         x, hlen, times, cand_ctx = self.tokens.history(request)
@@ -176,11 +173,11 @@ class GenRank(RankingModel):
             cand_times = jnp.broadcast_to(state["request_time"][:, None], (x.shape[0], c))
         bias = self.bias_args(cand_times, state.get("history_time"))
         x = x.astype(self.dtype)
-        kc = fold(key, _CANDIDATES)
+        kc = fold(key, "candidates")
         for i, (block, kv) in enumerate(zip(self.blocks, state["kv"], strict=True)):
             x = block.candidates(x, kv, state["history_len"], nc, key=fold(kc, i), **bias)
             x = jnp.where(valid, x, 0.0).astype(self.dtype)
-        return self._logits(x, valid, fold(key, _HEAD))
+        return self._logits(x, valid, fold(key, "head"))
 
     def _logits(self, x: jax.Array, valid: jax.Array, key: jax.Array | None) -> dict[str, jax.Array]:
         out = self.head(self.norm_out(x).astype(jnp.float32), key=key)
@@ -217,7 +214,7 @@ class GenRank(RankingModel):
         ``probes`` (one [B, Lh + C, D] array per block, or None) are added to each block's output: their
         gradients show which rows of which block reach the logits (the stop-gradient test).
         """
-        key = fold(self._check_train(key, train), _SEQUENCE)
+        key = fold(self._check_train(key, train), "sequence")
         inputs = self.pack_inputs(batch)
         lengths, nc, hlen = inputs["lengths"], inputs["num_targets"], inputs["history_len"]
         valid = _rows_valid(inputs["tokens"].shape[1], lengths)
@@ -230,7 +227,7 @@ class GenRank(RankingModel):
         outputs = jnp.where(valid, self.norm_out(x), 0.0).astype(jnp.float32)
         c = batch["cand_item"].shape[1]
         cand = unpack_candidates(x, hlen, nc, c)
-        return outputs, self._logits(cand, _rows_valid(c, nc), fold(key, _HEAD))
+        return outputs, self._logits(cand, _rows_valid(c, nc), fold(key, "head"))
 
 
 def _slope_param(heads: int) -> nnx.Param:

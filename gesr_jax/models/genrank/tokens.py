@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema
-from gesr_jax.layers.core import EMBED_INIT, Embed, FieldTables, make_param
+from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.two_tower.towers import item_field_names
 
@@ -113,7 +113,7 @@ class GenRankTokens(nnx.Module):
         self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
         self.action = Embed(schema.item_vocab("action"), d, rngs=rngs)
         self.interleaved = config.interleaved
-        self.mask_action = None if self.interleaved else make_param(rngs, EMBED_INIT, (d,), ("embed",))
+        self.mask_action = None if self.interleaved else make_param(rngs, embed_init, (d,), ("embed",))
         self.max_position = schema.history_len
         self.position = Embed(schema.history_len + 1, d, rngs=rngs) if config.genrank_use_position_emb else None
         self.num_requests = config.genrank_num_requests

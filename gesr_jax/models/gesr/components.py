@@ -5,8 +5,8 @@ One row per component. ``stage`` says where its work happens: "ro" components ru
 request-only work in ``encode_request`` and finish per candidate chunk in ``score`` (outputs [B, C, w]).
 ``route`` says where the outputs go (spec §1.9, read off the paper's figure; UNCONFIRMED): "main" joins the
 two-tower interaction (the main logit), "mlpg" feeds the MLPG branches (or the main interaction when
-``model.use_mlpg=false``). Build order is table order, with main-route components and the token embedder
-built before the towers (their widths size the interaction) and MLPG-route components after.
+``model.use_mlpg=false``). A component's initial values and dropout stream come from its name (``moa/<name>``, layers/core.named_rngs),
+so the unique name is all a row needs: adding or removing a component never changes another one's values.
 
 The module of a row is named as "module:Class" and imported only when a model is built, so this table (and
 the config validation that reads it) needs no JAX. A module implements the protocol in ``moa.py``
@@ -18,6 +18,7 @@ config field of its own.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -36,15 +37,12 @@ class Component:
     route: str  # "main" or "mlpg"
     outputs: Callable[[Any], dict[str, int]]  # config -> {output name: width}
     enabled: Callable[[Any], bool] | None = None  # config -> on?; None = on when name is in model.extra_moa
-    tag: int = 0  # dropout stream of the component (fold_in tag); unique per component
 
     def is_enabled(self, config: Any) -> bool:
         return self.enabled(config) if self.enabled is not None else self.name in config.extra_moa
 
     def module_class(self) -> type:
         if isinstance(self.module, str):
-            import importlib
-
             path, _, attr = self.module.partition(":")
             return getattr(importlib.import_module(path), attr)
         return self.module
@@ -54,15 +52,15 @@ _MOA = "gesr_jax.models.gesr.moa"
 
 MOA_COMPONENTS: list[Component] = [
     Component("hma", f"{_MOA}:HMAComponent", "nro", "main",
-              lambda c: {"hma": c.hma_mlp[-1]}, lambda c: c.use_hma, tag=3),
+              lambda c: {"hma": c.hma_mlp[-1]}, lambda c: c.use_hma),
     Component("hstu", f"{_MOA}:HSTUComponent", "nro", "mlpg",
-              lambda c: {"hstu": c.embed_dim}, lambda c: c.use_hstu, tag=4),
+              lambda c: {"hstu": c.embed_dim}, lambda c: c.use_hstu),
     Component("ro_cross", f"{_MOA}:ROCrossComponent", "ro", "mlpg",
               lambda c: {"ro_summary": c.ro_num_seeds * c.embed_dim,
                          **({"ro_profile": c.embed_dim} if c.ro_profile_query else {})},
-              lambda c: c.use_ro_cross, tag=5),
+              lambda c: c.use_ro_cross),
     Component("nro_cross", f"{_MOA}:NROCrossComponent", "nro", "mlpg",
-              lambda c: {"nro_cross": c.embed_dim}, lambda c: c.use_nro_cross, tag=8),
+              lambda c: {"nro_cross": c.embed_dim}, lambda c: c.use_nro_cross),
 ]  # fmt: skip
 
 
@@ -72,8 +70,6 @@ def register_component(component: Component) -> None:
         raise ValueError(f"component {component.name!r}: stage must be in {STAGES} and route in {ROUTES}")
     if any(c.name == component.name for c in MOA_COMPONENTS):
         raise ValueError(f"a MoA component named {component.name!r} is already registered")
-    if any(c.tag == component.tag for c in MOA_COMPONENTS) or component.tag < 16:
-        raise ValueError(f"component {component.name!r} needs a unique tag >= 16, got {component.tag}")
     MOA_COMPONENTS.append(component)
 
 

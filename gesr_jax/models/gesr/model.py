@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, batch_groups
-from gesr_jax.layers.core import fold
+from gesr_jax.layers.core import fold, named_rngs
 from gesr_jax.layers.mlpg import MLPG
 from gesr_jax.layers.stochastic_length import stochastic_length
 from gesr_jax.models.base import Batch, RankingModel
@@ -32,11 +32,7 @@ from gesr_jax.models.gesr import components
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.models.gesr.moa import CandidateContext, RequestContext
 from gesr_jax.models.gesr.tokens import TokenEmbedder, check_fields, check_part, valid_mask
-from gesr_jax.models.two_tower.model import INTERACTION_TAG, ITEM_TAG, USER_TAG
 from gesr_jax.models.two_tower.towers import TwoTower
-
-# fold_in tags of the model's own random streams (components carry theirs in the table).
-_SL, _MLPG = 0, 7
 
 
 class GESR(RankingModel):
@@ -47,8 +43,8 @@ class GESR(RankingModel):
         check_fields(config, schema)
         self.config, self.schema = config, schema
         main, late = components.enabled(config, "main"), components.enabled(config, "mlpg")
-        # (name, stage, dropout tag) per component, in build order (a tuple: the graphdef must hash).
-        self.plan = tuple((c.name, c.stage, c.tag) for c in (*main, *late))
+        # (name, stage) per component, in table order (a tuple: the graphdef must hash).
+        self.plan = tuple((c.name, c.stage) for c in (*main, *late))
         widths = dict(components.enabled_outputs(config))
         late_outputs = [n for c in late for n in c.outputs(config)]
         # Main-path inputs of the interaction, in a fixed order: main-route outputs, the unified item
@@ -58,22 +54,25 @@ class GESR(RankingModel):
             + ([components.UNIFIED_ITEM] if config.uses_tokens else [])
             + ([] if config.use_mlpg else late_outputs)
         )
-        # Build order fixes the initial values: main-route components, token embedder, towers, MLPG-route
-        # components, MLPG (the widths come from the config, so the towers can be sized before the rest).
-        built = {c.name: c.module_class().from_config(config, schema, rngs=rngs) for c in main}
-        self.tokens = TokenEmbedder(config, schema, rngs=rngs) if config.uses_tokens else None
+        # Every part's initial values come from its name (layers/core.named_rngs), never from build order,
+        # so switching a component on or off leaves the others' values unchanged.
+        base = rngs.params()
+        built = {
+            c.name: c.module_class().from_config(config, schema, rngs=named_rngs(base, f"moa/{c.name}"))
+            for c in (*main, *late)
+        }
+        self.tokens = TokenEmbedder(config, schema, rngs=named_rngs(base, "tokens")) if config.uses_tokens else None
         extra_dim = sum(widths[n] for n in self.main_inputs)
-        self.towers = TwoTower(config, schema, extra_dim, len(schema.tasks), rngs=rngs)
+        self.towers = TwoTower(config, schema, extra_dim, len(schema.tasks), rngs=named_rngs(base, "towers"))
         if config.use_ro_cross and config.ro_profile_query and not self.towers.user.profile_fields():
             raise ValueError(
                 "model.ro_profile_query=true needs user profile embeddings, but this model has none "
                 "(no user features and model.use_user_id=false)"
             )
-        built |= {c.name: c.module_class().from_config(config, schema, rngs=rngs) for c in late}
         self.moa = nnx.Dict(built)
         self.mlpg = (
             MLPG(config.mlpg_branch_specs(), widths, len(schema.tasks), hidden=config.mlpg_hidden,
-                 gate=config.mlpg_gate, dropout_rate=config.dropout, rngs=rngs)
+                 gate=config.mlpg_gate, dropout_rate=config.dropout, rngs=named_rngs(base, "mlpg"))
             if config.use_mlpg else None
         )  # fmt: skip
         keys = self._needed_keys()
@@ -112,7 +111,7 @@ class GESR(RankingModel):
         key = key if train else None
         request = {k: jnp.asarray(v) for k, v in request.items()}
         if key is not None and cfg.stochastic_length:
-            request = stochastic_length(request, fold(key, _SL), alpha=cfg.sl_alpha, sampling=cfg.sl_sampling)
+            request = stochastic_length(request, fold(key, "stochastic_length"), alpha=cfg.sl_alpha, sampling=cfg.sl_sampling)
         hlen = request["history_len"]
         ctx = RequestContext(
             request=request,
@@ -121,8 +120,8 @@ class GESR(RankingModel):
             history_len=hlen,
             profile=self.towers.user.profile(request) if self.towers.user.profile_fields() else None,
         )
-        caches = {name: self.moa[name].encode_request(ctx, key=fold(key, tag)) for name, _, tag in self.plan}
-        user = self.towers.user_embedding(request, key=fold(key, USER_TAG))
+        caches = {name: self.moa[name].encode_request(ctx, key=fold(key, f"moa/{name}")) for name, _ in self.plan}
+        user = self.towers.user_embedding(request, key=fold(key, "towers/user"))
         return {"user": user, "history_len": hlen, "history_valid": ctx.history_valid, "moa": caches}
 
     def score(self, state, candidates: Batch, *, key=None, train=False, item_cache=None) -> dict[str, jax.Array]:
@@ -132,7 +131,7 @@ class GESR(RankingModel):
         candidates = {k: jnp.asarray(v) for k, v in candidates.items()}
         ncand = candidates["num_candidates"]
         cand_valid = valid_mask(ncand, c)
-        i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, ITEM_TAG))
+        i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, "towers/item"))
         outputs: dict[str, jax.Array] = {}  # [B, C, *] per candidate or [B, 1, *] per request
         unified = tokens = None
         if self.tokens is not None:
@@ -145,17 +144,17 @@ class GESR(RankingModel):
             valid=cand_valid, num_candidates=ncand,
             history_valid=state["history_valid"], history_len=state["history_len"],
         )  # fmt: skip
-        for name, stage, tag in self.plan:
+        for name, stage in self.plan:
             cache = state["moa"][name]
             if stage == "ro":
                 outputs.update(cache)  # computed once per request in encode_request
             else:
-                outputs.update(self.moa[name].score_candidates(cache, ctx, key=fold(key, tag)))
+                outputs.update(self.moa[name].score_candidates(cache, ctx, key=fold(key, f"moa/{name}")))
 
         extras = [_broadcast(outputs[name], c) for name in self.main_inputs]
-        logits = self.towers.interaction(state["user"], i, extras, key=fold(key, INTERACTION_TAG))
+        logits = self.towers.interaction(state["user"], i, extras, key=fold(key, "towers/interaction"))
         if self.mlpg is not None:
-            logits = logits + self.mlpg(outputs, c, key=fold(key, _MLPG))
+            logits = logits + self.mlpg(outputs, c, key=fold(key, "mlpg"))
         logits = jnp.where(cand_valid[..., None], logits, 0.0)
         return {task: logits[..., t] for t, task in enumerate(self.schema.tasks)}
 

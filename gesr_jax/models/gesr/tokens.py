@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from gesr_jax.data.batch import REQUEST, BatchSchema, batch_layout
-from gesr_jax.layers.core import EMBED_INIT, Embed, FieldTables, make_param
+from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
 from gesr_jax.models.two_tower.towers import item_field_names
 
@@ -100,7 +100,7 @@ class TokenEmbedder(nnx.Module):
         fields = dict.fromkeys((*self.history_fields, *self.candidate_fields, *self.query_fields))
         self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
         uses_action = "action" in self.history_fields
-        self.mask_action = make_param(rngs, EMBED_INIT, (d,), ("embed",)) if uses_action else None
+        self.mask_action = make_param(rngs, embed_init, (d,), ("embed",)) if uses_action else None
         # Position 0 is the shared candidate position; history positions are 1..N (1 = most recent).
         self.max_position = schema.history_len
         self.position = Embed(schema.history_len + 1, d, rngs=rngs) if config.use_position_emb else None

@@ -14,14 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema
-from gesr_jax.layers.core import fold
+from gesr_jax.layers.core import fold, named_rngs
 from gesr_jax.models.base import Batch, RankingModel
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 from gesr_jax.models.two_tower.towers import TwoTower
-
-# fold_in tags, shared with GESR so both draw the same dropout for the same key.
-USER_TAG, ITEM_TAG, INTERACTION_TAG = 1, 2, 6
-
 
 class TwoTowerModel(RankingModel):
     """u = UserTower(request), i = ItemTower(candidate), logits = Interaction(u, i)."""
@@ -29,17 +25,18 @@ class TwoTowerModel(RankingModel):
     def __init__(self, config: TwoTowerConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
         config.validate_for_build()
         self.config, self.schema = config, schema
-        self.towers = TwoTower(config, schema, 0, len(schema.tasks), rngs=rngs)
+        # Named like GESR's towers, so both models start from the same values and draw the same dropout.
+        self.towers = TwoTower(config, schema, 0, len(schema.tasks), rngs=named_rngs(rngs.params(), "towers"))
 
     def encode_request(self, request: Batch, *, key: jax.Array | None = None, train: bool = False) -> dict:
         """{"user": [B, Dt]} the user-tower output."""
         key = key if train else None
-        return {"user": self.towers.user_embedding(request, key=fold(key, USER_TAG))}
+        return {"user": self.towers.user_embedding(request, key=fold(key, "towers/user"))}
 
     def score(self, state, candidates: Batch, *, key=None, train=False, item_cache=None) -> dict[str, jax.Array]:
         key = key if train else None
-        i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, ITEM_TAG))
-        logits = self.towers.interaction(state["user"], i, [], key=fold(key, INTERACTION_TAG))
+        i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, "towers/item"))
+        logits = self.towers.interaction(state["user"], i, [], key=fold(key, "towers/interaction"))
         c = candidates["cand_item"].shape[1]
         valid = jnp.arange(c)[None, :] < candidates["num_candidates"][:, None]
         logits = jnp.where(valid[..., None], logits, 0.0)

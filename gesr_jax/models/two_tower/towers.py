@@ -22,11 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema
-from gesr_jax.layers.core import MLP, Embed, FieldTables, make_param, masked_mean
+from gesr_jax.layers.core import MLP, Embed, FieldTables, make_param, masked_mean, named_rngs
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 
 Batch = Mapping[str, jax.Array]
-ModelConfig = TwoTowerConfig  # GESR's config extends it, so both models build these towers
 
 
 def item_field_names(schema: BatchSchema) -> tuple[str, ...]:
@@ -37,7 +36,7 @@ def item_field_names(schema: BatchSchema) -> tuple[str, ...]:
 class UserTower(nnx.Module):
     """u = MLP([E(user_id), E(user features)..., mean of history tokens]) -> [B, Dt]."""
 
-    def __init__(self, config: ModelConfig, schema: BatchSchema, tables: FieldTables, *, rngs: nnx.Rngs):
+    def __init__(self, config: TwoTowerConfig, schema: BatchSchema, tables: FieldTables, *, rngs: nnx.Rngs):
         d = config.embed_dim
         self.user_id = Embed(schema.num_users + 1, d, rngs=rngs) if config.use_user_id else None
         self.features = nnx.Dict({name: Embed(vocab, d, rngs=rngs) for name, vocab in schema.user_features})
@@ -54,7 +53,7 @@ class UserTower(nnx.Module):
         parts = []
         if self.user_id is not None:
             parts.append(self.user_id(batch["user_id"]))
-        parts += [table(batch[f"user_{name}"]) for name, table in self.features.items()]
+        parts += [self.features[name](batch[f"user_{name}"]) for name in self.feature_names()]
         if self.history_fields:
             tokens = tables.sum(batch, self.history_fields, "history_")
             n = tokens.shape[1]
@@ -62,20 +61,25 @@ class UserTower(nnx.Module):
             parts.append(masked_mean(tokens, valid, axis=1))
         return self.mlp(jnp.concatenate(parts, axis=-1), key=key)
 
+    def feature_names(self) -> list[str]:
+        """User feature names in sorted order: the order of ``self.features`` after ``nnx.split`` / ``nnx.merge``
+        (which sort dict keys), so a freshly built tower and a restored one concatenate the same way."""
+        return sorted(self.features)
+
     def profile_fields(self) -> tuple[str, ...]:
         """Batch keys of the user profile embeddings (user id and user features)."""
         keys = ("user_id",) if self.user_id is not None else ()
-        return keys + tuple(f"user_{name}" for name in self.features)
+        return keys + tuple(f"user_{name}" for name in self.feature_names())
 
     def profile(self, batch: Batch) -> jax.Array:
         """Sum-pooled user profile embeddings [B, D]: the RO cross attention's profile query."""
         parts = [self.user_id(batch["user_id"])] if self.user_id is not None else []
-        parts += [table(batch[f"user_{name}"]) for name, table in self.features.items()]
+        parts += [self.features[name](batch[f"user_{name}"]) for name in self.feature_names()]
         return sum(parts)
 
     def needed_keys(self) -> tuple[str, ...]:
         keys = ["user_id"] if self.user_id is not None else []
-        keys += [f"user_{name}" for name in self.features]
+        keys += [f"user_{name}" for name in self.feature_names()]
         keys += [f"history_{f}" for f in self.history_fields]
         return tuple(keys)
 
@@ -83,7 +87,7 @@ class UserTower(nnx.Module):
 class ItemTower(nnx.Module):
     """i = MLP([E(item), E(item features)...]): depends on the item alone, hence cacheable per item id."""
 
-    def __init__(self, config: ModelConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
+    def __init__(self, config: TwoTowerConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
         self.fields = item_field_names(schema)
         self.mlp = MLP(
             len(self.fields) * config.embed_dim, config.tower_mlp, rngs=rngs, out_name="embed",
@@ -104,7 +108,7 @@ class ItemTower(nnx.Module):
 class Interaction(nnx.Module):
     """Main logits [B, C, T] from u [B, Dt], i [B, C, Dt] and optional main-path MoA outputs [B, C, *]."""
 
-    def __init__(self, config: ModelConfig, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: TwoTowerConfig, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs):
         dt = config.tower_mlp[-1]
         self.dot_scale = make_param(rngs, nnx.initializers.ones, (num_tasks,), (None,))
         self.dot_bias = make_param(rngs, nnx.initializers.zeros, (num_tasks,), (None,))
@@ -134,13 +138,15 @@ class TwoTower(nnx.Module):
     """Towers, their item-field tables (shared between the item tower and the user's history pool) and interaction."""
 
     def __init__(
-        self, config: ModelConfig, schema: BatchSchema, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs
+        self, config: TwoTowerConfig, schema: BatchSchema, extra_dim: int, num_tasks: int, *, rngs: nnx.Rngs
     ):
         fields = item_field_names(schema) + (("action",) if config.tower_history_pool else ())
-        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, config.embed_dim, rngs=rngs)
-        self.user = UserTower(config, schema, self.tables, rngs=rngs)
-        self.item = ItemTower(config, schema, rngs=rngs)
-        self.interaction = Interaction(config, extra_dim, num_tasks, rngs=rngs)
+        base = rngs.params()  # each part's initial values come from its name (layers/core.named_rngs)
+        vocabs = {f: schema.item_vocab(f) for f in fields}
+        self.tables = FieldTables(vocabs, config.embed_dim, rngs=named_rngs(base, "tables"))
+        self.user = UserTower(config, schema, self.tables, rngs=named_rngs(base, "user"))
+        self.item = ItemTower(config, schema, rngs=named_rngs(base, "item"))
+        self.interaction = Interaction(config, extra_dim, num_tasks, rngs=named_rngs(base, "interaction"))
 
     def user_embedding(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
         return self.user(batch, self.tables, key=key)
