@@ -1,0 +1,203 @@
+"""Roofline table (issue 23 item 2): how much of the machine each train step and serving call uses.
+
+    nice python experiments/bench_roofline.py            # the shapes below -> experiments/results/roofline_<platform>.md
+    python experiments/bench_roofline.py --smoke         # tiny shapes, 2 rounds (tests)
+
+Rows: the jitted train step (forward, backward, AdamW update) of each model kind (``gesr``, ``two_tower``,
+``genrank``; presets ``synthetic_base``, ``synthetic_base_two_tower``, ``synthetic_genrank``, random parameters,
+every history full), and GESR's serving pair ``encode_request`` (one request) and ``score`` (one chunk of
+candidates against that state, item cache on). For each, FLOPs and bytes come from XLA's compiled cost
+analysis (``jax.jit(f).lower(*args).compile().cost_analysis()``: "bytes accessed" sums every HLO op's operand
+and result bytes, so it over-counts what reaches DRAM when ops fuse or hit cache; it is the model's traffic,
+not a measured one).
+
+Two probes run in the same process and the same interleaved rounds (``bench_common.interleaved``):
+* a 2048 x 2048 float32 matmul: the matmul peak (FLOP per CPU-second);
+* a streaming triad ``a + s * b`` over 32 Mi float32 (384 MiB moved): the streaming bandwidth.
+
+Achieved rates are per CPU-second (process time, all threads) and per wall-second; the fractions of peak and
+of bandwidth are medians of per-round ratios against the probes (CPU time), so load from other jobs on a
+shared machine cancels. ``bound`` is the roofline ``min(peak, intensity * bandwidth)`` for the row's
+arithmetic intensity (FLOP per byte), and names which of the two it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+
+from gesr_jax import api  # noqa: E402
+from gesr_jax import config as config_lib  # noqa: E402
+from gesr_jax.data import datasets  # noqa: E402
+from gesr_jax.train import step as step_lib  # noqa: E402
+
+PRESETS = {"gesr": "synthetic_base", "two_tower": "synthetic_base_two_tower", "genrank": "synthetic_genrank"}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    train_batch: int
+    train_history: int
+    train_candidates: int
+    serve_history: int
+    serve_candidates: int
+    matmul: int
+    stream: int  # float32 elements per triad array
+
+
+FULL = Shapes(32, 256, 64, 1024, 1024, 2048, 32 * 2**20)
+SMOKE = Shapes(4, 16, 8, 32, 16, 256, 2**16)
+
+
+@dataclasses.dataclass
+class Kernel:
+    """A compiled function, its arguments and its cost analysis."""
+
+    call: Callable[[], Any]
+    flops: float
+    bytes: float
+
+
+def compiled(fn: Callable, *args: Any) -> Kernel:
+    exe = jax.jit(fn).lower(*args).compile()
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per device on older jax
+    return Kernel(lambda: exe(*args), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
+
+
+def _model(kind: str, n: int, c: int, batch: int) -> tuple[Any, Any, Any, dict[str, np.ndarray]]:
+    cfg = config_lib.load_config(PRESETS[kind], [f"data.history_len={n}", f"data.min_history={min(4, n)}"])
+    schema = dataclasses.replace(datasets.schema_for(cfg.data), num_candidates=c)
+    graphdef, params = api.init(cfg, 0, schema)
+    data = api.example_batch(cfg, 1, batch, schema)
+    data["history_len"][:] = n  # every history full
+    data = {k: (np.where(v == 0, 1, v) if k.startswith("history_") and v.ndim == 2 else v) for k, v in data.items()}
+    data["num_candidates"][:] = c
+    for key in [k for k in data if k.startswith("cand_")]:
+        data[key] = np.where(data[key] == 0, 1, data[key])
+    return graphdef, params, schema, data
+
+
+def train_step(kind: str, shapes: Shapes) -> Kernel:
+    graphdef, params, schema, data = _model(kind, shapes.train_history, shapes.train_candidates, shapes.train_batch)
+    tx = optax.adamw(1e-3)
+    tasks = schema.tasks
+
+    def step(p, s, b, key):
+        def loss_fn(p):
+            logits = api.apply(graphdef, p, b, key=key, train=True, validate=False)
+            return step_lib.multitask_loss(logits, b, tasks, (1.0,) * len(tasks))[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    return compiled(step, params, tx.init(params), data, jax.random.key(0))
+
+
+def serving(shapes: Shapes) -> tuple[Kernel, Kernel]:
+    graphdef, params, schema, data = _model("gesr", shapes.serve_history, shapes.serve_candidates, 1)
+    table = datasets.item_table(config_lib.load_config(PRESETS["gesr"]).data)
+    cache = api.item_cache(graphdef, params, table)
+    encode = compiled(lambda p, r: api.encode_request(graphdef, p, r), params, data)
+    state = jax.jit(lambda p, r: api.encode_request(graphdef, p, r))(params, data)
+    score = compiled(lambda p, s, x, k: api.score(graphdef, p, s, x, item_cache=k), params, state, data, cache)
+    return encode, score
+
+
+def probes(shapes: Shapes) -> tuple[Kernel, Kernel]:
+    key = jax.random.key(1)
+    a, b = jax.random.normal(key, (2, shapes.matmul, shapes.matmul), jnp.float32)
+    matmul = compiled(lambda x, y: x @ y, a, b)
+    matmul = dataclasses.replace(matmul, flops=2.0 * shapes.matmul**3)  # the textbook count
+    u, v = jnp.ones((2, shapes.stream), jnp.float32)
+    triad = compiled(lambda x, y: x + 1.5 * y, u, v)
+    triad = dataclasses.replace(triad, bytes=3.0 * 4 * shapes.stream)  # two reads, one write
+    return matmul, triad
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (for tests)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--out", default=None, help="markdown path (default experiments/results/roofline_<platform>.md)")
+    args = parser.parse_args(argv)
+    shapes, rounds = (SMOKE, 2) if args.smoke else (FULL, args.rounds)
+    info = machine_info()
+    start = time.perf_counter()
+    kernels: dict[str, Kernel] = {}
+    for kind in PRESETS:
+        kernels[f"train step {kind}"] = train_step(kind, shapes)
+    kernels["gesr encode_request"], kernels["gesr score"] = serving(shapes)
+    kernels["probe: matmul"], kernels["probe: stream"] = probes(shapes)
+    print("compiled; timing", flush=True)
+    timings = interleaved({name: k.call for name, k in kernels.items()}, rounds)
+    mm, st = kernels["probe: matmul"], kernels["probe: stream"]
+    peak = mm.flops / (timings["probe: matmul"].cpu_ms / 1e3)  # FLOP per CPU-second
+    bandwidth = st.bytes / (timings["probe: stream"].cpu_ms / 1e3)  # bytes per CPU-second
+    lines = [
+        "# Roofline: train steps and serving calls against a matmul peak and a streaming bandwidth",
+        "",
+        machine_line(info, finished=machine_info())
+        + f" Command: `nice python experiments/bench_roofline.py{' --smoke' if args.smoke else ''}"
+        f" --rounds {rounds}`; whole run {time.perf_counter() - start:.0f} s.",
+        "",
+        METHOD_NOTE,
+        "",
+        f"Shapes: train steps B={shapes.train_batch}, N={shapes.train_history}, C={shapes.train_candidates} "
+        f"(AdamW update included); serving B=1, N={shapes.serve_history}, one score chunk of "
+        f"C={shapes.serve_candidates} with the item cache. Probes: {shapes.matmul}² float32 matmul, triad over "
+        f"{shapes.stream:,} float32. Same-process peak **{peak / 1e9:.1f} GFLOP per CPU-second**, streaming "
+        f"**{bandwidth / 1e9:.1f} GB per CPU-second** (medians); ridge point {peak / bandwidth:.1f} FLOP/byte.",
+        "",
+        "| row | GFLOP | MB accessed | FLOP/byte | wall ms | CPU ms | GFLOP/CPU-s | GFLOP/wall-s | GB/CPU-s | "
+        "x matmul peak | x stream bandwidth | roofline bound (GFLOP/CPU-s) | x bound |",
+        "| --- " * 13 + "|",
+    ]
+    for name, k in kernels.items():
+        t = timings[name]
+        # Fractions per round: (F / t) / (F_mm / t_mm) = F / F_mm * (t_mm / t), a ratio of the same round.
+        f_peak = ratio(timings, "probe: matmul", name).scaled(k.flops / mm.flops)
+        f_bw = ratio(timings, "probe: stream", name).scaled(k.bytes / st.bytes)
+        intensity = k.flops / max(k.bytes, 1.0)
+        bound = min(peak, intensity * bandwidth)
+        which = "compute" if peak <= intensity * bandwidth else "memory"
+        rate = k.flops / (t.cpu_ms / 1e3)
+        lines.append(
+            f"| {name} | {k.flops / 1e9:.4g} | {k.bytes / 1e6:.4g} | {intensity:.2f} | {t.wall_ms:.2f} | "
+            f"{t.cpu_ms:.2f} | {rate / 1e9:.2f} | {k.flops / (t.wall_ms / 1e3) / 1e9:.2f} | "
+            f"{k.bytes / (t.cpu_ms / 1e3) / 1e9:.2f} | {f_peak:.3f} | {f_bw:.3f} | {bound / 1e9:.1f} ({which}) | "
+            f"{rate / bound:.3f} |"
+        )
+    lines += [
+        "",
+        "FLOPs and bytes are XLA's compiled cost analysis of each row (for the probes, the textbook counts: "
+        "2n³ and 3 x 4 bytes per element). `x matmul peak` and `x stream bandwidth`: median and 25th-75th "
+        "percentile of the per-round ratios of the achieved rate to the probe's rate in the same round. "
+        "`x bound`: achieved GFLOP/CPU-s over the roofline bound at the row's intensity (medians).",
+    ]
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"roofline_{info['platform']}{'_smoke' if args.smoke else ''}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""experiments/bench_roofline.py --smoke compiles every row, reads its cost analysis and writes the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # compiles three train steps and the serving pair: about a minute on 2 cores
+def test_bench_roofline_smoke_writes_every_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_roofline", ROOT / "experiments" / "bench_roofline.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_roofline"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "roofline.md"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Load average" in text and "GFLOP per CPU-second" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
+    names = [r.split(" | ")[0][2:] for r in rows]
+    assert names == [f"train step {k}" for k in bench.PRESETS] + [
+        "gesr encode_request", "gesr score", "probe: matmul", "probe: stream"]  # fmt: skip
+    for row in rows:
+        gflop, megabytes = (float(x) for x in row.split(" | ")[1:3])
+        assert gflop > 0 and megabytes > 0, row  # the cost analysis counted this row's work
