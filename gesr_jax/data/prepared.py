@@ -25,7 +25,7 @@ of ``.npy``: no compression (bytes on disk = bytes in memory) and one file per c
 Grain shuffles globally because the request index is random access, and its iterator state (a batch
 index) is independent of where the arrays live, so it resumes exactly. Several processes open the same
 files; each gathers only the rows of its own batches (``pipeline.train_dataset``'s ``[index::count]``),
-so it reads only those pages.
+so it reads only those pages, and each hashes only its share of the files (:func:`open_prepared`).
 
 Opening checks everything before training starts and refuses a mismatch with one line naming the file
 and the field: the manifest's format, version and data config against the run's config (every
@@ -218,8 +218,20 @@ def _check_file(root: pathlib.Path, name: str, entry: Mapping[str, Any], verify:
     return path
 
 
-def open_prepared(data_config: DataConfig, *, verify: bool = True) -> datasets.Splits:
-    """The splits of the prepared folder ``data_config.prepared``, as memory maps (nothing is read eagerly)."""
+def open_prepared(
+    data_config: DataConfig, *, verify: bool = True, process_index: int | None = None, process_count: int | None = None
+) -> datasets.Splits:
+    """The splits of the prepared folder ``data_config.prepared``, as memory maps (nothing is read eagerly).
+
+    Sizes, dtypes and shapes of every file are always checked; with ``verify`` the sha256 too, each
+    process hashing every ``process_count``-th file (by default ``jax.process_index()`` of
+    ``jax.process_count()``), so the processes of a run read each file once between them, not once each.
+    """
+    if verify and process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    index, count = (process_index or 0), (process_count or 1)
     root = pathlib.Path(str(data_config.prepared)).expanduser()
     manifest = read_manifest(root, data_config)
     files = manifest["files"]
@@ -236,10 +248,11 @@ def open_prepared(data_config: DataConfig, *, verify: bool = True) -> datasets.S
             got = getattr(schema, field)
             raise PreparedError(f"{schema_path}: field {field!r} is {got} but the config gives {want}")
     arrays: dict[str, np.ndarray] = {}
+    mine = {name for number, name in enumerate(sorted(files)) if number % count == index}
     for name, entry in files.items():
         if name == SCHEMA:
             continue
-        path = _check_file(root, name, entry, verify)
+        path = _check_file(root, name, entry, verify and name in mine)
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:

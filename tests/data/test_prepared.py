@@ -92,6 +92,15 @@ def test_damage_is_refused_naming_the_file(folder):
     target.write_bytes(bytes(data[:-4]))
     with pytest.raises(prepared.PreparedError, match=r"train/cand_item.npy: field 'bytes' is"):
         prepared.open_prepared(cfg)
+    # Two processes share the hashing: the damage is found by the one whose share holds the file.
+    target.write_bytes(bytes(data))
+    found = []
+    for index in range(2):
+        try:
+            prepared.open_prepared(cfg, process_index=index, process_count=2)
+        except prepared.PreparedError as err:
+            found.append(str(err))
+    assert len(found) == 1 and "train/cand_item.npy: field 'sha256'" in found[0]
     (out / "log" / "item.npy").unlink()
     with pytest.raises(prepared.PreparedError, match=r"log/item.npy is missing"):
         prepared.open_prepared(cfg)
