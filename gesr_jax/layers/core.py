@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.layers import sharded_lookup
+
 Names = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
 
@@ -201,16 +203,24 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """An embedding table [vocab, dim]; ids outside [0, vocab) are clipped (the batch validator rejects them)."""
+    """An embedding table [vocab (+ hash_buckets), dim]; ids outside [0, vocab) are clipped (the batch
+    validator rejects them), or, with ``hash_buckets > 0``, ids at or past ``vocab`` are hashed into that many
+    extra rows (``sharded_lookup.hash_ids`` says what collisions cost). Lookups follow the table's layout on
+    the mesh (``sharded_lookup``); the table may hold zero padding rows past its real size.
+    """
 
-    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, init: Initializer = embed_init):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, init: Initializer = embed_init, hash_buckets: int = 0):
         if vocab < 1:
             raise ValueError(f"embedding vocabulary must be >= 1, got {vocab}")
-        self.table = make_param(rngs, init, (vocab, dim), ("vocab", "embed"))
+        if hash_buckets < 0:
+            raise ValueError(f"hash_buckets must be >= 0, got {hash_buckets}")
+        self.table = make_param(rngs, init, (vocab + hash_buckets, dim), ("vocab", "embed"))
         self.vocab = vocab
+        self.hash_buckets = hash_buckets
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.table[...], ids, axis=0, mode="clip")
+        ids = sharded_lookup.hash_ids(ids, self.vocab, self.hash_buckets)
+        return sharded_lookup.sharded_lookup(self.table[...], ids, self.vocab + self.hash_buckets)
 
 
 class LayerNorm(nnx.Module):

@@ -92,6 +92,7 @@ class Setup:
     tx: Any = None
     opt_state: Any = None
     opt_state_sharding: Any = None
+    embedding_sharding: str = "replicated"  # the tables' layout on the mesh (train/sharding.py)
 
     @property
     def schema(self) -> Any:
@@ -119,7 +120,10 @@ def setup(
     model_api = default_model_api() if model_api is None else model_api
     splits = default_splits(config) if splits is None else splits
     tasks = tuple(splits.schema.tasks)
-    mesh = sharding_lib.make_mesh(num_devices)
+    try:
+        mesh, layout = sharding_lib.mesh_for(config, num_devices, strict=training)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         weights = step_lib.resolve_task_weights(tasks, tc)
         if training:
@@ -135,11 +139,13 @@ def setup(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tx = opt_state = opt_state_sharding = None
-    with sharding_lib.mesh_context(mesh):
+    with sharding_lib.mesh_context(mesh, embedding_sharding=layout):
         graphdef, params, params_sharding = init_model(config, model_api, mesh, splits.schema)
         if training:
             tx = step_lib.make_optimizer(tc)
-            opt_state_sharding = sharding_lib.param_shardings(jax.eval_shape(tx.init, params), mesh)
+            opt_state_sharding = sharding_lib.param_shardings(
+                jax.eval_shape(tx.init, params), mesh, embedding_sharding=layout
+            )
             opt_state = jax.jit(tx.init, out_shardings=opt_state_sharding)(params)
         context = evaluators_lib.EvalContext(
             config=config, model_api=model_api, graphdef=graphdef, params=params, schema=splits.schema,
@@ -148,7 +154,7 @@ def setup(
         evaluator = evaluators_lib.build_evaluators(tc.evaluators, context)
     return Setup(
         config, model_api, splits, tasks, weights, mesh, graphdef, params, params_sharding, evaluator,
-        tx, opt_state, opt_state_sharding,
+        tx, opt_state, opt_state_sharding, embedding_sharding=layout,
     )  # fmt: skip
 
 
@@ -161,7 +167,9 @@ def init_model(config: Config, model_api: Any, mesh: jax.sharding.Mesh, schema: 
             graphdef, params = model_api.init(config, config.train.seed, schema=schema)
         except ValueError as err:  # the model config does not fit this data (e.g. model.hma_pairs names)
             raise ConfigError(str(err)) from None
-    params_sharding = sharding_lib.param_shardings(params, mesh)
+    layout = sharding_lib.embedding_layout(config)
+    params = sharding_lib.layout_params(params, layout)
+    params_sharding = sharding_lib.param_shardings(params, mesh, embedding_sharding=layout)
     return graphdef, sharding_lib.place(params, params_sharding), params_sharding
 
 

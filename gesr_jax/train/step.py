@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from gesr_jax.train import sharding as sharding_lib
+from gesr_jax.train import table_optimizer
 from gesr_jax.train.config import TrainConfig
 
 Batch = Mapping[str, jax.Array]
@@ -54,18 +55,23 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on the warm-up/cosine schedule, after optional global-norm clipping.
+    """AdamW on the warm-up/cosine schedule, after optional global-norm clipping (over every gradient).
 
     Weight decay skips 0-d and 1-d parameters (biases, norm scales), the usual AdamW practice.
+    ``train.table_optimizer="rowwise_adagrad"`` gives the embedding tables their own partition
+    (gesr_jax/train/table_optimizer.py) on the same schedule; ``"dense"`` trains them with the AdamW above.
     """
-    adamw = optax.adamw(
-        learning_rate_schedule(config),
+    schedule = learning_rate_schedule(config)
+    opt = optax.adamw(
+        schedule,
         weight_decay=config.weight_decay,
         mask=lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params),
     )
+    if getattr(config, "table_optimizer", "dense") == "rowwise_adagrad":
+        opt = table_optimizer.partitioned(opt, table_optimizer.rowwise_adagrad(schedule))
     if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+    return opt
 
 
 def resolve_task_weights(tasks: Sequence[str], config: TrainConfig) -> tuple[float, ...]:

@@ -112,7 +112,7 @@ def train_and_evaluate(
         cleanup.callback(checkpoints.wait)  # callbacks run last-in first-out: pending saves finish, then close
         setup_lib.prepare_workdir(workdir, config, model_api, None, fingerprint if write_fingerprint else None)
         mesh = built.mesh
-        cleanup.enter_context(sharding_lib.mesh_context(mesh))
+        cleanup.enter_context(sharding_lib.mesh_context(mesh, embedding_sharding=built.embedding_sharding))
         try:
             data_iter = pipeline.make_iterator(pipeline.train_dataset(built.splits.train, tc.batch_size, seed=tc.seed))
         except ValueError as err:  # a malformed injected split
@@ -215,7 +215,7 @@ def evaluate_workdir(
     built = setup_lib.setup(config, model_api=model_api, splits=splits, training=False)
     checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
     try:
-        with sharding_lib.mesh_context(built.mesh):
+        with sharding_lib.mesh_context(built.mesh, embedding_sharding=built.embedding_sharding):
             chosen, params = _restore_for_eval(checkpoints, workdir, built.params, step, strict)
             results: dict[str, Any] = {"step": chosen}
             for name in split_names:

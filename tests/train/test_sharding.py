@@ -30,9 +30,27 @@ def test_batch_size_must_divide_data_axis_and_names_the_field():
 
 
 def test_rules_translate_logical_names():
-    assert sharding.logical_to_mesh(("batch", None, "embed")) == PartitionSpec("data", None, None)
+    # The batch is split over every device; tables follow model.embedding_sharding.
+    assert sharding.logical_to_mesh(("batch", None, "embed")) == PartitionSpec(("data", "model"), None, None)
+    assert sharding.logical_to_mesh(("vocab", "embed")) == PartitionSpec(None, None)
+    assert sharding.logical_to_mesh(("vocab", "embed"), sharding.rules_for("row")) == PartitionSpec("model", None)
     with pytest.raises(ValueError, match="logical axis 'time'"):
         sharding.logical_to_mesh(("time",))
+    with pytest.raises(ValueError, match="model.embedding_sharding must be one of"):
+        sharding.rules_for("diagonal")
+
+
+def test_column_layout_shards_table_width_and_the_mesh_checks_name_the_fields():
+    mesh = sharding.make_mesh(8, model_parallel=4)
+    _, params = fx.linear_api().init(None, 0)
+    column = sharding.param_shardings(params, mesh, embedding_sharding="column")
+    assert column["user"].get_value().spec == PartitionSpec(None, "model")
+    assert column["w"].get_value().spec == PartitionSpec(None, None)
+    config = fx.tiny_config(model_parallel=3)
+    with pytest.raises(ValueError, match=r"train.model_parallel: model_parallel=3 must divide"):
+        sharding.mesh_for(config, 8)
+    with pytest.raises(ValueError, match=r"model.embed_dim=6 must be divisible by train.model_parallel=4"):
+        sharding.check_layout("column", mesh, 6)
 
 
 def test_params_replicated_under_default_rules_and_sharded_when_rules_change():
@@ -54,3 +72,12 @@ def test_shard_batch_splits_requests_over_devices():
     shards = batch["cand_item"].addressable_shards
     assert len(shards) == 4 and shards[0].data.shape == (2, fx.SCHEMA.num_candidates)
     np.testing.assert_array_equal(np.asarray(batch["cand_item"]), host["cand_item"])
+
+
+def test_evaluation_meshes_shrink_the_model_axis_to_the_devices_at_hand():
+    config = fx.tiny_config(model_parallel=8)
+    assert dict(sharding.mesh_for(config, 8)[0].shape) == {"data": 1, "model": 8}
+    assert dict(sharding.mesh_for(config, 4, strict=False)[0].shape) == {"data": 1, "model": 4}
+    assert dict(sharding.mesh_for(config, 6, strict=False)[0].shape) == {"data": 3, "model": 2}
+    with pytest.raises(ValueError, match="train.model_parallel"):
+        sharding.mesh_for(config, 4)
