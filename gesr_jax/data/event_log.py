@@ -146,10 +146,6 @@ class RequestSplit(Mapping):
         """Every request as plain arrays (the materialised layout; memory O(requests x N))."""
         return self.gather(slice(None))
 
-    def take(self, rows: np.ndarray) -> RequestSplit:
-        """The requests ``rows`` as a new split over the same log (rows are copied, the log is shared)."""
-        return RequestSplit(self.log, self.item_table, self.schema, {k: v[rows] for k, v in self.columns.items()})
-
 
 def num_requests(split: Mapping[str, Any]) -> int:
     """Requests in a split, without gathering anything from a :class:`RequestSplit`."""
