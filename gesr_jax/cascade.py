@@ -115,7 +115,7 @@ def cascade_ranks(
     if k > num_items - 1:
         raise CascadeError(f"k = {k} exceeds the catalogue's {num_items - 1} items")
     label = np.asarray(arrays[f"label_{task}"])
-    valid = np.arange(label.shape[1])[None, :] < np.asarray(arrays["num_candidates"])[:, None]
+    valid = batch_lib.lengths_mask(np.asarray(arrays["num_candidates"]), label.shape[1])
     positives = valid & (label == 1)
     max_pos = int(positives.sum(axis=1).max()) if positives.size else 0
     width = min(k + max(max_pos - 1, 0), num_items - 1)  # the retriever's list per request

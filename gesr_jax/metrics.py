@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gesr_jax.data.batch import lengths_mask
+
 PROB_EPS = 1e-7  # probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before taking logs
 
 
@@ -238,7 +240,7 @@ class CandidateMetrics:
                 f"CandidateMetrics.update: logits must be [B, C] with num_candidates [B], got "
                 f"{logits0.shape} and {num.shape}"
             )
-        mask = np.arange(logits0.shape[1])[None, :] < num[:, None]
+        mask = lengths_mask(num, logits0.shape[1])
         users = np.broadcast_to(np.asarray(outputs["user_id"])[:, None], mask.shape)
         self._parts.setdefault("user_id", []).append(users[mask])
         for task in self.tasks:

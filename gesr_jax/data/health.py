@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from gesr_jax.data.batch import lengths_mask
+
 OOV_ID = 1  # item features: "unknown / other" in MovieLens encodings (0 = padding); an ordinary id in the synthetic log
 USER_UNKNOWN_ID = 0  # user features: "unknown" (a user feature has no padding; 1 is a real value, e.g. gender M)
 _CHUNK = 2048  # requests per chunk of the [R, C, N] comparison, bounding its memory to ~100 MB
@@ -25,8 +27,8 @@ def _parts(splits: Any) -> dict[str, Mapping[str, np.ndarray]]:
 
 
 def _masks(split: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    hist = np.arange(split["history_item"].shape[1])[None, :] < split["history_len"][:, None]
-    cand = np.arange(split["cand_item"].shape[1])[None, :] < split["num_candidates"][:, None]
+    hist = lengths_mask(split["history_len"], split["history_item"].shape[1])
+    cand = lengths_mask(split["num_candidates"], split["cand_item"].shape[1])
     return hist, cand
 
 

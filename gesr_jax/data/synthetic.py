@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax.data.batch import BatchSchema, empty_batch, validate_batch
+from gesr_jax.data.batch import BatchSchema, empty_batch, lengths_mask, validate_batch
 from gesr_jax.data.config import DataConfig
 from gesr_jax.data.datasets import Splits, register_dataset
 from gesr_jax.data.synthetic_reference import (  # noqa: F401  (re-exported for analysis code)
@@ -315,7 +315,7 @@ class _World:
         ``base + cross + target`` is the whole logit.
         """
         n = hist["item"].shape[1]
-        valid = np.arange(n)[None, :] < h_len[:, None]
+        valid = lengths_mask(h_len, n)
         age = h_len[:, None] - 1 - np.arange(n)[None, :]
         recency = np.where(valid, RECENCY_DECAY ** np.maximum(age, 0), 0.0)
         cand_creator = self.creator[cand]
@@ -365,7 +365,7 @@ def _last_events(item, action, time, length, n: int) -> tuple[dict[str, np.ndarr
     """The last ``n`` events of each user, oldest first, right-padded with zeros."""
     h_len = np.minimum(length, n)
     slots = np.arange(n)[None, :]
-    valid = slots < h_len[:, None]
+    valid = lengths_mask(h_len, n)
     idx = np.where(valid, length[:, None] - h_len[:, None] + slots, 0)
     take = lambda a: np.where(valid, np.take_along_axis(a, idx, axis=1), 0)  # noqa: E731
     hist = {"item": take(item), "action": take(action), "time": take(time)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gesr_jax.data.batch import lengths_mask
 from gesr_jax.metrics import normalized_entropy
 
 
@@ -41,7 +42,7 @@ def pooled_match_shares(split: dict[str, np.ndarray]) -> np.ndarray:
     vector>, a dot product of a mean-pooled-history user tower and an item tower.
     """
     n = split["history_item"].shape[1]
-    valid = np.arange(n)[None, :] < split["history_len"][:, None]
+    valid = lengths_mask(split["history_len"], n)
     length = np.maximum(split["history_len"], 1)[:, None].astype(np.float64)
     creator = (split["history_creator"][:, None, :] == split["cand_creator"][:, :, None]) & valid[:, None, :]
     category = (split["history_category"][:, None, :] == split["cand_category"][:, :, None]) & valid[:, None, :]
@@ -100,4 +101,4 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, iters: int = 25) -> np.ndarray:
 
 def _cand_mask(split: dict[str, np.ndarray]) -> np.ndarray:
     c = split["cand_item"].shape[1]
-    return np.arange(c)[None, :] < split["num_candidates"][:, None]
+    return lengths_mask(split["num_candidates"], c)

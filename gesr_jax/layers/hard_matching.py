@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.data.batch import lengths_mask
 from gesr_jax.layers.core import MLP, Embed
 
 Batch = Mapping[str, jax.Array]
@@ -85,7 +86,7 @@ class HardMatching(nnx.Module):
     def encode(self, request: Batch) -> dict[str, jax.Array]:
         """Each distinct history field of the pairs, sorted once per request: {field: [B, N]}."""
         n = request["history_item"].shape[1]
-        valid = jnp.arange(n)[None, :] < request["history_len"][:, None]
+        valid = lengths_mask(request["history_len"], n)
         fields = dict.fromkeys(h for h, _ in self.pairs)
         return {f: sorted_history(request[f"history_{f}"], valid) for f in fields}
 

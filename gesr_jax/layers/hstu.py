@@ -22,47 +22,16 @@ there is no attention bias.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.data.batch import lengths_mask
 from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold
+from gesr_jax.layers.sequence import HistoryKV, encode_prefix, last_history, pack, run_packed, score_against_prefix
 from kernels.hstu_attention import hstu_attention, hstu_attention_cached
-
-HistoryKV = tuple[jax.Array, jax.Array]  # (k [B, N, H, Dqk], v [B, N, H, Dv]) of one layer
-
-
-def pack(history: jax.Array, candidates: jax.Array, history_len: jax.Array, num_candidates: jax.Array) -> jax.Array:
-    """[B, N, D] history and [B, C, D] candidates -> [B, N + C, D] rows [hist[:len] ; cand[:nc] ; zeros]."""
-    n, c = history.shape[1], candidates.shape[1]
-    p = jnp.arange(n + c)[None, :]
-    hlen, nc = history_len[:, None], num_candidates[:, None]
-    idx = jnp.where(p < hlen, p, n + p - hlen)
-    valid = p < hlen + nc
-    both = jnp.concatenate([history, candidates], axis=1)
-    out = jnp.take_along_axis(both, jnp.clip(idx, 0, n + c - 1)[..., None], axis=1)
-    return jnp.where(valid[..., None], out, 0.0)
-
-
-def unpack_candidates(seq: jax.Array, history_len: jax.Array, num_candidates: jax.Array, c: int) -> jax.Array:
-    """Rows of the packed sequence that hold candidates, back in candidate-slot order [B, C, D]; padding zero."""
-    length = seq.shape[1]
-    slot = jnp.arange(c)[None, :]
-    idx = jnp.clip(history_len[:, None] + slot, 0, length - 1)
-    out = jnp.take_along_axis(seq, idx[..., None], axis=1)
-    return jnp.where((slot < num_candidates[:, None])[..., None], out, 0.0)
-
-
-def last_history(seq: jax.Array, history_len: jax.Array) -> jax.Array:
-    """Output at the most recent history position, [B, D] (zero for an empty history)."""
-    idx = jnp.clip(history_len - 1, 0, seq.shape[1] - 1)
-    out = jnp.take_along_axis(seq, idx[:, None, None], axis=1)[:, 0]
-    return jnp.where((history_len > 0)[:, None], out, 0.0)
-
-
-def _rows_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    return (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
-
 
 class HSTULayer(nnx.Module):
     """One HSTU layer: fused UVQK projection, U-gated and LayerNorm'd pointwise attention, residual."""
@@ -102,23 +71,23 @@ class HSTULayer(nnx.Module):
         attn = attn.reshape(*attn.shape[:2], self.heads * self.v_dim)
         return x + self.out(dropout(self.norm_attn(attn) * u, self.dropout_rate, key))
 
-    def __call__(
-        self, x: jax.Array, lengths: jax.Array, num_targets: jax.Array, *, key: jax.Array | None = None
+    def _kernel_args(self) -> dict[str, Any]:
+        return dict(normalizer=self.normalizer, alpha=self.alpha, implementation=self.implementation)
+
+    def full(
+        self, x: jax.Array, lengths: jax.Array, num_targets: jax.Array, *, key: jax.Array | None = None, **bias: Any
     ) -> jax.Array:
         """The layer over a packed [history ; candidates] sequence (target-aware mask)."""
         u, v, q, k = self.project(x)
-        attn = hstu_attention(
-            q, k, v, lengths, num_targets, normalizer=self.normalizer, alpha=self.alpha,
-            implementation=self.implementation,
-        )  # fmt: skip
+        attn = hstu_attention(q, k, v, lengths, num_targets, **self._kernel_args(), **bias)
         return self._residual(x, attn, u, key)
 
-    def history(self, x: jax.Array, lengths: jax.Array, *, key: jax.Array | None = None) -> tuple[jax.Array, HistoryKV]:
+    def history(
+        self, x: jax.Array, lengths: jax.Array, *, key: jax.Array | None = None, **bias: Any
+    ) -> tuple[jax.Array, HistoryKV]:
         """Causal self attention over history tokens alone: (next tokens, this layer's (k, v) for candidates)."""
         u, v, q, k = self.project(x)
-        attn = hstu_attention(
-            q, k, v, lengths, None, normalizer=self.normalizer, alpha=self.alpha, implementation=self.implementation
-        )
+        attn = hstu_attention(q, k, v, lengths, None, **self._kernel_args(), **bias)
         return self._residual(x, attn, u, key), (k, v)
 
     def history_kv(self, x: jax.Array) -> HistoryKV:
@@ -134,12 +103,13 @@ class HSTULayer(nnx.Module):
         num_candidates: jax.Array,
         *,
         key: jax.Array | None = None,
+        **bias: Any,
     ) -> jax.Array:
         """Candidate tokens [B, C, D] through the layer: each attends to the cached history (k, v) and itself."""
         u, v, q, k = self.project(x)
         attn = hstu_attention_cached(
             q, k, v, kv[0], kv[1], history_len, num_candidates, self_term=True, score_fn="silu",
-            normalizer=self.normalizer, alpha=self.alpha, implementation=self.implementation,
+            **self._kernel_args(), **bias,
         )  # fmt: skip
         return self._residual(x, attn, u, key)
 
@@ -152,20 +122,16 @@ class HSTUStack(nnx.Module):
         self.norm_out = LayerNorm(dim, rngs=rngs)
         self.dtype = jnp.dtype(compute_dtype)
 
-    def _finish(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    def _finish(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
+        valid = lengths_mask(lengths, x.shape[1])[..., None]
         return jnp.where(valid, self.norm_out(x), 0.0).astype(jnp.float32)
 
     def sequence(
         self, x: jax.Array, lengths: jax.Array, num_targets: jax.Array, *, key: jax.Array | None = None
     ) -> jax.Array:
         """The stack over a packed sequence [B, L, D] in one pass (inspection and tests)."""
-        valid = _rows_valid(x, lengths)
-        x = x.astype(self.dtype)
-        for i, layer in enumerate(self.layers):
-            # Re-zero padding rows: they never reach valid rows (the kernel masks them), but zeros keep
-            # the residual stream free of whatever the projections make of padding.
-            x = jnp.where(valid, layer(x, lengths, num_targets, key=fold(key, i)), 0.0).astype(self.dtype)
-        return self._finish(x, valid)
+        x = run_packed(self.layers, x, lengths, num_targets, dtype=self.dtype, key=key)
+        return self._finish(x, lengths)
 
     def encode(
         self, history: jax.Array, history_len: jax.Array, *, need_outputs: bool, key: jax.Array | None = None
@@ -174,17 +140,10 @@ class HSTUStack(nnx.Module):
 
         Without ``need_outputs`` the last layer computes only its (k, v), the part candidates read.
         """
-        valid = _rows_valid(history, history_len)
-        x = history.astype(self.dtype)
-        cache: list[HistoryKV] = []
-        for i, layer in enumerate(self.layers):
-            if not need_outputs and i == len(self.layers) - 1:
-                cache.append(layer.history_kv(x))
-                return None, cache
-            x, kv = layer.history(x, history_len, key=fold(key, i))
-            x = jnp.where(valid, x, 0.0).astype(self.dtype)
-            cache.append(kv)
-        return self._finish(x, valid), cache
+        x, cache = encode_prefix(
+            self.layers, history, history_len, dtype=self.dtype, need_outputs=need_outputs, key=key
+        )
+        return (None if x is None else self._finish(x, history_len)), cache
 
     def score(
         self,
@@ -196,12 +155,10 @@ class HSTUStack(nnx.Module):
         key: jax.Array | None = None,
     ) -> jax.Array:
         """Candidate rows [B, C, D] of the stack, from the cached history K/V of every layer."""
-        valid = _rows_valid(candidates, num_candidates)
-        x = candidates.astype(self.dtype)
-        for i, (layer, kv) in enumerate(zip(self.layers, cache, strict=True)):
-            x = layer.candidates(x, kv, history_len, num_candidates, key=fold(key, i))
-            x = jnp.where(valid, x, 0.0).astype(self.dtype)
-        return self._finish(x, valid)
+        x = score_against_prefix(
+            self.layers, cache, candidates, history_len, num_candidates, dtype=self.dtype, key=key
+        )
+        return self._finish(x, num_candidates)
 
 
 class TargetAwareHSTU(nnx.Module):

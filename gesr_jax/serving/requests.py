@@ -6,12 +6,15 @@ A serving request is a dict (all ids 1-based; 0 is padding / out-of-vocabulary a
      "history_item": [...], "history_<f>": [...],                 # L <= N events, oldest first; <f> = every
      "history_action": [...], "history_time": [...],              #   item feature, action and time
      "request_time": 1_700_000_000,                               # > every history_time
-     "cand_item": [...], "cand_<f>": [...]}                       # C >= 0 candidates, one <f> per item feature
+     "cand_item": [...], "cand_<f>": [...]}                       # 1 <= C <= 10,000 candidates, one <f> per
+                                                                  #   item feature
 
 ``history_<f>`` / ``cand_<f>`` of an item feature may be left out when the scorer holds an item table (the
 feature is then looked up by item id). ``history_len`` / ``num_candidates`` may be given and must equal the
 array lengths; ``label_*`` / ``prob_*`` keys are ignored. Anything else is a :class:`RequestError` naming the
-field. This module needs only numpy and the batch schema, so exported artifacts load without the models.
+field. Every key, its value range and the counts (``BatchSchema.request_counts``: L <= N events, 1 ..
+``MAX_REQUEST_CANDIDATES`` candidates) come from ``BatchSchema.fields`` (``data/batch.py``), the one statement of the
+batch layout. This module needs only numpy and the batch schema, so exported artifacts load without the models.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax.data.batch import BatchSchema
+from gesr_jax.data.batch import CANDIDATE, CANDIDATES, HISTORY, REQUEST, ROW, TARGETS, BatchSchema, Field
 
 _INT32 = np.iinfo(np.int32)
 
@@ -88,13 +91,14 @@ class ParsedRequest:
         return (self.user_id, self.fingerprint())
 
 
-def _fields(schema: BatchSchema) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-    """(history fields, candidate fields) as (key, lo, hi) id ranges; times are checked separately."""
-    history = [("history_item", 1, schema.num_items)]
-    history += [(f"history_{n}", 0, v - 1) for n, v in schema.item_features]
-    history += [("history_action", 0, schema.num_actions - 1)]
-    cands = [("cand_item", 1, schema.num_items)] + [(f"cand_{n}", 0, v - 1) for n, v in schema.item_features]
-    return history, cands
+def _fields(schema: BatchSchema, slots: str) -> list[Field]:
+    """The model-input fields of one slot axis (HISTORY, CANDIDATE) or the request's own row fields (ROW)."""
+    group = CANDIDATES if slots == CANDIDATE else REQUEST
+    return [f for f in schema.fields() if f.slots == slots and f.group == group]
+
+
+def _keys(schema: BatchSchema, slots: str) -> list[str]:
+    return [f.key for f in _fields(schema, slots)]
 
 
 def _ints(value: Any, field: str, ndim: int) -> np.ndarray:
@@ -119,6 +123,11 @@ def _ints(value: Any, field: str, ndim: int) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _check_field(arr: np.ndarray, field: Field) -> None:
+    """Every value of a real entry lies in the field's range (padding ids are no request's values)."""
+    _check_range(arr, field.key, int(field.real_min), int(field.hi), field.what)
+
+
 def _check_range(arr: np.ndarray, field: str, lo: int, hi: int, what: str = "id") -> None:
     bad = (arr < lo) | (arr > hi)
     if np.any(bad):
@@ -139,10 +148,8 @@ def parse_request(
     """Validate one serving request against ``schema``; raises :class:`RequestError` naming the field."""
     if not isinstance(request, Mapping):
         raise RequestError(f"a request must be a dict, got {type(request).__name__}")
-    history_fields, cand_fields = _fields(schema)
-    user_keys = ["user_id", *(f"user_{n}" for n in schema.user_feature_names)]
-    known = {*user_keys, "request_time", "history_time", "history_len", "num_candidates"}
-    known |= {k for k, _, _ in history_fields} | {k for k, _, _ in cand_fields}
+    row_fields = {f.key: f for f in _fields(schema, ROW) if f.what != "length"}
+    known = {f.key for f in schema.fields() if f.group != TARGETS}
     for key in request:
         if not isinstance(key, str):
             raise RequestError(f"keys must be strings, got {key!r}")
@@ -150,25 +157,20 @@ def parse_request(
             raise RequestError("is not a request field of this model (see gesr_jax/serving/requests.py)", field=key)
     item_table = item_table or {}
 
-    user: dict[str, int] = {}
-    for key in user_keys:
+    values: dict[str, int] = {}
+    for key, field in row_fields.items():
         if key not in request:
             raise RequestError("is missing", field=key)
         value = _ints(request[key], key, 0)
-        if key == "user_id":
-            _check_range(value, key, 1, schema.num_users, "user id")
-        else:
-            _check_range(value, key, 0, dict(schema.user_features)[key[5:]] - 1)
-        user[key] = int(value)
-    if "request_time" not in request:
-        raise RequestError("is missing", field="request_time")
-    request_time = int(_ints(request["request_time"], "request_time", 0))
-    if request_time < 0:
-        raise RequestError(f"negative time {request_time}", field="request_time")
+        _check_field(value, field)
+        values[key] = int(value)
+    request_time = values.pop("request_time")
+    user = values  # user_id and user_<f>
+    counts = schema.request_counts()
 
-    history = _group(request, history_fields + [("history_time", 0, _INT32.max)], "history_item", item_table)
+    history = _group(request, _fields(schema, HISTORY), "history_item", item_table)
     length = history["history_item"].shape[0]
-    if length > schema.history_len:
+    if length > counts[HISTORY][1]:
         raise RequestError(
             f"history has {length} events, more than this model's history_len N={schema.history_len}; "
             "send the most recent N",
@@ -180,12 +182,15 @@ def parse_request(
             f"event {pos} is at or after request_time {request_time}; history must be strictly earlier",
             field="history_time",
         )
-    candidates = _group(request, cand_fields, "cand_item", item_table)
-    if max_candidates is not None and candidates["cand_item"].shape[0] > max_candidates:
-        raise RequestError(
-            f"{candidates['cand_item'].shape[0]} candidates, more than max_candidates={max_candidates}",
-            field="cand_item",
-        )
+    candidates = _group(request, _fields(schema, CANDIDATE), "cand_item", item_table)
+    fewest, most = counts[CANDIDATE]
+    count = candidates["cand_item"].shape[0]
+    if count < fewest:
+        raise RequestError(f"has {count} candidates; a request scores {fewest} to {most}", field="cand_item")
+    if count > most:
+        raise RequestError(f"{count} candidates, more than the {most} one request may carry", field="cand_item")
+    if max_candidates is not None and count > max_candidates:
+        raise RequestError(f"{count} candidates, more than max_candidates={max_candidates}", field="cand_item")
     for key, arr in (("history_len", history["history_item"]), ("num_candidates", candidates["cand_item"])):
         if key in request and int(_ints(request[key], key, 0)) != arr.shape[0]:
             raise RequestError(f"is {int(np.asarray(request[key]))} but the arrays hold {arr.shape[0]}", field=key)
@@ -193,7 +198,7 @@ def parse_request(
 
 
 def _group(
-    request: Mapping[str, Any], fields: list[tuple[str, int, int]], anchor: str, item_table: Mapping[str, np.ndarray]
+    request: Mapping[str, Any], fields: list[Field], anchor: str, item_table: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The 1-D arrays of one group (history or candidates), equal lengths, ids in range."""
     if anchor not in request:
@@ -201,7 +206,8 @@ def _group(
     items = _ints(request[anchor], anchor, 1)
     out: dict[str, np.ndarray] = {}
     prefix = anchor.split("_")[0] + "_"
-    for key, lo, hi in fields:
+    for field in fields:
+        key = field.key
         feature = key[len(prefix) :]
         if key in request:
             arr = _ints(request[key], key, 1)
@@ -213,7 +219,7 @@ def _group(
             raise RequestError("is missing", field=key)
         if arr.shape != items.shape:
             raise RequestError(f"has length {arr.shape[0]} but {anchor!r} has {items.shape[0]}", field=key)
-        _check_range(arr, key, lo, hi, "time" if key.endswith("_time") else "id")
+        _check_field(arr, field)
         out[key] = arr
     return out
 
@@ -221,10 +227,8 @@ def _group(
 def pack_requests(parsed: Sequence[ParsedRequest], schema: BatchSchema, rows: int) -> dict[str, np.ndarray]:
     """The request part of a batch with ``rows`` rows (``len(parsed)`` requests, then empty rows)."""
     n = schema.history_len
-    out = {k: np.zeros(rows, np.int32) for k in ("user_id", *(f"user_{f}" for f in schema.user_feature_names))}
-    out["request_time"] = np.zeros(rows, np.int32)
-    out["history_len"] = np.zeros(rows, np.int32)
-    history_keys = [k for k, _, _ in _fields(schema)[0]] + ["history_time"]
+    out = {k: np.zeros(rows, np.int32) for k in _keys(schema, ROW)}
+    history_keys = _keys(schema, HISTORY)
     out |= {k: np.zeros((rows, n), np.int32) for k in history_keys}
     for row, p in enumerate(parsed):
         for key, value in p.user.items():
@@ -240,7 +244,7 @@ def pack_candidates(
     parsed: Sequence[ParsedRequest], schema: BatchSchema, rows: int, width: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``(cand_<field> [rows, width], num_candidates [rows])`` for the requests, zero-padded."""
-    keys = [k for k, _, _ in _fields(schema)[1]]
+    keys = _keys(schema, CANDIDATE)
     out = {k: np.zeros((rows, width), np.int32) for k in keys}
     counts = np.zeros(rows, np.int32)
     for row, p in enumerate(parsed):
@@ -257,7 +261,7 @@ def request_keys(schema: BatchSchema) -> list[str]:
 
 def candidate_keys(schema: BatchSchema) -> list[str]:
     """The batch keys of one candidate chunk (``cand_<field>`` and ``num_candidates``), sorted."""
-    return sorted([k for k, _, _ in _fields(schema)[1]] + ["num_candidates"])
+    return sorted([*_keys(schema, CANDIDATE), "num_candidates"])
 
 
 def requests_from_batch(batch: Mapping[str, np.ndarray], schema: BatchSchema) -> list[dict[str, np.ndarray]]:
@@ -265,13 +269,12 @@ def requests_from_batch(batch: Mapping[str, np.ndarray], schema: BatchSchema) ->
 
     Empty rows (``history_len == 0`` and ``num_candidates == 0``) are kept, so row i is request i.
     """
-    history_keys = [k for k, _, _ in _fields(schema)[0]] + ["history_time"]
-    cand_keys = [k for k, _, _ in _fields(schema)[1]]
-    user_keys = ["user_id", *(f"user_{f}" for f in schema.user_feature_names)]
+    history_keys, cand_keys = _keys(schema, HISTORY), _keys(schema, CANDIDATE)
+    row_keys = [k for k in _keys(schema, ROW) if k != "history_len"]
     out = []
     for row in range(int(np.shape(batch["user_id"])[0])):
         n, c = int(batch["history_len"][row]), int(batch["num_candidates"][row])
-        request: dict[str, Any] = {k: int(batch[k][row]) for k in (*user_keys, "request_time")}
+        request: dict[str, Any] = {k: int(batch[k][row]) for k in row_keys}
         request |= {k: np.asarray(batch[k][row, :n], np.int32) for k in history_keys}
         request |= {k: np.asarray(batch[k][row, :c], np.int32) for k in cand_keys}
         out.append(request)

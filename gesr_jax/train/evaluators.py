@@ -218,7 +218,7 @@ class RankingEvaluator:
     def _ranks(self, scores: np.ndarray, host: Mapping[str, np.ndarray]) -> np.ndarray:
         """1-based catalogue rank of every positive of the batch (one row per positive)."""
         items = host["cand_item"]
-        valid = np.arange(items.shape[1])[None, :] < host["num_candidates"][:, None]
+        valid = batch_lib.lengths_mask(np.asarray(host["num_candidates"]), items.shape[1])
         return catalogue_ranks(scores, items, valid & (host[f"label_{self._task}"] == 1))
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from gesr_jax.data.batch import lengths_mask
 from gesr_jax.train import sharding as sharding_lib
 from gesr_jax.train import table_optimizer
 from gesr_jax.train.config import TrainConfig
@@ -87,7 +88,7 @@ def resolve_task_weights(tasks: Sequence[str], config: TrainConfig) -> tuple[flo
 
 def candidate_mask(batch: Batch, num_slots: int) -> jax.Array:
     """[B, C] float mask of valid candidate slots (0 for padding slots and empty rows)."""
-    return (jnp.arange(num_slots)[None, :] < batch["num_candidates"][:, None]).astype(jnp.float32)
+    return lengths_mask(batch["num_candidates"], num_slots).astype(jnp.float32)
 
 
 def multitask_loss(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gesr_jax.layers.hstu import last_history, pack, unpack_candidates
+from gesr_jax.layers.sequence import last_history, pack, unpack_candidates
 from gesr_jax.models.gesr.moa import HSTUComponent
 from helpers.models import SCHEMA, tiny_config
 

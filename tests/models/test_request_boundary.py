@@ -12,6 +12,7 @@ from flax import nnx
 
 from gesr_jax.data.batch import split_batch
 from gesr_jax.layers.hstu import HSTULayer
+from gesr_jax.layers.sequence import unpack_candidates
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 from gesr_jax.models.two_tower.model import TwoTowerModel
 from helpers.models import SCHEMA, TINY, batch_for, candidate_chunks, make_model, tiny_config
@@ -77,8 +78,6 @@ def test_candidate_rows_of_the_cached_path_equal_the_one_pass_sequence():
     hstu, tokens = model.moa["hstu"], model.tokens
     hist, cand = tokens.history(batch), tokens.candidates(batch)
     seq = hstu.sequence(hist, cand, batch["history_len"], batch["num_candidates"])
-    from gesr_jax.layers.hstu import unpack_candidates
-
     one_pass = unpack_candidates(seq, batch["history_len"], batch["num_candidates"], cand.shape[1])
     cached = hstu(hist, cand, batch["history_len"], batch["num_candidates"])
     np.testing.assert_allclose(np.asarray(cached), np.asarray(one_pass), atol=1e-6)

@@ -14,8 +14,9 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from serving_helpers import SCHEMA, consistent_batch, gesr, item_table, two_tower  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
+from gesr_jax.data.batch import CANDIDATE, HISTORY, MAX_REQUEST_CANDIDATES  # noqa: E402
 from gesr_jax.serving import Buckets, RequestError, Scorer, UserStateCache  # noqa: E402
-from gesr_jax.serving.requests import requests_from_batch  # noqa: E402
+from gesr_jax.serving.requests import parse_request, requests_from_batch  # noqa: E402
 
 TABLE = item_table()
 
@@ -126,6 +127,9 @@ BAD = [
     ("missing field", {"request_time": None}, "request_time", "is missing"),
     ("unknown field", {"cand_colour": [1]}, "cand_colour", "not a request field"),
     ("feature out of range", {"user_segment": 4}, "user_segment", "unknown id 4"),
+    ("no candidates", {"cand_item": np.zeros(0, np.int32)}, "cand_item", "has 0 candidates"),
+    ("too many candidates", {"cand_item": np.ones(MAX_REQUEST_CANDIDATES + 1, np.int32)}, "cand_item",
+     f"more than the {MAX_REQUEST_CANDIDATES} one request may carry"),
 ]  # fmt: skip
 
 
@@ -151,6 +155,23 @@ def test_bad_requests_get_a_per_request_error_naming_the_field(gesr_model):
     assert isinstance(results[-1], RequestError) and "must be a dict" in str(results[-1])
     with pytest.raises(RequestError, match="user_id"):
         scorer.score_one(bad[0])
+
+
+def test_request_counts_are_the_schemas_and_the_documented_range():
+    """1 .. MAX_REQUEST_CANDIDATES candidates and 0 .. N events (issue 24: the Scorer took 0 and 20,000)."""
+    counts = SCHEMA.request_counts()
+    assert counts == {HISTORY: (0, SCHEMA.history_len), CANDIDATE: (1, MAX_REQUEST_CANDIDATES)}
+    rng = np.random.default_rng(5)
+    for c in counts[CANDIDATE]:
+        assert parse_request(_request(rng, c), SCHEMA, item_table=TABLE).num_candidates == c
+    for c in (counts[CANDIDATE][0] - 1, counts[CANDIDATE][1] + 1, 20_000):
+        with pytest.raises(RequestError, match="cand_item") as info:
+            parse_request(_request(rng, c), SCHEMA, item_table=TABLE)
+        assert info.value.field == "cand_item" and str(c) in str(info.value)
+    for n in (0, SCHEMA.history_len):
+        assert parse_request(_request(rng, 3, history=n), SCHEMA, item_table=TABLE).num_history == n
+    with pytest.raises(RequestError, match="more than this model's history_len"):
+        parse_request(_request(rng, 3, history=SCHEMA.history_len + 1), SCHEMA, item_table=TABLE)
 
 
 def test_user_state_cache_reuses_identical_requests_and_misses_a_changed_history(gesr_model):

@@ -7,8 +7,8 @@
     x      <- x + dropout(MLP(LayerNorm(x)))                SwiGLU: W_2 (silu(W_g x) * W_u x); or GELU
 
 The attention is ``kernels.hstu_attention``: softmax (default) or HSTU's pointwise SiLU (``score_fn="silu"``),
-with position ALiBi and/or time biases passed through as kernel arguments. Like ``gesr_jax/layers/hstu.py``,
-the block runs in three forms that give the same candidate rows:
+with position ALiBi and/or time biases passed through as kernel arguments. Like ``gesr_jax/layers/hstu.py``'s
+``HSTULayer`` it implements ``layers/sequence.CachedPrefixBlock``, three forms that give the same candidate rows:
 
 * :meth:`full`: one pass over a packed [history ; candidates] sequence (``hstu_attention`` with
   ``num_targets``): history causal, each candidate sees the whole history and itself;
@@ -28,9 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold
+from gesr_jax.layers.sequence import HistoryKV
 from kernels.hstu_attention import hstu_attention, hstu_attention_cached
-
-HistoryKV = tuple[jax.Array, jax.Array]  # (k [B, N, H, Dh], v [B, N, H, Dh]) of one block
 
 
 class DecoderBlock(nnx.Module):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.data.batch import BatchSchema
+from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.two_tower.towers import item_field_names
@@ -70,7 +70,7 @@ def sessions(history_time: jax.Array, history_len: jax.Array, gap: int) -> dict[
     t = history_time.astype(jnp.int32)
     n = t.shape[1]
     pos = jnp.arange(n, dtype=jnp.int32)[None, :]
-    valid = pos < history_len[:, None]
+    valid = lengths_mask(history_len, n)
     prev_t = jnp.concatenate([t[:, :1], t[:, :-1]], axis=1)
     new = valid & ((pos == 0) | ((t - prev_t) > gap))
     forward = jnp.cumsum(new.astype(jnp.int32), axis=1)  # 1-based request number from the oldest
@@ -163,7 +163,7 @@ class GenRankTokens(nnx.Module):
         """
         hlen = request["history_len"].astype(jnp.int32)
         n = request["history_item"].shape[1]
-        valid = (jnp.arange(n)[None, :] < hlen[:, None])[..., None]
+        valid = lengths_mask(hlen, n)[..., None]
         ctx, cand_ctx = self.context(request)
         item = self.tables.sum(request, self.history_fields, "history_")
         action = self.action(request["history_action"])
@@ -178,6 +178,5 @@ class GenRankTokens(nnx.Module):
         x = self.tables.sum(candidates, self.candidate_fields, "cand_") + cand_ctx[:, None, :]
         if self.mask_action is not None:
             x = x + self.mask_action[...]
-        c = x.shape[1]
-        valid = jnp.arange(c)[None, :] < candidates["num_candidates"][:, None]
+        valid = lengths_mask(candidates["num_candidates"], x.shape[1])
         return jnp.where(valid[..., None], x, 0.0)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.data.batch import BatchSchema
+from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import fold, named_rngs
 from gesr_jax.models.base import Batch, RankingModel
 from gesr_jax.models.two_tower.config import TwoTowerConfig
@@ -38,7 +38,7 @@ class TwoTowerModel(RankingModel):
         i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, "towers/item"))
         logits = self.towers.interaction(state["user"], i, [], key=fold(key, "towers/interaction"))
         c = candidates["cand_item"].shape[1]
-        valid = jnp.arange(c)[None, :] < candidates["num_candidates"][:, None]
+        valid = lengths_mask(candidates["num_candidates"], c)
         logits = jnp.where(valid[..., None], logits, 0.0)
         return {task: logits[..., t] for t, task in enumerate(self.schema.tasks)}
 

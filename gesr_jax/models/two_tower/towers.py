@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.data.batch import BatchSchema
+from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import MLP, Embed, FieldTables, make_param, masked_mean, named_rngs
 from gesr_jax.models.two_tower.config import TwoTowerConfig
 
@@ -57,7 +57,7 @@ class UserTower(nnx.Module):
         if self.history_fields:
             tokens = tables.sum(batch, self.history_fields, "history_")
             n = tokens.shape[1]
-            valid = jnp.arange(n)[None, :] < batch["history_len"][:, None]
+            valid = lengths_mask(batch["history_len"], n)
             parts.append(masked_mean(tokens, valid, axis=1))
         return self.mlp(jnp.concatenate(parts, axis=-1), key=key)
 
