@@ -1,7 +1,8 @@
 """Target-aware ranking attention (HSTU SiLU or softmax, ALiBi / time biases, cached-prefix mode); see `api`."""
 
 from kernels.hstu_attention.api import IMPLEMENTATIONS, hstu_attention, hstu_attention_cached
-from kernels.hstu_attention.config import BlockSizes, default_block_sizes
+from kernels.hstu_attention.config import BlockSizes
+from kernels.hstu_attention.registry import default_block_sizes
 from kernels.hstu_attention.reference import (
     attention_mask,
     hstu_attention_cached_reference,

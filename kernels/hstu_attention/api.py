@@ -38,11 +38,11 @@ prefix_len - j <= w (plus j < contextual_len). Rows c >= num_queries are exactly
 of `hstu_attention` on [history ; candidates] with lengths = prefix_len + num_queries and num_targets =
 num_queries (when prefix_len >= contextual_len), at O(C * N) cost.
 
-Backends (`implementation=`), declared in `backend_*.py` and listed in `registry.py`
------------------------------------------------------------------------------------
+Backends (`implementation=`), one module or package each under `backends/`, listed in `registry.py`
+------------------------------------------------------------------------------------------------------
   * "xla": pure jnp, materialises the dense scores; every feature; the CPU fallback and the test oracle.
   * "pallas_triton" (any CUDA GPU), "pallas_mosaic_gpu" (Hopper), "pallas_tpu": see each declaration for the
-    dtypes, score functions, biases and modes it runs.
+    dtypes, score functions, biases and modes it runs (`registry.capability_table()`, docs/kernels.md).
   * None: the highest-priority backend for this platform that declares support for the request, else "xla".
     A backend that declares the request unsupported is passed over silently; one that raises
     NotImplementedError (e.g. tiles over the shared-memory budget) falls back with one warning per

@@ -1,7 +1,7 @@
 """The backend contract: what a request needs (`Request`) and what a backend declares it supports (`Backend`).
 
-Each backend module (`backend_*.py`) ends with one `BACKEND = Backend(...)` declaration; `registry.py` collects
-them, `api.py` selects from them and `experiments/bench_hstu_attention.py` reads the same table. A backend
+Each backend (a module or package under `backends/`) ends with one `BACKEND = Backend(...)` declaration;
+`registry.py` collects them, `api.py` selects from them and the benchmarks and docs read the same table. A backend
 declares the dtypes, score functions, biases and modes ("full" = `hstu_attention`, "cached" =
 `hstu_attention_cached`) it runs, its default tiles and the tiles the benchmark sweeps. Anything finer (head
 dims against a shared-memory budget, combinations it lacks) goes in `check`, which returns a reason string.

@@ -1,4 +1,5 @@
-"""What every Pallas backend shares: static kernel parameters, padding, elementwise math, the custom_vjp."""
+"""What every Pallas backend shares: static kernel parameters (full and cached mode), padding, matmul, tiles
+fitted to short sequences, and a custom_vjp wrapper. Backend-neutral: nothing here names a Pallas dialect."""
 
 from __future__ import annotations
 
@@ -30,8 +31,35 @@ class KernelParams:
     def inv_normalizer(self) -> float:
         return 1.0 / self.normalizer
 
+    @property
+    def acc_scale(self) -> float:
+        """The factor applied once to the accumulators: 1/normalizer for silu, 1 for softmax."""
+        return 1.0 if self.score.softmax else self.inv_normalizer
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedParams:
+    """Static parameters of one cached-prefix call (`hstu_attention_cached`)."""
+
+    normalizer: float | None
+    alpha: float
+    mask: MaskSpec
+    blocks: BlockSizes
+    interpret: object
+    score: ScoreSpec
+    self_term: bool
+
+    @property
+    def scale(self) -> float:
+        """The factor silu's accumulators get once at the end (1/normalizer); 1 for softmax."""
+        return 1.0 if self.score.softmax else 1.0 / self.normalizer
+
+
+def fit_cached_blocks(blocks: BlockSizes, rows: int, keys: int) -> BlockSizes:
+    """Default tiles shrunk separately to the C query rows and the N prefix keys (power of two >= 16)."""
+    fr, fk = blocks.fitted(rows, 16), blocks.fitted(keys, 16)
+    return dataclasses.replace(blocks, block_q=fr.block_q, block_q_bwd=fr.block_q_bwd, block_k=fk.block_k,
+                               block_k_bwd=fk.block_k_bwd)
 
 def dot_precision(dtype: jnp.dtype) -> lax.Precision | None:
     """Full-precision float32 products (the float32 tests are tight); native tensor-core math otherwise."""

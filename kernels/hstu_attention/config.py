@@ -1,5 +1,5 @@
-"""Block sizes for the Pallas backends: one small frozen dataclass per call; each backend declares its defaults
-and tuning list (`base.Backend`), looked up here by name."""
+"""Block sizes for the Pallas backends: one small frozen dataclass per call. Each backend declares its default
+tiles and tuning list in its `Backend` declaration (`base.py`); `registry.default_block_sizes` looks them up."""
 
 from __future__ import annotations
 
@@ -41,26 +41,3 @@ class BlockSizes:
             block_q_bwd=min(self.block_q_bwd, cap),
             block_k_bwd=min(self.block_k_bwd, cap),
         )
-
-
-def default_block_sizes(implementation: str, seq_len: int) -> BlockSizes:
-    """The default tiles of `implementation` (declared in its backend module), shrunk to fit `seq_len`."""
-    from kernels.hstu_attention.registry import BACKENDS  # lazy: the backends import this module
-
-    backend = BACKENDS.get(implementation)
-    if backend is None or backend.default_blocks is None:
-        known = sorted(name for name, b in BACKENDS.items() if b.default_blocks is not None)
-        raise ValueError(f"no block sizes for implementation {implementation!r}; known: {known}")
-    return backend.default_block_sizes(seq_len)
-
-
-def __getattr__(name: str):
-    # DEFAULT_BLOCK_SIZES / TUNING_CANDIDATES now live in each backend's declaration; these views keep the
-    # old names importable (built on first access, since the backends import this module).
-    if name not in ("DEFAULT_BLOCK_SIZES", "TUNING_CANDIDATES"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from kernels.hstu_attention.registry import BACKENDS
-
-    if name == "DEFAULT_BLOCK_SIZES":
-        return {n: b.default_blocks for n, b in BACKENDS.items() if b.default_blocks is not None}
-    return {n: list(b.tuning) for n, b in BACKENDS.items() if b.default_blocks is not None}

@@ -142,3 +142,41 @@ def diagonal_blocks(
 def diagonal_mask(i: jax.Array, j: jax.Array, length: jax.Array, hist: jax.Array) -> jax.Array:
     """The candidate self pairs: i == j for hist <= i < length."""
     return (i == j) & (i >= hist) & (i < length)
+
+
+# --- cached-prefix mode (`hstu_attention_cached`): the mask is separable (valid row x valid prefix key) -------------
+def prefix_key_valid(cols, plen, mask: MaskSpec):
+    """Prefix keys j < prefix_len, and within the window prefix_len - j <= w unless j < contextual_len."""
+    valid = cols < plen
+    if mask.max_attn_len is not None:
+        near = (plen - cols) <= mask.max_attn_len
+        if mask.contextual_len > 0:
+            near |= cols < mask.contextual_len
+        valid &= near
+    return valid
+
+
+def prefix_key_blocks(plen, bk: int, mask: MaskSpec, active):
+    """(lo, full_hi, hi): a query block needs prefix key blocks [lo, hi); [lo, full_hi) need no mask.
+
+    `active` False (a block past num_queries) gives an empty range."""
+    zero = jnp.int32(0)
+    hi = lax.div(plen + (bk - 1), jnp.int32(bk))
+    lo = zero
+    if mask.max_attn_len is not None and mask.contextual_len == 0:
+        lo = jnp.minimum(lax.div(jnp.maximum(plen - mask.max_attn_len, zero), jnp.int32(bk)), hi)
+    full_hi = lax.div(plen, jnp.int32(bk)) if mask.max_attn_len is None else lo
+    hi = jnp.where(active, hi, lo)
+    return lo, jnp.minimum(full_hi, hi), hi
+
+
+def prefix_block_has_key(j0, bk: int, plen, mask: MaskSpec):
+    """Whether prefix key block [j0, j0 + bk) holds a key some query row attends to."""
+    last = j0 + (bk - 1)
+    has = j0 < plen
+    if mask.max_attn_len is not None:
+        near = last >= plen - mask.max_attn_len
+        if mask.contextual_len > 0:
+            near |= j0 < mask.contextual_len
+        has &= near
+    return has

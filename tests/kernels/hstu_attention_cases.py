@@ -20,8 +20,12 @@ from hypothesis import strategies as st
 from jax import export
 
 from kernels.hstu_attention import BlockSizes, hstu_attention, hstu_attention_reference
-from kernels.hstu_attention.config import TUNING_CANDIDATES
-from ranking_attention_cases import RankingAttentionBackendTests
+from kernels.hstu_attention.registry import BACKENDS
+from ranking_attention_cases import INTERPRET, RankingAttentionBackendTests
+
+
+# The tile sets each Pallas backend declares for the benchmark's sweep (`Backend.tuning`).
+TUNING_CANDIDATES = {name: list(b.tuning) for name, b in BACKENDS.items() if b.default_blocks is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,15 @@ class HSTUAttentionBackendTests(RankingAttentionBackendTests):
     SWEEP_SEQ_LENS: tuple[int, ...] = (16, 23, 40)
     EXPORT_PLATFORMS: tuple[str, ...] = ()
 
+    @pytest.fixture(autouse=True)
+    def _runs_here(self):
+        """Compiled mode (GESR_KERNEL_TESTS=compiled) runs only the backends this host's device can run."""
+        if not INTERPRET:
+            backend = BACKENDS[self.IMPLEMENTATION]
+            platform = "gpu" if jax.default_backend() == "cuda" else jax.default_backend()
+            if not backend.runs_on(platform, jax.devices()[0]) and self.IMPLEMENTATION != "xla":
+                pytest.skip(f"compiled mode: {self.IMPLEMENTATION} does not run on {jax.devices()[0].device_kind}")
+
     # --- helpers -------------------------------------------------------------------------------------
     def blocks_for(self, index: int) -> BlockSizes | None:
         return self.BLOCKS[index % len(self.BLOCKS)]
@@ -124,7 +137,7 @@ class HSTUAttentionBackendTests(RankingAttentionBackendTests):
     def run_case(self, case: Case, blocks, q, k, v, lengths, targets, d_out, *, implementation=""):
         """(out, (dq, dk, dv)) of this backend (or, with implementation=None, of the reference)."""
         impl = self.IMPLEMENTATION if implementation == "" else implementation
-        fn = compiled_fwd_bwd(impl, blocks, float(case.seq_len), case.contextual_len, case.max_attn_len, True)
+        fn = compiled_fwd_bwd(impl, blocks, float(case.seq_len), case.contextual_len, case.max_attn_len, INTERPRET)
         return fn(q, k, v, lengths, targets, d_out)
 
     def check_case(self, case: Case, dtype, blocks: BlockSizes | None, seed: int = 0) -> None:
@@ -167,7 +180,7 @@ class HSTUAttentionBackendTests(RankingAttentionBackendTests):
         pad = lambda x, i: jnp.concatenate([x, noise(x, i).astype(dtype)], 1)
         # Same normalizer (case.seq_len): it is the model's constant, never a function of the padded L.
         longer = dataclasses.replace(case, seq_len=case.seq_len + extra)
-        fn = compiled_fwd_bwd(self.IMPLEMENTATION, self.blocks_for(0), float(case.seq_len), 0, None, True)
+        fn = compiled_fwd_bwd(self.IMPLEMENTATION, self.blocks_for(0), float(case.seq_len), 0, None, INTERPRET)
         out_short, grads_short = self.run_case(case, self.blocks_for(0), q, k, v, lengths, targets, d_out)
         out_long, grads_long = fn(pad(q, 1), pad(k, 2), pad(v, 3), lengths, targets, pad(d_out, 4))
         assert longer.seq_len == out_long.shape[1]
@@ -179,6 +192,8 @@ class HSTUAttentionBackendTests(RankingAttentionBackendTests):
 
     def test_interpreter_poisons(self):
         """The interpreter this backend runs under fills unwritten outputs with NaN (so the checks above bite)."""
+        if not INTERPRET:
+            pytest.skip("compiled mode: no interpreter")
         unwritten = self.unwritten_output()
         if unwritten is None:
             pytest.skip(f"{self.IMPLEMENTATION} is not a Pallas backend")
@@ -250,7 +265,7 @@ class HSTUAttentionBackendTests(RankingAttentionBackendTests):
 
         def cotangents(q, lengths, targets):
             f = lambda q, n, t: hstu_attention(
-                q, k, v, n, t, normalizer=8.0, implementation=self.IMPLEMENTATION, interpret=True,
+                q, k, v, n, t, normalizer=8.0, implementation=self.IMPLEMENTATION, interpret=INTERPRET,
                 block_sizes=self.blocks_for(1),
             )
             out, vjp = jax.vjp(f, q, lengths, targets)

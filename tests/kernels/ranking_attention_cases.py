@@ -8,6 +8,7 @@ declare (`registry.BACKENDS[...]`) is skipped, and the declaration itself is wha
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,10 @@ from kernels.hstu_attention import (
 )
 from kernels.hstu_attention.base import Request
 from kernels.hstu_attention.registry import BACKENDS
+
+# GESR_KERNEL_TESTS=compiled (set by experiments/gpu_check.py on an accelerator host): every check runs the
+# kernels compiled for the local device instead of interpreted; backends that cannot run there are skipped.
+INTERPRET = os.environ.get("GESR_KERNEL_TESTS", "interpret") != "compiled"
 
 # (score_fn, biases): one bias-free softmax, ALiBi with each activation, both biases with each activation.
 COMBOS = [("softmax", ()), ("silu", ("alibi",)), ("softmax", ("alibi",)), ("silu", ("alibi", "time")),
@@ -66,7 +71,7 @@ def full_fwd_bwd(impl, score_fn, normalizer, contextual_len, max_attn_len, block
                   contextual_len=contextual_len, max_attn_len=max_attn_len)
         if impl is None:
             return hstu_attention_reference(q, k, v, lengths, targets, **kw)
-        return hstu_attention(q, k, v, lengths, targets, implementation=impl, interpret=True, block_sizes=blocks, **kw)
+        return hstu_attention(q, k, v, lengths, targets, implementation=impl, interpret=INTERPRET, block_sizes=blocks, **kw)
 
     def fwd_bwd(q, k, v, lengths, targets, alibi, ts, tslopes, d_out):
         out, vjp = jax.vjp(lambda q, k, v, a, t: fwd(q, k, v, lengths, targets, a, ts, t), q, k, v, alibi, tslopes)
@@ -82,7 +87,7 @@ def cached_fwd_bwd(impl, score_fn, normalizer, self_term, contextual_len, max_at
                   prefix_timestamps=pts, time_slopes=tslopes, contextual_len=contextual_len, max_attn_len=max_attn_len)
         if impl is None:
             return hstu_attention_cached_reference(q, k, v, kp, vp, plen, nq, **kw)
-        return hstu_attention_cached(q, k, v, kp, vp, plen, nq, implementation=impl, interpret=True,
+        return hstu_attention_cached(q, k, v, kp, vp, plen, nq, implementation=impl, interpret=INTERPRET,
                                      block_sizes=blocks, **kw)
 
     def fwd_bwd(q, k, v, kp, vp, plen, nq, alibi, ts, pts, tslopes, d_out):
@@ -214,7 +219,7 @@ class RankingAttentionBackendTests:
         kp, vp = normal(4, (batch, n, heads, dqk), dtype), normal(5, (batch, n, heads, dv), dtype)
         alibi, ts, pts, tslopes = bias_inputs(biases, batch, rows, heads, 0, prefix=n)
         kw = dict(score_fn=score_fn, normalizer=32.0, alibi_slopes=alibi, time_slopes=tslopes, contextual_len=2,
-                  max_attn_len=9, implementation=self.IMPLEMENTATION, interpret=True)
+                  max_attn_len=9, implementation=self.IMPLEMENTATION, interpret=INTERPRET)
         cached = hstu_attention_cached(q, k, v, kp, vp, jnp.asarray(plen), jnp.asarray(nq), timestamps=ts,
                                        prefix_timestamps=pts, block_sizes=self.blocks_for(0), **kw)
         # Pack [history ; candidates] per row, then pad to one length.

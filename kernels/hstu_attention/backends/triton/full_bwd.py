@@ -1,4 +1,4 @@
-"""Backward kernels of the full-sequence Triton backend (`backend_pallas_triton.py`).
+"""Backward kernels of the full-sequence Triton backend (forward: `full_fwd.py`).
 
   * dq (grid over row blocks, heaviest first): the forward's key-block walk, accumulating dS K; with a bias on,
     it also writes per-(row block, batch, head) partial sums of -dS * distance (ALiBi) and -dS * bucket(dt)
@@ -18,9 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.hstu_attention import backend_pallas_triton as fw
 from kernels.hstu_attention import common, scores
-from kernels.hstu_attention.backend_pallas_triton_cached import partial_spec, slope_args, take_refs
+from kernels.hstu_attention.backends.triton import _common as tc
 from kernels.hstu_attention.common import KernelParams
 from kernels.hstu_attention.masks import row_blocks_for_keys, key_blocks_for_rows, tile_mask, uncovered_diagonal
 
@@ -36,7 +35,7 @@ def _row_stats(r, start, size):
 
 
 def _dq_kernel(*refs, params: KernelParams, nq: int):
-    r = take_refs(refs, params, _DQ_NAMES)
+    r = tc.take_refs(refs, params, _DQ_NAMES)
     bq, bk = params.blocks.block_q, params.blocks.block_k
     spec, score = params.spec, params.score
     k_ref, v_ref = r["k"], r["v"]
@@ -55,12 +54,12 @@ def _dq_kernel(*refs, params: KernelParams, nq: int):
         k = k_ref[pl.ds(j0, bk), :]
         v = v_ref[pl.ds(j0, bk), :]
         cols = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        z = fw.tile_scores(params, q, k, rows, cols, hist, r, i0, j0, bq, bk)
+        z = tc.full_tile_scores(params, q, k, rows, cols, hist, r, i0, j0, bq, bk)
         _, ds = scores.weights_and_ds(score, z, common.matmul(do, v, trans_b=True), lse, delta)
         if masked:
             ds = jnp.where(tile_mask(rows, cols, length, hist, spec), ds, 0.0)
         if score.has_bias:
-            dist, dt = fw.bias_terms(params, rows, cols, hist, r["ts"], i0, j0, bq, bk)
+            dist, dt = tc.full_bias_terms(params, rows, cols, hist, r["ts"], i0, j0, bq, bk)
             g_a, g_t = scores.slope_grad_terms(score, ds, dist, dt)
             ga = ga if g_a is None else ga + g_a
             gt = gt if g_t is None else gt + g_t
@@ -85,16 +84,16 @@ def _dq_kernel(*refs, params: KernelParams, nq: int):
         dsd = dpd * grad_d
     acc += jnp.where(diag, dsd, 0.0)[:, None] * kd
 
-    scale = params.alpha * fw.acc_scale(params)
+    scale = params.alpha * params.acc_scale
     r["dq"][...] = jnp.where(rows < length, acc * scale, 0.0).astype(r["dq"].dtype)
     for name, g in (("ga", ga), ("gt", gt)):
         if r[name] is not None:
-            total = jnp.sum(jnp.where(pos < length, g, 0.0)) * fw.acc_scale(params)
+            total = jnp.sum(jnp.where(pos < length, g, 0.0)) * params.acc_scale
             r[name][...] = jnp.broadcast_to(total, (1,))
 
 
 def _dkdv_kernel(*refs, params: KernelParams):
-    r = take_refs(refs, params, _DKV_NAMES)
+    r = tc.take_refs(refs, params, _DKV_NAMES)
     bq, bk = params.blocks.block_q_bwd, params.blocks.block_k_bwd
     spec, score = params.spec, params.score
     q_ref, do_ref = r["q"], r["do"]
@@ -112,7 +111,7 @@ def _dkdv_kernel(*refs, params: KernelParams):
         do = do_ref[pl.ds(i0, bq), :]
         rows = i0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         lse, delta = _row_stats(r, i0, bq)
-        z = fw.tile_scores(params, q, k, rows, cols, hist, r, i0, j0, bq, bk)
+        z = tc.full_tile_scores(params, q, k, rows, cols, hist, r, i0, j0, bq, bk)
         p, ds = scores.weights_and_ds(score, z, common.matmul(do, v, trans_b=True), lse, delta)
         if masked:
             valid = tile_mask(rows, cols, length, hist, spec)
@@ -144,7 +143,7 @@ def _dkdv_kernel(*refs, params: KernelParams):
     dk += jnp.where(diag, dsd, 0.0)[:, None] * qd
 
     valid_key = pos[:, None] < length
-    scale = fw.acc_scale(params)
+    scale = params.acc_scale
     r["dk"][...] = jnp.where(valid_key, dk * (params.alpha * scale), 0.0).astype(r["dk"].dtype)
     r["dv"][...] = jnp.where(valid_key, dv * scale, 0.0).astype(r["dv"].dtype)
 
@@ -161,26 +160,26 @@ def backward(params: KernelParams, q, k, v, lengths, hist, alibi, ts, tslopes, o
     if sm:
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         stats = [lse, jnp.transpose(delta, (0, 2, 1))]
-    statics = (lengths, hist, *slope_args(alibi, tslopes))
-    time_in = ([fw._ts_spec(seq_len)] if time else [], [ts] if time else [])
-    out_specs = [fw._row_block_spec(blocks.block_q, dqk, reverse_blocks=nq)]
+    statics = (lengths, hist, *tc.slope_args(alibi, tslopes))
+    time_in = ([tc.ts_whole_spec(seq_len)] if time else [], [ts] if time else [])
+    out_specs = [tc.rows_spec(blocks.block_q, dqk, reverse_blocks=nq)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     for on in (params.score.alibi, time):
         if on:
-            out_specs.append(partial_spec())
+            out_specs.append(tc.partial_spec())
             out_shape.append(jax.ShapeDtypeStruct((nq, batch, heads, 1), jnp.float32))
     dq_outs = pl.pallas_call(
         functools.partial(_dq_kernel, params=params, nq=nq),
         grid=(nq, batch, heads),
-        in_specs=fw._statics_specs(params) + [
-            fw._row_block_spec(blocks.block_q, dqk, reverse_blocks=nq),
-            fw._row_block_spec(blocks.block_q, dv, reverse_blocks=nq),
-            fw._full_seq_spec(seq_len, dqk),
-            fw._full_seq_spec(seq_len, dv),
-        ] + time_in[0] + [fw._stat_spec(blocks.block_q, reverse_blocks=nq)] * len(stats),
+        in_specs=tc.statics_specs(params) + [
+            tc.rows_spec(blocks.block_q, dqk, reverse_blocks=nq),
+            tc.rows_spec(blocks.block_q, dv, reverse_blocks=nq),
+            tc.whole_spec(seq_len, dqk),
+            tc.whole_spec(seq_len, dv),
+        ] + time_in[0] + [tc.row_stat_spec(blocks.block_q, reverse_blocks=nq)] * len(stats),
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=fw._compiler_params(blocks),
+        compiler_params=tc.compiler_params(blocks),
         interpret=params.interpret,
         name="hstu_attention_dq",
     )(*statics, q, d_out, k, v, *time_in[1], *stats)
@@ -192,15 +191,15 @@ def backward(params: KernelParams, q, k, v, lengths, hist, alibi, ts, tslopes, o
     dk, dv_out = pl.pallas_call(
         functools.partial(_dkdv_kernel, params=params),
         grid=(nk, batch, heads),
-        in_specs=fw._statics_specs(params) + [
-            fw._row_block_spec(blocks.block_k_bwd, dqk),
-            fw._row_block_spec(blocks.block_k_bwd, dv),
-            fw._full_seq_spec(seq_len, dqk),
-            fw._full_seq_spec(seq_len, dv),
-        ] + time_in[0] + [fw._whole_stat_spec(seq_len)] * len(stats),
-        out_specs=[fw._row_block_spec(blocks.block_k_bwd, dqk), fw._row_block_spec(blocks.block_k_bwd, dv)],
+        in_specs=tc.statics_specs(params) + [
+            tc.rows_spec(blocks.block_k_bwd, dqk),
+            tc.rows_spec(blocks.block_k_bwd, dv),
+            tc.whole_spec(seq_len, dqk),
+            tc.whole_spec(seq_len, dv),
+        ] + time_in[0] + [tc.whole_stat_spec(seq_len)] * len(stats),
+        out_specs=[tc.rows_spec(blocks.block_k_bwd, dqk), tc.rows_spec(blocks.block_k_bwd, dv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=fw._compiler_params(blocks),
+        compiler_params=tc.compiler_params(blocks),
         interpret=params.interpret,
         name="hstu_attention_dkdv",
     )(*statics, k, v, q, d_out, *time_in[1], *stats)

@@ -1,4 +1,4 @@
-"""Backward kernels of the cached-prefix Triton backend (`backend_pallas_triton_cached.py`).
+"""Backward kernels of the cached-prefix Triton backend (forward: `cached_fwd.py`).
 
   * dq pass (grid over query blocks): the forward's walk over prefix key blocks, accumulating dS K_prefix;
     it also writes each row's self-term d(k, v) and, per (query block, batch, head), the partial sums
@@ -18,8 +18,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.hstu_attention import common, scores
-from kernels.hstu_attention import backend_pallas_triton_cached as fw
-from kernels.hstu_attention.backend_pallas_triton_cached import CachedParams
+from kernels.hstu_attention.backends.triton import _common as tc
+from kernels.hstu_attention.common import CachedParams
+from kernels.hstu_attention.masks import prefix_block_has_key, prefix_key_blocks, prefix_key_valid
 
 _DQ_NAMES = ("q", "k", "v", "do", "kp", "vp", "ts?ts", "pts?ts", "lse?sm", "delta?sm",
              "dq", "dk", "dv", "ga?alibi", "gt?ts")
@@ -27,7 +28,7 @@ _DKV_NAMES = ("kp", "vp", "q", "do", "ts?ts", "pts?ts", "lse?sm", "delta?sm", "d
 
 
 def _dq_kernel(*refs, p: CachedParams):
-    r = fw.take_refs(refs, p, _DQ_NAMES)
+    r = tc.take_refs(refs, p, _DQ_NAMES)
     bq, bk = p.blocks.block_q, p.blocks.block_k
     plen, nq = r["plen"][...], r["nq"][...]
     i0 = pl.program_id(0) * bq
@@ -36,8 +37,8 @@ def _dq_kernel(*refs, p: CachedParams):
     row_ts = r["ts"][...] if p.score.time else None
     lse = r["lse"][...][:, None] if p.score.softmax else None
     delta = r["delta"][...][:, None] if p.score.softmax else None
-    a_slope, t_slope = fw.read_slopes(r)
-    lo, full_hi, hi = fw.key_blocks(plen, bk, p.mask, i0 < nq)
+    a_slope, t_slope = tc.read_slopes(r)
+    lo, full_hi, hi = prefix_key_blocks(plen, bk, p.mask, i0 < nq)
 
     def step(kb, carry, masked):
         dq, ga, gt = carry
@@ -45,13 +46,13 @@ def _dq_kernel(*refs, p: CachedParams):
         k, v = r["kp"][pl.ds(j0, bk), :], r["vp"][pl.ds(j0, bk), :]
         cols = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         col_ts = r["pts"][pl.ds(j0, bk)] if p.score.time else None
-        z = fw.tile_scores(p, q, k, cols, plen, row_ts, col_ts, a_slope, t_slope)
+        z = tc.cached_tile_scores(p, q, k, cols, plen, row_ts, col_ts, a_slope, t_slope)
         _, ds = scores.weights_and_ds(p.score, z, common.matmul(do, v, trans_b=True), lse, delta)
         if masked:
-            ds = jnp.where(fw.key_valid(cols, plen, p.mask), ds, 0.0)
+            ds = jnp.where(prefix_key_valid(cols, plen, p.mask), ds, 0.0)
         dq = dq + common.matmul(ds.astype(k.dtype), k)
         if p.score.has_bias:
-            dist, dt = fw.bias_terms(p, cols, plen, row_ts, col_ts)
+            dist, dt = tc.cached_bias_terms(p, cols, plen, row_ts, col_ts)
             g_a, g_t = scores.slope_grad_terms(p.score, ds, dist, dt)
             ga = ga if g_a is None else ga + g_a
             gt = gt if g_t is None else gt + g_t
@@ -67,7 +68,7 @@ def _dq_kernel(*refs, p: CachedParams):
     ks, vs = r["k"][...].astype(jnp.float32), r["v"][...].astype(jnp.float32)
     if p.self_term:
         dp_s = jnp.sum(dof * vs, axis=1, keepdims=True)
-        w_s, ds_s = scores.weights_and_ds(p.score, fw.self_score(p, q, r["k"][...]), dp_s, lse, delta)
+        w_s, ds_s = scores.weights_and_ds(p.score, tc.self_score(p, q, r["k"][...]), dp_s, lse, delta)
         dq += ds_s * ks
         dk_s, dv_s = ds_s * qf, w_s * dof
     else:
@@ -83,16 +84,16 @@ def _dq_kernel(*refs, p: CachedParams):
 
 
 def _dkv_kernel(*refs, p: CachedParams):
-    r = fw.take_refs(refs, p, _DKV_NAMES)
+    r = tc.take_refs(refs, p, _DKV_NAMES)
     bq, bk = p.blocks.block_q_bwd, p.blocks.block_k_bwd
     plen, nq = r["plen"][...], r["nq"][...]
     j0 = pl.program_id(0) * bk
     kp, vp = r["kp"][...], r["vp"][...]
     cols = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    col_valid = fw.key_valid(cols, plen, p.mask)
+    col_valid = prefix_key_valid(cols, plen, p.mask)
     col_ts = r["pts"][...] if p.score.time else None
-    a_slope, t_slope = fw.read_slopes(r)
-    hi = jnp.where(fw.block_has_key(j0, bk, plen, p.mask), lax.div(nq + (bq - 1), jnp.int32(bq)), 0)
+    a_slope, t_slope = tc.read_slopes(r)
+    hi = jnp.where(prefix_block_has_key(j0, bk, plen, p.mask), lax.div(nq + (bq - 1), jnp.int32(bq)), 0)
 
     def step(rb, carry):
         dk, dv = carry
@@ -102,7 +103,7 @@ def _dkv_kernel(*refs, p: CachedParams):
         row_ts = r["ts"][pl.ds(i0, bq)] if p.score.time else None
         lse = r["lse"][pl.ds(i0, bq)][:, None] if p.score.softmax else None
         delta = r["delta"][pl.ds(i0, bq)][:, None] if p.score.softmax else None
-        z = fw.tile_scores(p, q, kp, cols, plen, row_ts, col_ts, a_slope, t_slope)
+        z = tc.cached_tile_scores(p, q, kp, cols, plen, row_ts, col_ts, a_slope, t_slope)
         w, ds = scores.weights_and_ds(p.score, z, common.matmul(do, vp, trans_b=True), lse, delta)
         valid = (rows < nq) & col_valid
         w, ds = jnp.where(valid, w, 0.0), jnp.where(valid, ds, 0.0)
@@ -126,27 +127,27 @@ def backward(p: CachedParams, q, k, v, kp, vp, plen, nq, alibi, ts, pts, tslopes
     if sm:
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         stats = [lse, jnp.transpose(delta, (0, 2, 1))]
-    slopes = fw.slope_args(alibi, tslopes)
+    slopes = tc.slope_args(alibi, tslopes)
     bq, bk = p.blocks.block_q, p.blocks.block_k
     nb = rows // bq
     partial = jax.ShapeDtypeStruct((nb, batch, heads, 1), jnp.float32)
-    out_specs = [fw.rows_spec(bq, dqk), fw.rows_spec(bq, dqk), fw.rows_spec(bq, dv)]
+    out_specs = [tc.rows_spec(bq, dqk), tc.rows_spec(bq, dqk), tc.rows_spec(bq, dv)]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     for on in (p.score.alibi, time):
         if on:
-            out_specs.append(fw.partial_spec())
+            out_specs.append(tc.partial_spec())
             out_shape.append(partial)
     dq_outs = pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
         grid=(nb, batch, heads),
-        in_specs=fw.statics_in(p)
-        + [fw.rows_spec(bq, dqk), fw.rows_spec(bq, dqk), fw.rows_spec(bq, dv), fw.rows_spec(bq, dv),
-           fw.whole_spec(n, dqk), fw.whole_spec(n, dv)]
-        + ([fw.ts_rows_spec(bq), fw.ts_whole_spec(n)] if time else [])
-        + ([fw.row_stat_spec(bq)] * 2 if sm else []),
+        in_specs=tc.statics_specs(p)
+        + [tc.rows_spec(bq, dqk), tc.rows_spec(bq, dqk), tc.rows_spec(bq, dv), tc.rows_spec(bq, dv),
+           tc.whole_spec(n, dqk), tc.whole_spec(n, dv)]
+        + ([tc.ts_rows_spec(bq), tc.ts_whole_spec(n)] if time else [])
+        + ([tc.row_stat_spec(bq)] * 2 if sm else []),
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=fw.compiler_params(p.blocks),
+        compiler_params=tc.compiler_params(p.blocks),
         interpret=p.interpret,
         name="hstu_attention_cached_dq",
     )(plen, nq, *slopes, q, k, v, d_out, kp, vp, *([ts, pts] if time else []), *stats)
@@ -159,13 +160,13 @@ def backward(p: CachedParams, q, k, v, kp, vp, plen, nq, alibi, ts, pts, tslopes
     dkp, dvp = pl.pallas_call(
         functools.partial(_dkv_kernel, p=p),
         grid=(n // bkb, batch, heads),
-        in_specs=fw.statics_in(p)
-        + [fw.rows_spec(bkb, dqk), fw.rows_spec(bkb, dv), fw.whole_spec(rows, dqk), fw.whole_spec(rows, dv)]
-        + ([fw.ts_whole_spec(rows), fw.ts_rows_spec(bkb)] if time else [])
-        + ([fw.whole_stat_spec(rows)] * 2 if sm else []),
-        out_specs=[fw.rows_spec(bkb, dqk), fw.rows_spec(bkb, dv)],
+        in_specs=tc.statics_specs(p)
+        + [tc.rows_spec(bkb, dqk), tc.rows_spec(bkb, dv), tc.whole_spec(rows, dqk), tc.whole_spec(rows, dv)]
+        + ([tc.ts_whole_spec(rows), tc.ts_rows_spec(bkb)] if time else [])
+        + ([tc.whole_stat_spec(rows)] * 2 if sm else []),
+        out_specs=[tc.rows_spec(bkb, dqk), tc.rows_spec(bkb, dv)],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
-        compiler_params=fw.compiler_params(p.blocks),
+        compiler_params=tc.compiler_params(p.blocks),
         interpret=p.interpret,
         name="hstu_attention_cached_dkv",
     )(plen, nq, *slopes, kp, vp, q, d_out, *([ts, pts] if time else []), *stats)
