@@ -2,12 +2,20 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# DEVICE=cpu (default), gpu (NVIDIA, installs the `cuda` extra: jax[cuda12]) or tpu (the `tpu` extra), e.g.
+# DEVICE=cpu (default), gpu (NVIDIA: the `cuda12` or `cuda13` extra) or tpu (the `tpu` extra), e.g.
 # `make demo DEVICE=gpu`. The demo then runs with JAX_PLATFORMS set, so a missing accelerator is an error,
-# not a silent CPU run.
+# not a silent CPU run. With DEVICE=gpu, CUDA=12|13 picks the CUDA line; by default it is read from the
+# driver (`nvidia-smi` reports the newest CUDA it supports): 13 and later get cuda13, older ones cuda12.
 DEVICE ?= cpu
+ifeq ($(DEVICE),gpu)
+CUDA ?= $(shell v=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\).*/\1/p' | head -n1); \
+  if [ -n "$$v" ] && [ "$$v" -ge 13 ]; then echo 13; else echo 12; fi)
+ifeq ($(filter $(CUDA),12 13),)
+$(error CUDA must be 12 or 13, got '$(CUDA)')
+endif
+endif
 EXTRAS_cpu := test
-EXTRAS_gpu := test,cuda
+EXTRAS_gpu := test,cuda$(CUDA)
 EXTRAS_tpu := test,tpu
 PLATFORM_cpu :=
 PLATFORM_gpu := cuda
@@ -16,7 +24,7 @@ EXTRAS := $(EXTRAS_$(DEVICE))
 ifeq ($(EXTRAS),)
 $(error DEVICE must be cpu, gpu or tpu, got '$(DEVICE)')
 endif
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(DEVICE)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(DEVICE)$(if $(filter gpu,$(DEVICE)),$(CUDA))
 PYTEST_ARGS ?=
 
 # The first interpreter that really runs and is >= 3.12: PATH first (a pyenv shim can exist and still fail),

@@ -7,7 +7,9 @@
 For every shape and backend it (1) checks the output and the three gradients against the float32 reference
 (bf16 tolerance), then (2) times the jitted forward and the jitted forward+backward, warm-up excluded, as the
 median over repeats. On NVIDIA GPUs the times are device kernel times from CUPTI (jax's Mosaic GPU profiler,
-summed over every kernel the step launches); elsewhere they are wall-clock around `jax.block_until_ready`.
+summed over every kernel the step launches). Elsewhere every (backend, tiles) of a shape is timed in the same
+interleaved rounds (`bench_common.interleaved`): the table gives median wall times, and the speed-ups over XLA
+are medians of per-round CPU-time ratios, so load from other jobs on a shared machine hits both sides alike.
 The table goes to experiments/results/hstu_attention_<device>.md (`_sweep.md` with --sweep) with the device
 name, jax version and date, and is rewritten after every row: a run cut short keeps what it measured. A backend
 that fails to compile or run becomes a row with its error instead of ending the run; `--budget-minutes` stops
@@ -41,10 +43,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import interleaved, ratio  # noqa: E402
 from kernels.hstu_attention import BlockSizes, attention_mask, hstu_attention, hstu_attention_reference  # noqa: E402
 from kernels.hstu_attention.registry import BACKENDS  # noqa: E402
 
-# Read from the backend declarations (kernels/hstu_attention/backend_*.py), the same table the API selects from.
+# Read from the backend declarations (kernels/hstu_attention/registry.py), the same table the API selects from.
 DEFAULT_BLOCK_SIZES = {name: b.default_blocks for name, b in BACKENDS.items() if b.default_blocks is not None}
 TUNING_CANDIDATES = {name: list(b.tuning) for name, b in BACKENDS.items() if b.default_blocks is not None}
 
@@ -61,7 +65,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 def default_implementations(platform: str) -> list[str]:
     """"xla" and every backend declared for this platform and device (on CPU, all of them: --smoke)."""
     if platform not in ("gpu", "tpu"):
-        return ["xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"]
+        return ["xla"] + [name for name in BACKENDS if name != "xla"]
     device = jax.devices()[0]
     ranked = sorted(BACKENDS.values(), key=lambda b: b.priority)
     return ["xla"] + [b.name for b in ranked if b.name != "xla" and b.runs_on(platform, device)]
@@ -161,7 +165,7 @@ class Row:
     error: str | None = None  # why the row has no numbers (exception, skipped)
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
-    xla: tuple[float, float] | None = None  # this run's XLA times at the same shape
+    speedup: tuple[float, float] | None = None  # XLA time / this time (fwd, fwd+bwd), this run, same shape
 
 
 def describe(impl: str, blocks: BlockSizes | None) -> str:
@@ -172,24 +176,55 @@ def describe(impl: str, blocks: BlockSizes | None) -> str:
     return text + (f", w{b.num_warps} s{b.num_stages}" if impl == "pallas_triton" else "")
 
 
-def measure(row: Row, interpret: bool, blocks, inputs, reference, repeats: int) -> str:
-    """Fill `row` in place (errors become the row's `error`, never abort the run); returns the timer used."""
-    timer = "n/a"
+def build_and_check(row: Row, interpret: bool, blocks, inputs, reference):
+    """(fwd, fwd_bwd) compiled and checked for `row`, or None with the row's `error` set (never aborts the run)."""
     try:
         fwd, fwd_bwd = build(row.impl, row.shape, interpret, blocks)
         row.err = check(fwd_bwd, inputs, reference)
-        row.fwd_ms, timer = time_ms(fwd, inputs[:5], repeats)
-        row.fwd_bwd_ms, timer = time_ms(fwd_bwd, inputs, repeats)
+        return fwd, fwd_bwd
     except Exception as err:  # a backend failing to compile must not lose the other rows
         first_line = (str(err).strip().splitlines() or [""])[0][:160].replace("|", "/")
         row.error = f"{type(err).__name__}: {first_line}"
-    return timer
+        return None
+
+
+def time_rows(built: list[tuple[Row, object, object]], inputs, repeats: int) -> str:
+    """Fill the times and XLA speed-ups of the rows of one shape; returns the timer used."""
+    if not built:
+        return "n/a"
+    xla = next((i for i, (row, _, _) in enumerate(built) if row.impl == "xla"), None)
+    if jax.default_backend() == "gpu" and _cupti_timer() is not None:
+        timer = "n/a"
+        for row, fwd, fwd_bwd in built:
+            try:
+                row.fwd_ms, timer = time_ms(fwd, inputs[:5], repeats)
+                row.fwd_bwd_ms, timer = time_ms(fwd_bwd, inputs, repeats)
+            except Exception as err:
+                row.error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+        base = built[xla][0] if xla is not None else None
+        for row, _, _ in built:
+            if base is not None and base.fwd_ms and row.fwd_ms:
+                row.speedup = (base.fwd_ms / row.fwd_ms, base.fwd_bwd_ms / row.fwd_bwd_ms)
+        return timer
+    variants = {}
+    for i, (_, fwd, fwd_bwd) in enumerate(built):
+        variants[f"{i}:fwd"] = functools.partial(fwd, *inputs[:5])
+        variants[f"{i}:fwd_bwd"] = functools.partial(fwd_bwd, *inputs)
+    timings = interleaved(variants, rounds=repeats, min_call_ms=0.0)
+    # CPU time is what a shared CPU host measures fairly; an accelerator's work is not on this process's clock.
+    clock = "cpu" if jax.default_backend() == "cpu" else "wall"
+    for i, (row, _, _) in enumerate(built):
+        row.fwd_ms, row.fwd_bwd_ms = timings[f"{i}:fwd"].wall_ms, timings[f"{i}:fwd_bwd"].wall_ms
+        if xla is not None:
+            row.speedup = tuple(ratio(timings, f"{xla}:{kind}", f"{i}:{kind}", clock=clock).median
+                                for kind in ("fwd", "fwd_bwd"))
+    return f"wall-clock, interleaved rounds (bench_common); speed-ups are medians of per-round {clock}-time ratios"
 
 
 def verdict(row: Row, smoke: bool) -> str:
-    if smoke or row.impl == "xla" or row.xla is None or row.fwd_ms is None:
+    if smoke or row.impl == "xla" or row.speedup is None or row.fwd_ms is None:
         return "-"
-    goals = [row.xla[1] / row.fwd_bwd_ms >= 4 and row.xla[0] / row.fwd_ms >= 4]
+    goals = [row.speedup[1] >= 4 and row.speedup[0] >= 4]
     meta = META_H100.get(row.shape)
     if meta and row.shape[2] <= 1024:
         goals.append(row.fwd_bwd_ms <= 2 / 3 * meta[1])
@@ -216,12 +251,12 @@ def render(rows: list[Row], device, timer: str, smoke: bool, sweep: bool, tolera
     ]
     for row in rows:
         head = f"| {row.shape} | {row.impl} | {row.blocks} |"
-        if row.error is not None:
-            lines.append(f"{head} {row.error} | - | - | - | - | - | - | - |")
+        if row.error is not None or row.fwd_ms is None:
+            lines.append(f"{head} {row.error or 'not timed'} | - | - | - | - | - | - | - |")
             continue
         ok = "ok" if row.err <= tolerance else f"FAIL {row.err:.2e}"
-        speed_f = f"{row.xla[0] / row.fwd_ms:.2f}x" if row.xla else "-"
-        speed_fb = f"{row.xla[1] / row.fwd_bwd_ms:.2f}x" if row.xla else "-"
+        speed_f = f"{row.speedup[0]:.2f}x" if row.speedup else "-"
+        speed_fb = f"{row.speedup[1]:.2f}x" if row.speedup else "-"
         meta = META_H100.get(row.shape)
         vs_meta = f"{row.fwd_bwd_ms / meta[1]:.2f}" if meta and not smoke else "-"
         tflops = forward_flops(row.shape) / (row.fwd_ms * 1e-3) / 1e12
@@ -294,24 +329,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         ref_out, ref_grads = ref_fwd_bwd(*inputs)
         reference = [np.asarray(x, np.float32) for x in (ref_out, *ref_grads)]
         del ref_out, ref_grads
-        xla = None
+        built, shape_rows = [], []
         for impl in impls:
             candidates = TUNING_CANDIDATES.get(impl, [None]) if args.sweep else [None]
             for blocks in candidates:
                 row = Row(shape, impl, describe(impl, blocks))
+                shape_rows.append(row)
                 if deadline is not None and time.monotonic() > deadline:
                     row.error = "skipped: --budget-minutes reached"
-                else:
-                    used = measure(row, interpret, blocks, inputs, reference, repeats)
-                    timer = timer if used == "n/a" else used
-                if impl == "xla" and row.error is None:
-                    xla = (row.fwd_ms, row.fwd_bwd_ms)
-                row.xla = xla
-                rows.append(row)
-                status = row.error or f"err {row.err:.2e}  fwd {row.fwd_ms:8.3f} ms  fwd+bwd {row.fwd_bwd_ms:8.3f} ms"
-                print(f"{shape} {impl:18s} [{row.blocks}] {status}", flush=True)
-                # Rewritten after every row, so a run cut short still leaves its table.
-                out.write_text(render(rows, device, timer, args.smoke, args.sweep, tolerance))
+                    continue
+                compiled = build_and_check(row, interpret, blocks, inputs, reference)
+                if compiled is not None:
+                    built.append((row, *compiled))
+        used = time_rows(built, inputs, repeats)
+        timer = timer if used == "n/a" else used
+        rows += shape_rows
+        for row in shape_rows:
+            status = row.error or f"err {row.err:.2e}  fwd {row.fwd_ms:8.3f} ms  fwd+bwd {row.fwd_bwd_ms:8.3f} ms"
+            print(f"{shape} {row.impl:18s} [{row.blocks}] {status}", flush=True)
+        # Rewritten after every shape, so a run cut short still leaves its table.
+        out.write_text(render(rows, device, timer, args.smoke, args.sweep, tolerance))
     print(f"wrote {out}")
     failures = [(r.shape, r.impl, r.blocks) for r in rows if r.error is None and r.err > tolerance]
     if failures:

@@ -3,7 +3,7 @@
     python experiments/bench_ranking_attention.py            # GPU/TPU host: the shapes below, bf16
     python experiments/bench_ranking_attention.py --smoke    # CPU: tiny shapes, Pallas backends interpreted
 
-Table 1, softmax + ALiBi on the target-aware mask, (B, H, L, D, targets) as in bench_hstu_attention.py: every
+Table 1, softmax + ALiBi on the target-aware mask, at the four (B, H, L, D, targets) of bench_hstu_attention.py: every
 backend that declares softmax with the ALiBi bias (`kernels/hstu_attention/registry.py`), beside
 `jax.nn.dot_product_attention(implementation="cudnn")` given the same boolean mask and the ALiBi bias as a dense
 [B, H, L, L] tensor (cuDNN needs one; on CPU the "xla" implementation of dot_product_attention stands in).
@@ -43,7 +43,7 @@ from kernels.hstu_attention import (  # noqa: E402
 from kernels.hstu_attention.base import Request  # noqa: E402
 from kernels.hstu_attention.registry import BACKENDS  # noqa: E402
 
-SOFTMAX_SHAPES = hb.SHAPES[:3]
+SOFTMAX_SHAPES = hb.SHAPES  # the four shapes of bench_hstu_attention.py
 SMOKE_SOFTMAX = [(2, 2, 64, 16, 8)]
 CACHED_SHAPES = [(1, 1024, 2048), (32, 1024, 512), (32, 256, 64)]  # (B, N, C)
 SMOKE_CACHED = [(2, 32, 16)]
