@@ -1,8 +1,10 @@
-"""Shared machinery of the Mosaic GPU kernels: tiles, step schedules, the TMA producer, interpret support.
+"""What the Mosaic GPU kernels share (private to `backends/mosaic_gpu/`): tiles, step schedules, the TMA
+producer, the shared-memory budget, score/bias tiles in wgmma layouts, interpret support.
 
 A CTA's work is a list of steps, each streaming one block of the non-resident operands through a ring of
 shared-memory slots. `Schedule` maps steps to blocks (mask-free, masked, then candidate-diagonal steps, from
-`masks.py`); `producer` is the memory warpgroup's side of the ring; `run_steps` drives the consumers' side.
+`masks.py`); `producer` is the memory warpgroup's side of the ring; `run_steps` / `fori_steps` drive the
+consumers' side (the latter with a register carry: softmax statistics, slope-gradient row sums).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.hstu_attention import scores
 from kernels.hstu_attention.common import KernelParams
+from kernels.hstu_attention.config import BlockSizes
 from kernels.hstu_attention.masks import (
     diagonal_blocks,
+    prefix_block_has_key,
+    prefix_key_blocks,
+    prefix_key_valid,
     diagonal_mask,
     key_blocks_for_rows,
     row_blocks_for_keys,
@@ -121,6 +128,73 @@ def key_schedule(j0, keys, bq, length, hist, spec) -> Schedule:
     return Schedule(lo, n_main, n_steps, d_lo, ranges)
 
 
+# --- cached-prefix mode (`hstu_attention_cached`) -----------------------------------------------------------------
+# The same kernels run it with (lengths, hist) = (prefix_len, num_queries): main steps stream prefix blocks, and
+# with `self_term` the DIAGONAL steps stream the rows' own key blocks (mask i == j), which adds each row's self
+# pair exactly as the full mode adds candidate diagonals. The self pair carries no bias (distance 0, dt 0).
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Static: full-sequence (`cached=False`) or cached-prefix mode, and whether a row attends to itself."""
+
+    cached: bool = False
+    self_term: bool = True
+
+
+FULL_MODE = Mode()
+
+
+def _self_blocks(start, size: int, block: int, nq):
+    """Blocks of `block` positions covering the live rows [start, min(start + size, nq))."""
+    lo = lax.div(jnp.asarray(start, jnp.int32), jnp.int32(block))
+    end = jnp.minimum(start + size, nq)
+    hi = jnp.where(end > start, lax.div(end + (block - 1), jnp.int32(block)), lo)
+    return lo, hi
+
+
+def cached_row_schedule(r0, rows, bk, plen, nq, mask, self_term: bool) -> Schedule:
+    """Prefix key blocks for query rows [r0, r0 + rows), then (self_term) the blocks of their own keys."""
+    lo, full_hi, hi = prefix_key_blocks(plen, bk, mask, r0 < nq)
+    d_lo, d_hi = _self_blocks(r0, rows, bk, nq) if self_term else (jnp.int32(0), jnp.int32(0))
+    n_main, n_steps = hi - lo, hi - lo + d_hi - d_lo
+    ranges = ((FULL, 0, full_hi - lo), (MASKED, full_hi - lo, n_main), (DIAGONAL, n_main, n_steps))
+    return Schedule(lo, n_main, n_steps, d_lo, ranges)
+
+
+def cached_prefix_key_schedule(j0, keys, bq, plen, nq, mask) -> Schedule:
+    """Query row blocks seen by prefix keys [j0, j0 + keys): every live row block, if the keys are attended."""
+    hi = jnp.where(prefix_block_has_key(j0, keys, plen, mask), lax.div(nq + (bq - 1), jnp.int32(bq)), 0)
+    zero = jnp.int32(0)
+    return Schedule(zero, hi, hi, zero, ((MASKED, 0, hi),))
+
+
+def cached_self_key_schedule(j0, keys, bq, nq) -> Schedule:
+    """Row blocks holding the rows whose own keys are [j0, j0 + keys) (diagonal steps only)."""
+    d_lo, d_hi = _self_blocks(j0, keys, bq, nq)
+    zero = jnp.int32(0)
+    return Schedule(zero, zero, d_hi - d_lo, d_lo, ((DIAGONAL, 0, d_hi - d_lo),))
+
+
+def pair_mask(mode: Mode, kind, rows, cols, length, hist, spec):
+    """The mask of a MASKED or DIAGONAL step; `length, hist` are (prefix_len, num_queries) in cached mode."""
+    if not mode.cached:
+        return step_mask(kind, rows, cols, length, hist, spec)
+    if kind == DIAGONAL:
+        return (rows == cols) & (rows < hist)
+    return prefix_key_valid(cols, length, spec) & (rows < hist)
+
+
+def pair_distance(mode: Mode, rows, cols, length, hist):
+    """ALiBi distance of (row, key) pairs: collapsed positions (full mode), prefix_len - j (cached mode)."""
+    if mode.cached:
+        return (length - cols).astype(jnp.float32)
+    return scores.position_distance(rows, cols, hist)
+
+
+def carries_bias(mode: Mode, kind) -> bool:
+    """Whether a step's pairs can carry a bias: not the cached mode's self pairs (distance 0, dt 0)."""
+    return not (mode.cached and kind == DIAGONAL)
+
+
 def producer(sched: Schedule, block: int, streams, ready, free, slots: int):
     """Memory warpgroup: TMA every scheduled block of each (gmem_view, smem_ring) stream into its ring slot.
 
@@ -134,7 +208,15 @@ def producer(sched: Schedule, block: int, streams, ready, free, slots: int):
         for (view, ring), ready_bar, free_bar in zip(streams, ready, free):
             if wait:
                 plgpu.barrier_wait(free_bar.at[slot])
-            plgpu.copy_gmem_to_smem(view(start), ring.at[slot], ready_bar.at[slot])
+            if isinstance(view, tuple):
+                # (main, diagonal) sources: the cached mode streams prefix blocks, then the rows' own keys.
+                main, diag = view
+                pl.when(step < sched.n_main)(
+                    lambda: plgpu.copy_gmem_to_smem(main(start), ring.at[slot], ready_bar.at[slot]))
+                pl.when(step >= sched.n_main)(
+                    lambda: plgpu.copy_gmem_to_smem(diag(start), ring.at[slot], ready_bar.at[slot]))
+            else:
+                plgpu.copy_gmem_to_smem(view(start), ring.at[slot], ready_bar.at[slot])
 
     for s in range(slots):
         pl.when(s < sched.n_steps)(functools.partial(issue, s, s, False))
@@ -180,3 +262,81 @@ def run_steps(step_fn, acc_refs, kinds_bounds) -> None:
         @pl.loop(start, stop)
         def _(step, kind=kind):
             step_fn(step, acc_refs, kind)
+
+
+def fori_steps(step_fn, carry, kinds_bounds):
+    """`run_steps` with a register carry: `carry = step_fn(step, carry, kind)` over each range in order."""
+    for kind, start, stop in kinds_bounds:
+        carry = lax.fori_loop(start, stop, functools.partial(_carry_step, step_fn, kind), carry)
+    return carry
+
+
+def _carry_step(step_fn, kind, step, carry):
+    return step_fn(step, carry, kind)
+
+
+# --- vectors and bias tiles in wgmma layouts ----------------------------------------------------------------------
+ROW = 1  # a per-row vector of a [rows, cols] accumulator tile: the tile reduced over axis 1
+COL = 0  # a per-column vector: the tile reduced over axis 0
+
+
+def pop_ref(refs: list, on: bool = True):
+    """The next kernel ref of `refs` when `on` (an operand present only with some score or bias), else None."""
+    return refs.pop(0) if on else None
+
+
+def vec_smem(n: int, dtype) -> plgpu.SMEM:
+    """One length-n vector per compute warpgroup (timestamps, LSE, delta, row sums) in shared memory."""
+    return plgpu.SMEM((COMPUTE_WGS, n), dtype)
+
+
+def load_vector(smem_ref, along: int):
+    """A 1-D shared-memory vector laid out to broadcast along the rows (ROW) or columns (COL) of a wgmma tile."""
+    return plgpu.load(smem_ref, layout=plgpu.Layout.WGMMA.reduce(along))
+
+
+def broadcast(vec, shape, along: int):
+    """Broadcast a ROW (axis-0 indexed) or COL (axis-1 indexed) vector to a tile of `shape`."""
+    return lax.broadcast_in_dim(vec, shape, [0 if along == ROW else 1])
+
+
+def time_bucket(dt_float):
+    """`scores.time_bucket` on a float32 time difference: log(1 + |dt|), since Mosaic GPU lowers log, not log1p
+    (for integer dt the two agree to float32 rounding)."""
+    return jnp.log(1.0 + jnp.abs(dt_float))
+
+
+def bias_tile(score: scores.ScoreSpec, dist, dt, alibi_slope, time_slope):
+    """The additive bias of a tile (`scores.bias`) with the in-kernel time bucket; None when no bias is on."""
+    out = None
+    if score.alibi:
+        out = -alibi_slope * dist
+    if score.time:
+        term = -time_slope * time_bucket(dt)
+        out = term if out is None else out + term
+    return out
+
+
+# --- shared-memory budget and tile checks -------------------------------------------------------------------------
+def check_blocks(name: str, blocks: BlockSizes) -> None:
+    if blocks.block_q != WG_TILE or blocks.block_k_bwd != WG_TILE:
+        raise NotImplementedError(f"{name}: block_q and block_k_bwd are the warpgroup tile ({WG_TILE}), got {blocks}")
+    if blocks.block_k % 64 or blocks.block_q_bwd % 64:
+        raise NotImplementedError(f"{name}: block_k and block_q_bwd must be multiples of 64, got {blocks}")
+
+
+def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, shrink: bool) -> BlockSizes:
+    """`blocks`, with the streamed tiles shrunk to 64 when `shrink` and the kernels would overflow shared memory.
+
+    Raises NotImplementedError (so implementation=None falls back) when the tiles still do not fit.
+    """
+    if shrink and max(smem_bytes(dqk, dv, blocks, itemsize).values()) > SMEM_BUDGET:
+        blocks = dataclasses.replace(blocks, block_k=64, block_q_bwd=64)
+    needs = smem_bytes(dqk, dv, blocks, itemsize)
+    over = {kernel: size for kernel, size in needs.items() if size > SMEM_BUDGET}
+    if over:
+        raise NotImplementedError(
+            f"pallas_mosaic_gpu: head dims (Dqk={dqk}, Dv={dv}, padded to 64) with {blocks} need {over} bytes of "
+            f"shared memory, over the {SMEM_BUDGET} a Hopper CTA has"
+        )
+    return blocks

@@ -1,22 +1,21 @@
-"""Target-aware HSTU attention in Pallas Mosaic GPU for Hopper (sm_90): TMA, mbarriers, wgmma.
+"""Forward kernel of the full-sequence Mosaic GPU backend (Hopper, sm_90): TMA, mbarriers, wgmma.
 
-Each kernel is warp specialised like jax's FlashAttention-3 (`ops/gpu/attention_mgpu.py`): a CTA runs two
-compute warpgroups, each owning a 64-row (or 64-key) tile resident in shared memory, and one memory
-warpgroup that streams the other operand pair through a ring of `max_concurrent_steps` shared-memory slots
-with TMA, signalling `*_ready` barriers and waiting on `*_free` barriers that both consumers arrive on.
+Warp specialised like jax's FlashAttention-3 (`ops/gpu/attention_mgpu.py`): a CTA runs two compute warpgroups,
+each owning 64 resident rows of Q in shared memory, and one memory warpgroup that streams K and V (and, with the
+time bias, the keys' timestamps) through a ring of `MAX_CONCURRENT_STEPS` shared-memory slots with TMA,
+signalling `*_ready` barriers and waiting on `*_free` barriers that both consumers arrive on. The two compute
+warpgroups ping-pong on a `turn` barrier so one's Q K^T wgmma overlaps the other's elementwise work.
 
-Unlike the softmax kernel the stream is not the whole sequence: from lengths and num_targets each CTA
-computes the block range it needs (`masks.key_blocks_for_rows` / `masks.row_blocks_for_keys`), split into
-mask-free steps and masked edge steps, followed by at most a couple of "diagonal" steps that add candidate
-self pairs the walk did not reach (mask i == j). Producer and consumers derive the same step -> block map, so
-skipped blocks are neither loaded nor computed. No softmax means no running max/sum and no LSE residual.
+The stream is not the whole sequence: from lengths and num_targets each CTA computes the key blocks it needs
+(`_common.row_schedule`): mask-free steps, masked steps, then at most a couple of candidate-diagonal steps.
 
-Kernels: forward (stream K, V), dq (stream K, V), dk/dv (resident K, V; stream Q, dO).
+Scores: silu (accumulated unnormalised, scaled by 1/normalizer once at the end) or softmax (online, running
+max / sum per row in registers; the row log-sum-exp is a second output for the backward; a row with no valid
+key gets output 0 and LSE 0). Biases (ALiBi over the collapsed position, log-bucketed time difference) are
+added to alpha q.k in registers from iotas, the per-head slopes and the timestamp vectors.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -24,60 +23,72 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.hstu_attention import common
-from kernels.hstu_attention.common import KernelParams, silu
-from kernels.hstu_attention.base import Backend
-from kernels.hstu_attention.scores import ScoreSpec
-from kernels.hstu_attention.config import BlockSizes
-from kernels.hstu_attention.masks import MaskSpec
-from kernels.hstu_attention.backend_pallas_mosaic_gpu_backward import dkdv, dq
-from kernels.hstu_attention.backend_pallas_mosaic_gpu_pipeline import (
+from kernels.hstu_attention import scores as sc
+from kernels.hstu_attention.backends.mosaic_gpu._common import (
+    COL,
     COMPUTE_WGS,
     FULL,
+    FULL_MODE,
     MAX_CONCURRENT_STEPS,
-    SMEM_BUDGET,
+    ROW,
     WG_TILE,
+    bias_tile,
+    broadcast,
+    cached_row_schedule,
+    carries_bias,
+    fori_steps,
     interpret_params,
     interpreting,
     iota,
+    load_vector,
     mma_from_registers,
+    pair_distance,
+    pair_mask,
     producer,
     row_schedule,
     run_steps,
     smem,
-    smem_bytes,
-    step_mask,
 )
-
-# Its tiles are the warpgroup/wgmma shapes, not free parameters; L is padded to them instead (fit_tiles=False).
-DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64)
-TUNING = (
-    DEFAULT_BLOCKS,
-    BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64),
-    BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=64),
-    BlockSizes(block_q=64, block_k=64, block_q_bwd=128, block_k_bwd=64),
-)
+from kernels.hstu_attention.common import KernelParams, silu
 
 
+def forward(q, k, v, lengths, hist, alibi, ts, tslopes, params: KernelParams, mode=FULL_MODE, prefix=None):
+    """(out, lse): out [B, L, H, Dv]; lse float32 [B, H, L] for softmax, None for silu. 128 rows per CTA.
 
-def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
-    """out = sum_j mask * silu(alpha q.k_j) v_j / normalizer; 128 rows per CTA, K/V streamed in block_k tiles."""
+    Cached mode (`mode.cached`): (lengths, hist) are (prefix_len, num_queries), `prefix` is (k_prefix, v_prefix,
+    prefix_timestamps or None), and k, v are the rows' own keys and values (streamed only for the self term).
+    """
     batch, seq_len, heads, dqk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
     bq, bk, slots = WG_TILE, params.blocks.block_k, MAX_CONCURRENT_STEPS
     tile_rows = COMPUTE_WGS * bq
     num_tiles = seq_len // tile_rows
-    spec = params.spec
+    spec, score = params.spec, params.score
     share_qo = dqk == dv
+    softmax, time_on = score.softmax, score.time
 
-    def body(len_ref, hist_ref, q_ref, k_ref, v_ref, out_ref, q_smem2, o_smem2, p_smem2, k_ring, v_ring,
-             k_ready, v_ready, q_ready, k_free, v_free, turn):
+    def body(*refs):
+        refs = list(refs)
+        take = lambda on=True: refs.pop(0) if on else None
+        len_ref, hist_ref, q_ref, k_ref, v_ref = (take() for _ in range(5))
+        alibi_ref, tslope_ref, ts_ref = take(score.alibi), take(time_on), take(time_on)
+        kp_ref, vp_ref, pts_ref = take(mode.cached), take(mode.cached), take(mode.cached and time_on)
+        out_ref, lse_ref = take(), take(softmax)
+        q_smem2, o_smem2, p_smem2, k_ring, v_ring = (take() for _ in range(5))
+        k_ready, v_ready, q_ready, k_free, v_free, turn = (take() for _ in range(6))
+        tsr_smem2, ts_ring, tsr_ready, ts_ready, ts_free = (take(time_on) for _ in range(5))
+        lse_smem2 = take(softmax)
+        assert not refs
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         # Launch the heaviest (last) row tiles first.
         r0 = (num_tiles - 1 - lax.axis_index("q_seq")) * tile_rows
         length, hist_len = len_ref[b], hist_ref[b]
-        sched = row_schedule(r0, tile_rows, bk, length, hist_len, spec)
+        if mode.cached:
+            sched = cached_row_schedule(r0, tile_rows, bk, length, hist_len, spec, mode.self_term)
+        else:
+            sched = row_schedule(r0, tile_rows, bk, length, hist_len, spec)
+        live = hist_len if mode.cached else length  # rows past it get exactly 0
 
         def take_turn():
             # Ping-pong: one warpgroup's wgmma overlaps the other's elementwise work.
@@ -88,11 +99,19 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             q_smem = q_smem2.at[wg]
+            staging = None if p_smem2 is None else p_smem2.at[wg]
             row0 = r0 + wg * bq
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem, q_ready.at[wg])
+            if time_on:
+                plgpu.copy_gmem_to_smem(ts_ref.at[b, pl.ds(row0, bq)], tsr_smem2.at[wg], tsr_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
             rows = iota((bq, bk), 0) + row0
             cols0 = iota((bq, bk), 1)
+            slopes = (None if alibi_ref is None else alibi_ref[h], None if tslope_ref is None else tslope_ref[h])
+            row_ts = None
+            if time_on:
+                plgpu.barrier_wait(tsr_ready.at[wg])
+                row_ts = load_vector(tsr_smem2.at[wg], ROW)
 
             @pl.when(sched.n_steps > 0)
             def _():
@@ -100,25 +119,35 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
 
             pl.when(wg == 1)(take_turn)
 
-            def step(s, acc_ref, kind):
-                slot = lax.rem(s, jnp.int32(slots))
+            def scores_of(s, slot, kind):
+                """alpha q.k (+ bias) of step s, float32 [bq, bk]; releases the K (and timestamp) slot."""
 
                 def qk(scores_ref):
                     plgpu.wgmma(scores_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
                     take_turn()
                     return scores_ref[...]
 
-                scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                z = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p = silu(scores * params.alpha)
-                if kind != FULL:
-                    cols = cols0 + sched.block(s) * bk
-                    p = jnp.where(step_mask(kind, rows, cols, length, hist_len, spec), p, 0.0)
-                p = p.astype(dtype)
+                z = z * params.alpha
+                if not score.has_bias:
+                    return z
+                cols = cols0 + sched.block(s) * bk
+                dist = pair_distance(mode, rows, cols, length, hist_len) if score.alibi else None
+                dt = None
+                if time_on:
+                    plgpu.barrier_wait(ts_ready.at[slot])
+                    col_ts = load_vector(ts_ring.at[slot], COL)
+                    plgpu.barrier_arrive(ts_free.at[slot])
+                    dt = (broadcast(row_ts, (bq, bk), ROW) - broadcast(col_ts, (bq, bk), COL)).astype(jnp.float32)
+                return z + bias_tile(score, dist, dt, *slopes) if carries_bias(mode, kind) else z
+
+            def wait_v_and_turn(slot):
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_wait(turn)
-                mma_from_registers(acc_ref, p, v_ring.at[slot], None if p_smem2 is None else p_smem2.at[wg])
+
+            def release_v(s, slot):
                 nxt = s + 1
 
                 @pl.when(nxt < sched.n_steps)
@@ -129,27 +158,96 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(v_free.at[slot])
 
-            def accumulate(acc_ref):
-                run_steps(step, acc_ref, sched.ranges)
-                return acc_ref[...]
+            def silu_step(s, acc_ref, kind):
+                slot = lax.rem(s, jnp.int32(slots))
+                if score.has_bias:
+                    p = silu(scores_of(s, slot, kind))
+                else:
+                    # Kept op for op as before biases existed, so bias-free results stay bit-identical.
+                    def qk(scores_ref):
+                        plgpu.wgmma(scores_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
+                        take_turn()
+                        return scores_ref[...]
 
-            acc = pl.run_scoped(accumulate, plgpu.ACC((bq, dv), jnp.float32))
-            pl.when(wg == 0)(take_turn)
+                    raw = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    p = silu(raw * params.alpha)
+                if kind != FULL:
+                    cols = cols0 + sched.block(s) * bk
+                    p = jnp.where(pair_mask(mode, kind, rows, cols, length, hist_len, spec), p, 0.0)
+                p = p.astype(dtype)
+                wait_v_and_turn(slot)
+                mma_from_registers(acc_ref, p, v_ring.at[slot], staging)
+                release_v(s, slot)
+
+            def softmax_step(s, carry, kind):
+                acc, m_i, l_i = carry
+                slot = lax.rem(s, jnp.int32(slots))
+                z = scores_of(s, slot, kind)
+                valid = None
+                if kind != FULL:
+                    cols = cols0 + sched.block(s) * bk
+                    valid = pair_mask(mode, kind, rows, cols, length, hist_len, spec)
+                    z = jnp.where(valid, z, sc.MASK_VALUE)
+                m_new = jnp.maximum(m_i, z.max(axis=1))
+                corr = jnp.exp(m_i - m_new)
+                p = jnp.exp(z - broadcast(m_new, (bq, bk), ROW))
+                if valid is not None:
+                    p = jnp.where(valid, p, 0.0)
+                l_i = l_i * corr + p.sum(axis=1)
+                acc = acc * broadcast(corr, (bq, dv), ROW)
+                p16 = p.astype(dtype)
+                wait_v_and_turn(slot)
+
+                def pv(pv_ref):
+                    mma_from_registers(pv_ref, p16, v_ring.at[slot], staging)
+                    release_v(s, slot)
+                    return pv_ref[...]
+
+                # P @ V goes to a fresh accumulator added to the rescaled carry. (FA3 accumulates in place with
+                # pl.run_state, which the GPU interpreter does not model; this keeps one tested code path.)
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
+                return acc, m_new, l_i
+
             out_rows = iota((bq, dv), 0) + row0
-            acc = jnp.where(out_rows < length, acc * params.inv_normalizer, 0.0)
+            if softmax:
+                vec = lambda x: plgpu.layout_cast(jnp.full((bq,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                acc0 = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), plgpu.Layout.WGMMA)
+                acc, m_i, l_i = fori_steps(softmax_step, (acc0, vec(sc.MASK_VALUE), vec(0.0)), sched.ranges)
+                pl.when(wg == 0)(take_turn)
+                inv_l, lse = sc.softmax_finish(m_i, l_i)
+                acc = jnp.where(out_rows < live, acc * broadcast(inv_l, (bq, dv), ROW), 0.0)
+                lse_smem2.at[wg][...] = lse
+            else:
+
+                def accumulate(acc_ref):
+                    run_steps(silu_step, acc_ref, sched.ranges)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(accumulate, plgpu.ACC((bq, dv), jnp.float32))
+                pl.when(wg == 0)(take_turn)
+                acc = jnp.where(out_rows < live, acc * params.acc_scale, 0.0)
             o_smem = q_smem if share_qo else o_smem2.at[wg]
             o_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(row0, bq), h])
+            if softmax:
+                plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
-            producer(
-                sched, bk,
-                [(lambda s: k_ref.at[b, pl.ds(s, bk), h], k_ring), (lambda s: v_ref.at[b, pl.ds(s, bk), h], v_ring)],
-                (k_ready, v_ready), (k_free, v_free), slots,
-            )
+            kv = lambda ref: lambda start: ref.at[b, pl.ds(start, bk), h]
+            tsv = lambda ref: lambda start: ref.at[b, pl.ds(start, bk)]
+            # Cached mode: prefix blocks for the main steps, the rows' own blocks for the self-term steps.
+            pick = lambda view, own, pre: (view(pre), view(own)) if mode.cached else view(own)
+            streams = [(pick(kv, k_ref, kp_ref), k_ring), (pick(kv, v_ref, vp_ref), v_ring)]
+            ready, free = [k_ready, v_ready], [k_free, v_free]
+            if time_on:
+                streams.append((pick(tsv, ts_ref, pts_ref), ts_ring))
+                ready.append(ts_ready)
+                free.append(ts_free)
+            producer(sched, bk, streams, tuple(ready), tuple(free), slots)
 
     scratch = [
         smem((COMPUTE_WGS, bq, dqk), dtype),
@@ -164,9 +262,26 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
-    return plgpu.kernel(
+    if time_on:
+        scratch += [
+            plgpu.SMEM((COMPUTE_WGS, bq), jnp.int32),
+            plgpu.SMEM((slots, bk), jnp.int32),
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
+        ]
+    if softmax:
+        scratch.append(plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32))
+    out_type = jax.ShapeDtypeStruct((batch, seq_len, heads, dv), dtype)
+    if softmax:
+        out_type = [out_type, jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)]
+    extra_in = [x for x, on in ((alibi, score.alibi), (tslopes, time_on), (ts, time_on)) if on]
+    if mode.cached:
+        kp, vp, pts = prefix
+        extra_in += [kp, vp] + ([pts] if time_on else [])
+    outs = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((batch, seq_len, heads, dv), dtype),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(heads, num_tiles, batch),
         grid_names=("heads", "q_seq", "batch"),
@@ -174,98 +289,5 @@ def _forward(q, k, v, lengths, hist, params: KernelParams) -> jax.Array:
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(params),
-    )(lengths, hist, q, k, v)
-
-
-def _backward(q, k, v, lengths, hist, d_out, params: KernelParams):
-    d_out = d_out.astype(q.dtype)
-    d_q = dq(q, k, v, d_out, lengths, hist, params)
-    d_k, d_v = dkdv(q, k, v, d_out, lengths, hist, params)
-    return d_q, d_k, d_v
-
-
-_attention = common.make_attention(_forward, _backward)
-
-
-def _is_hopper(device) -> bool:
-    return str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
-def _check_blocks(blocks: BlockSizes) -> None:
-    if blocks.block_q != WG_TILE or blocks.block_k_bwd != WG_TILE:
-        raise NotImplementedError(
-            f"pallas_mosaic_gpu: block_q and block_k_bwd are the warpgroup tile ({WG_TILE}), got {blocks}"
-        )
-    if blocks.block_k % 64 or blocks.block_q_bwd % 64:
-        raise NotImplementedError(f"pallas_mosaic_gpu: block_k and block_q_bwd must be multiples of 64, got {blocks}")
-
-
-def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, shrink: bool) -> BlockSizes:
-    """`blocks`, with the streamed tiles shrunk to 64 when `shrink` and the kernels would overflow shared memory.
-
-    Raises NotImplementedError (so implementation=None falls back) when the tiles still do not fit.
-    """
-    if shrink and max(smem_bytes(dqk, dv, blocks, itemsize).values()) > SMEM_BUDGET:
-        blocks = dataclasses.replace(blocks, block_k=64, block_q_bwd=64)
-    needs = smem_bytes(dqk, dv, blocks, itemsize)
-    over = {kernel: size for kernel, size in needs.items() if size > SMEM_BUDGET}
-    if over:
-        raise NotImplementedError(
-            f"pallas_mosaic_gpu: head dims (Dqk={dqk}, Dv={dv}, padded to 64) with {blocks} need {over} bytes of "
-            f"shared memory, over the {SMEM_BUDGET} a Hopper CTA has"
-        )
-    return blocks
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    lengths: jax.Array,
-    num_targets: jax.Array,
-    *,
-    spec: ScoreSpec,
-    normalizer: float | None,
-    alpha: float,
-    alibi_slopes: jax.Array | None,
-    timestamps: jax.Array | None,
-    time_slopes: jax.Array | None,
-    contextual_len: int,
-    max_attn_len: int | None,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """Mosaic GPU backend of `kernels.hstu_attention.hstu_attention` (validated, clipped int32 lengths).
-
-    `interpret=True` runs the Mosaic GPU interpreter (`plgpu.InterpretGPUParams()`), which simulates TMA,
-    barriers and warpgroups on CPU; there the P/dS tiles go through shared memory (see `mma_from_registers`).
-    """
-    if spec != ScoreSpec():
-        raise NotImplementedError(f"{BACKEND.name} runs silu without biases only")
-    blocks = block_sizes if block_sizes is not None else BACKEND.default_block_sizes(q.shape[1])
-    _check_blocks(blocks)
-    dqk_p, dv_p = common.round_up(q.shape[-1], 64), common.round_up(v.shape[-1], 64)
-    blocks = fit_shared_memory(blocks, dqk_p, dv_p, jnp.dtype(q.dtype).itemsize, shrink=block_sizes is None)
-    params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret)
-    multiple = max(COMPUTE_WGS * WG_TILE, blocks.block_k, blocks.block_q_bwd)
-    return common.run_padded(
-        _attention, q, k, v, lengths, num_targets, params,
-        seq_multiple=multiple, head_multiple=lambda d: common.round_up(d, 64),
-    )
-
-
-BACKEND = Backend(
-    name="pallas_mosaic_gpu",
-    module=__name__,
-    platforms=("gpu",),
-    dtypes=("bfloat16", "float16"),
-    priority=20,
-    fit_tiles=False,
-    device_ok=_is_hopper,
-    score_fns=("silu",),
-    biases=frozenset(),
-    modes=("full",),
-    default_blocks=DEFAULT_BLOCKS,
-    tuning=TUNING,
-    attention=attention,
-)
+    )(lengths, hist, q, k, v, *extra_in)
+    return (outs[0], outs[1]) if softmax else (outs, None)
