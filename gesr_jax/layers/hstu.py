@@ -96,15 +96,9 @@ class HSTULayer(nnx.Module):
         return k, v
 
     def candidates(
-        self,
-        x: jax.Array,
-        kv: HistoryKV,
-        history_len: jax.Array,
-        num_candidates: jax.Array,
-        *,
-        key: jax.Array | None = None,
-        **bias: Any,
-    ) -> jax.Array:
+        self, x: jax.Array, kv: HistoryKV, history_len: jax.Array, num_candidates: jax.Array, *,
+        key: jax.Array | None = None, **bias: Any,
+    ) -> jax.Array:  # fmt: skip
         """Candidate tokens [B, C, D] through the layer: each attends to the cached history (k, v) and itself."""
         u, v, q, k = self.project(x)
         attn = hstu_attention_cached(

@@ -46,15 +46,9 @@ class CachedPrefixBlock(Protocol):
         ...
 
     def candidates(
-        self,
-        x: jax.Array,
-        kv: HistoryKV,
-        history_len: jax.Array,
-        num_candidates: jax.Array,
-        *,
-        key: jax.Array | None = None,
-        **bias: Any,
-    ) -> jax.Array:
+        self, x: jax.Array, kv: HistoryKV, history_len: jax.Array, num_candidates: jax.Array, *,
+        key: jax.Array | None = None, **bias: Any,
+    ) -> jax.Array:  # fmt: skip
         """Candidate tokens [B, C, D] through the block: each sees the cached history (k, v) and itself."""
         ...
 

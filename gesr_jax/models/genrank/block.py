@@ -116,15 +116,9 @@ class DecoderBlock(nnx.Module):
         return k, v
 
     def candidates(
-        self,
-        x: jax.Array,
-        kv: HistoryKV,
-        history_len: jax.Array,
-        num_candidates: jax.Array,
-        *,
-        key: jax.Array | None = None,
-        **bias: Any,
-    ) -> jax.Array:
+        self, x: jax.Array, kv: HistoryKV, history_len: jax.Array, num_candidates: jax.Array, *,
+        key: jax.Array | None = None, **bias: Any,
+    ) -> jax.Array:  # fmt: skip
         """Candidate tokens [B, C, D] through the block: each sees the cached history (k, v) and itself."""
         q, k, v = self.project(x)
         attn = hstu_attention_cached(
