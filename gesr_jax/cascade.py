@@ -17,7 +17,7 @@ K of them that are not another positive. Ties count against the positive (metric
 
 Both runs must share the data section (the same test requests and item table); the retriever needs
 ``item_cache`` and ``retrieval_scores``, which every kind with towers has. Each run is restored at its
-best valid step (``train/selection.py``) unless a step is given. ``experiments/cascade.py`` tabulates
+best valid step (:class:`gesr_jax.workdir.Workdir`) unless a step is given. ``experiments/cascade.py`` tabulates
 this over paired seeds.
 """
 
@@ -37,6 +37,7 @@ from gesr_jax import api, metrics as metrics_lib
 from gesr_jax.data import batch as batch_lib
 from gesr_jax.data import datasets
 from gesr_jax.train import evaluators
+from gesr_jax.workdir import StepChoice, Workdir
 
 
 class CascadeError(ValueError):
@@ -55,16 +56,11 @@ class Run:
     workdir: pathlib.Path | None = None
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
-    """A ``gesr train`` workdir restored at ``step`` (default: its best valid step, else the newest intact)."""
-    from gesr_jax.serving.scorer import load_workdir
-    from gesr_jax.train import selection
-
-    workdir = pathlib.Path(workdir)
-    if step is None:
-        step = selection.read_best_step(workdir)
-    graphdef, params, schema, config, chosen = load_workdir(workdir, step)
-    return Run(graphdef, params, schema, config, chosen, workdir)
+def load_run(workdir: str | pathlib.Path, step: StepChoice = None, *, strict: bool = False) -> Run:
+    """A ``gesr train`` workdir restored at ``step`` (default: its best valid step; see :class:`Workdir`)."""
+    restored = Workdir(workdir).restore_model(step, strict=strict)
+    return Run(restored.graphdef, restored.params, restored.schema, restored.config, restored.step,
+               pathlib.Path(workdir))  # fmt: skip
 
 
 def _check_pair(retriever: Run, ranker: Run, table: Mapping[str, np.ndarray]) -> None:
@@ -85,7 +81,7 @@ def _check_pair(retriever: Run, ranker: Run, table: Mapping[str, np.ndarray]) ->
 
 
 def _where(run: Run) -> str:
-    return str(run.workdir) if run.workdir is not None else f"model.kind={getattr(run.config.model, 'kind', '?')}"
+    return str(run.workdir) if run.workdir is not None else f"model.kind={run.config.model.kind}"
 
 
 def cascade_ranks(

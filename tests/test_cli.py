@@ -1,7 +1,8 @@
-"""The `gesr` CLI: train, resume, eval, one-line errors with exit status 2."""
+"""The `gesr` CLI: train, resume, eval, one-line errors with an exit status per class (1 diverged, 2 usage, 3 I/O)."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import pathlib
@@ -14,7 +15,8 @@ from gesr_jax.config import ConfigError
 from gesr_jax.data.datasets import DataError
 from gesr_jax.data.movielens import DataFormatError
 from gesr_jax.train import setup as setup_lib
-from gesr_jax.train import trainer
+from gesr_jax.train import hooks, trainer
+from gesr_jax.workdir_files import RunIOError
 
 
 def _fixtures():
@@ -71,18 +73,9 @@ def test_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_data_subcommand_reports_a_missing_module(monkeypatch, capsys):
-    import gesr_jax.data
-
-    monkeypatch.setitem(sys.modules, "gesr_jax.data.commands", None)  # makes the import fail
-    monkeypatch.delattr(gesr_jax.data, "commands", raising=False)
-    assert cli.main(["data"]) == 2
-    assert "gesr_jax.data.commands failed to import" in capsys.readouterr().err
-
-
 def test_diverged_training_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
     def diverge(config, workdir, **kwargs):
-        raise trainer.TrainingDivergedError("loss became nan at step 3; training stopped")
+        raise hooks.TrainingDivergedError("loss became nan at step 3; training stopped")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", diverge)
     assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 1
@@ -124,3 +117,39 @@ def test_eval_refuses_a_workdir_trained_by_another_model_api(tmp_path, capsys):
     assert err.startswith("error: ") and "trained by the model API 'train_fixtures:linear_api'" in err
     assert "'gesr_jax.api'" in err and "\n" not in err
     assert not (workdir / "eval.json").exists()
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl"),
+         "error: I/O failure: /w/metrics.jsonl: No space left on device [ENOSPC]"),
+        (RunIOError.wrap("append to", "/w/metrics.jsonl", OSError(errno.EROFS, "Read-only file system")),
+         "error: cannot append to /w/metrics.jsonl: Read-only file system [EROFS]"),
+    ],
+)  # fmt: skip
+def test_io_failures_exit_3_with_one_line_naming_the_path(error, line, monkeypatch, tmp_path, capsys):
+    def fail(config, workdir, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+    assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == cli.EXIT_IO == 3
+    assert capsys.readouterr().err.strip() == line
+    assert "3 = I/O failure" in cli.build_parser().format_help().replace("\n", " ")  # documented in the help
+
+
+def test_debug_prints_the_traceback_and_a_bug_like_oserror_keeps_it(monkeypatch, tmp_path, capsys):
+    def fail(config, workdir, **kwargs):
+        raise ConfigError("bad key")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+    assert cli.main(["--debug", "train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == "error: bad key"
+
+    def missing(config, workdir, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", missing)
+    with pytest.raises(FileNotFoundError):  # not an I/O failure of the machine: a bug keeps its traceback
+        cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)])

@@ -2,7 +2,7 @@
 
 ::
 
-    scorer = Scorer.from_workdir("runs/synth")                  # config.json + latest intact checkpoint
+    scorer = Scorer.from_workdir("runs/synth")                  # config.json + the best valid step
     scorer = Scorer(graphdef, params, schema, item_table=table, fp8=False, user_cache=UserStateCache())
     scorer.warmup()                                            # compile every bucket shape once
     results = scorer.score([request, ...])                     # [{task: probs [C]} | RequestError, ...]
@@ -14,9 +14,7 @@ same way. Request layout and errors: ``serving/requests.py``; buckets: ``serving
 
 from __future__ import annotations
 
-import json
 import pathlib
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,10 +23,12 @@ import numpy as np
 from flax import nnx
 
 from gesr_jax import api
+from gesr_jax.data import datasets
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.engine import Engine, sigmoid_stack
 from gesr_jax.serving.user_cache import UserStateCache
+from gesr_jax.workdir import StepChoice, Workdir
 
 
 class Scorer(Engine):
@@ -87,62 +87,16 @@ class Scorer(Engine):
 
     @classmethod
     def from_workdir(
-        cls, workdir: str | pathlib.Path, step: int | None = None, *, with_item_table: bool = True, **kwargs: Any
-    ) -> Scorer:
-        """A scorer for a ``gesr train`` workdir: its config, its checkpoint (``step`` or the newest intact one).
+        cls, workdir: str | pathlib.Path, step: StepChoice = None, *, strict: bool = False,
+        with_item_table: bool = True, **kwargs: Any,
+    ) -> Scorer:  # fmt: skip
+        """A scorer for a ``gesr train`` workdir at ``step`` (default: its best valid step; see :class:`Workdir`).
 
         Refuses a workdir whose ``model.json`` names a model API other than the default ``gesr_jax.api``
         (this scorer drives only that API). ``kwargs`` go to :class:`Scorer` (buckets, fp8, user_cache, ...).
         """
-        graphdef, params, schema, config, step = load_workdir(workdir, step)
-        table = None
-        if with_item_table:
-            from gesr_jax.data.datasets import item_table
-
-            table = item_table(config.data)
-        scorer = cls(graphdef, params, schema, table, **kwargs)
-        scorer.config, scorer.step, scorer.workdir = config, step, pathlib.Path(workdir)
+        restored = Workdir(workdir).restore_model(step, strict=strict)
+        table = datasets.item_table(restored.config.data) if with_item_table else None
+        scorer = cls(restored.graphdef, restored.params, restored.schema, table, **kwargs)
+        scorer.config, scorer.step, scorer.workdir = restored.config, restored.step, pathlib.Path(workdir)
         return scorer
-
-
-def load_workdir(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, BatchSchema, Any, int]:
-    """``(graphdef, params, schema, config, step)`` restored from a workdir trained with ``gesr_jax.api``."""
-    from gesr_jax.data.datasets import schema_for
-    from gesr_jax.train import checkpoint as checkpoint_lib
-    from gesr_jax.train import setup as setup_lib
-
-    workdir = pathlib.Path(workdir)
-    config = setup_lib.read_workdir_config(workdir)
-    record_path = workdir / setup_lib.MODEL_RECORD
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record.get("api", setup_lib.DEFAULT_MODEL_API) != setup_lib.DEFAULT_MODEL_API:
-            raise setup_lib.WorkdirError(
-                f"{workdir} was trained by the model API {record.get('api')!r}; the serving Scorer only drives "
-                f"{setup_lib.DEFAULT_MODEL_API!r} (build Scorer(graphdef, params, schema) yourself for another API)"
-            )
-    setup_lib.check_model_record(workdir, config, None)  # the kind recorded must match config.json's
-    schema = schema_for(config.data)
-    with nnx.use_eager_sharding(False):
-        graphdef, template = api.init(config, config.train.seed, schema)
-    checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints")
-    try:
-        if step is None:
-            latest_intact = getattr(checkpoints, "restore_params_latest_intact", None)
-            if latest_intact is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("default")  # a skipped corrupt step is reported, not fatal
-                    restored = latest_intact(template)
-                if restored is None:
-                    raise setup_lib.WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
-                step, params = restored
-            else:
-                step = checkpoints.latest_step()
-                if step is None:
-                    raise setup_lib.WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
-                params = checkpoints.restore_params(step, template)
-        else:
-            params = checkpoints.restore_params(step, template)
-    finally:
-        checkpoints.close()
-    return graphdef, params, schema, config, int(step)

@@ -44,42 +44,18 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gesr_jax.train.checksums import (  # noqa: F401  (re-exported: the checkpoint module's API before)
-    all_finite,
-    count_nonfinite,
-    leaf_specs,
-    tree_digest,
+from gesr_jax.train.checkpoint_errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    one_line,
+    quiet_orbax_tracebacks,
+    write_error,
 )
-from gesr_jax.train.checksums import iterator_digest as _iterator_digest
+from gesr_jax.train.checksums import count_nonfinite, iterator_digest, leaf_specs, tree_digest
 
 INTEGRITY_VERSION = 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be used: missing, corrupt, or not matching this config (a usage error)."""
-
-
-class CheckpointNotFoundError(CheckpointError, ValueError):
-    """The requested step is not in the checkpoint folder (a ValueError, as it was before)."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-    """The saved tree differs from the model/optimizer built from this config (paths, shapes, dtypes)."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A step's files are damaged or unreadable; the message is one line naming step, folder and what.
-
-    ``step`` is the corrupt step (``None`` when every step was) and ``reason`` the "what" part alone.
-    """
-
-    def __init__(self, message: str, *, step: int | None = None, reason: str = ""):
-        super().__init__(message)
-        self.step, self.reason = step, reason or message
-
-
-class CheckpointWarning(UserWarning):
-    """A step was skipped as corrupt, or restored without checksums (written before they existed)."""
 
 
 class _LatestAndProtected:
@@ -109,17 +85,6 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message``, without TensorStore's spec dump, at most ~300 characters."""
-    text = str(err)
-    for noise in (" See full TensorStore details", " [tensorstore_spec"):  # multi-kilobyte spec dumps
-        text = text.split(noise)[0]
-    text = text.strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= 300 else line[:297] + "..."
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
-
-
 class Checkpointer:
     """Saves and restores (params, opt_state, step, data iterator) under one directory, with checksums."""
 
@@ -136,6 +101,8 @@ class Checkpointer:
             preservation_policy=_LatestAndProtected(max_to_keep, self._protected),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet_orbax_tracebacks(True)  # released by close()
+        self._open = True
         if cleanup_partial:  # Orbax runs it in the background and awaits it only in save(); finish it now
             getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
@@ -168,7 +135,7 @@ class Checkpointer:
             "version": INTEGRITY_VERSION,
             "params": tree_digest(params),
             "opt_state": tree_digest(opt_state),
-            "data_iterator": _iterator_digest(data_iterator),
+            "data_iterator": iterator_digest(data_iterator),
         }
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -176,7 +143,13 @@ class Checkpointer:
             step=ocp.args.JsonSave({"step": int(step), "metadata": metadata or {}, "integrity": integrity}),
             data_iterator=grain.checkpoint.CheckpointSave(data_iterator),
         )
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as err:  # noqa: BLE001 - an OS failure (of this or an earlier background save) is I/O
+            failure = write_error(err, self.directory)
+            if failure is None:
+                raise
+            raise failure from err
 
     def restore(
         self, step: int, *, params: Any, opt_state: Any, data_iterator: grain.DatasetIterator
@@ -264,10 +237,19 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every pending save is on disk."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - as in save()
+            failure = write_error(err, self.directory)
+            if failure is None:
+                raise
+            raise failure from err
 
     def close(self) -> None:
-        self._manager.close()
+        if self._open:
+            self._open = False
+            quiet_orbax_tracebacks(False)
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -321,7 +303,7 @@ class Checkpointer:
             if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
                 raise ValueError(f"expected an object with an integer 'step', got {str(meta)[:80]!r}")
         except Exception as err:  # noqa: BLE001 - any failure to read the step record is damage
-            raise self._corrupt(step, f"its step record is unreadable ({_one_line(err)})") from err
+            raise self._corrupt(step, f"its step record is unreadable ({one_line(err)})") from err
         integrity = meta.get("integrity")
         if integrity is None:
             warnings.warn(
@@ -337,7 +319,7 @@ class Checkpointer:
             saved = {n: {k: (tuple(v["shape"]), v["dtype"], v["sha256"])[:2] for k, v in integrity[n].items()}
                      for n in templates}  # fmt: skip
         except (KeyError, TypeError, AttributeError) as err:
-            raise self._corrupt(step, f"its checksum record is malformed ({_one_line(err)})") from err
+            raise self._corrupt(step, f"its checksum record is malformed ({one_line(err)})") from err
         for name, template in templates.items():
             self._compare(step, name, saved[name], leaf_specs(template), by_path=True)
         return meta
@@ -348,7 +330,7 @@ class Checkpointer:
             tree = ocp.StandardCheckpointer().metadata(self.directory / str(step) / name).item_metadata
             return leaf_specs(tree)
         except Exception as err:  # noqa: BLE001
-            raise self._corrupt(step, f"the metadata of {name!r} is unreadable ({_one_line(err)})") from err
+            raise self._corrupt(step, f"the metadata of {name!r} is unreadable ({one_line(err)})") from err
 
     def _compare(self, step: int, name: str, saved: dict, current: dict, *, by_path: bool) -> None:
         if by_path:
@@ -379,7 +361,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as err:  # noqa: BLE001 - the structure matched, so a failure here is damage
-            raise self._corrupt(step, f"restoring it failed ({_one_line(err)})") from err
+            raise self._corrupt(step, f"restoring it failed ({one_line(err)})") from err
         integrity = meta.get("integrity")
         for name in templates:
             if integrity is not None:
@@ -393,7 +375,7 @@ class Checkpointer:
                 raise self._corrupt(step, f"{name} holds {nonfinite} NaN/Inf values")
         # The record holds the primary host's iterator digest only (each host has its own state file).
         if data_iterator is not None and integrity is not None and jax.process_count() == 1:
-            if _iterator_digest(data_iterator) != integrity.get("data_iterator"):
+            if iterator_digest(data_iterator) != integrity.get("data_iterator"):
                 raise self._corrupt(step, "checksum mismatch in the data iterator state")
         return restored
 

@@ -13,6 +13,8 @@ jitted steps compile once and evaluate any split. Built in:
   ``model_api.retrieval_scores(graphdef, params, request, item_cache) -> [B, V]``.
 
 Register another with ``register_evaluator("name", factory)``; keys of all chosen evaluators are merged.
+A candidate evaluation whose logits are NaN/Inf raises :class:`NonFinitePredictionsError`, and
+:class:`FiniteProbe` is the trainer's "last good" check of a step before it is saved.
 """
 
 from __future__ import annotations
@@ -53,6 +55,44 @@ class EvalContext:
 
 
 _REGISTRY: dict[str, Callable[[EvalContext], EvalFn]] = {}
+
+
+class NonFinitePredictionsError(ValueError):
+    """A model's logits on a split (or the probe batch) hold NaN/Inf: those params are unusable."""
+
+
+def _valid_logits(host: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The ``logit_<task>`` entries of real candidates (padding slots and padding rows left out)."""
+    counts = np.asarray(host["num_candidates"])
+    return [np.asarray(v)[batch_lib.lengths_mask(counts, v.shape[1])]
+            for k, v in host.items() if k.startswith("logit_")]  # fmt: skip
+
+
+def _require_finite(host: Mapping[str, np.ndarray], name: str) -> None:
+    bad = sum(int(np.sum(~np.isfinite(v))) for v in _valid_logits(host))
+    if bad:
+        raise NonFinitePredictionsError(f"the model's logits on the {name} split hold {bad} NaN/Inf values")
+
+
+class FiniteProbe:
+    """``probe(params) -> bool``: finite logits on a fixed batch (the first ``batch_size`` valid requests)?
+
+    A step's params can be finite and still overflow every prediction (a huge learning rate); the trainer
+    saves a step only when this holds, so every step on disk is usable ("last good" means usable).
+    """
+
+    def __init__(self, ctx: EvalContext, arrays: Mapping[str, np.ndarray]):
+        local = pipeline.eval_dataset(arrays, ctx.config.train.eval_batch_size, name="valid split (probe batch)")[0]
+        self._counts = _gather({"num_candidates": local["num_candidates"]})["num_candidates"]
+        self._batch = sharding_lib.shard_batch(local, ctx.mesh)
+        self._step = step_lib.make_eval_step(
+            ctx.model_api, ctx.graphdef, ctx.tasks, mesh=ctx.mesh, params_sharding=ctx.params_sharding,
+            batch_sharding=sharding_lib.batch_shardings(dict.fromkeys(local), ctx.mesh),
+        )  # fmt: skip
+
+    def __call__(self, params: Any) -> bool:
+        host = {"num_candidates": self._counts, **jax.device_get(self._step(params, self._batch))}
+        return all(bool(np.isfinite(v).all()) for v in _valid_logits(host))
 
 
 def register_evaluator(name: str, factory: Callable[[EvalContext], EvalFn], *, replace: bool = False) -> None:
@@ -144,10 +184,10 @@ class CandidateEvaluator:
             # Dispatch this batch before pulling the previous one's logits, so host and device overlap.
             outputs = eval_step(params, sharding_lib.shard_batch(local, self._mesh))
             if pending is not None:
-                accumulator.update(self._host_outputs(*pending, keep))
+                accumulator.update(self._host_outputs(*pending, keep, name))
             pending = (local, outputs)
         if pending is not None:
-            accumulator.update(self._host_outputs(*pending, keep))
+            accumulator.update(self._host_outputs(*pending, keep, name))
         result = accumulator.compute()
         seconds = max(time.perf_counter() - start, 1e-9)  # without the first call's compilation
         result["requests_per_sec"] = pipeline.check_split(arrays, name) / seconds
@@ -155,8 +195,10 @@ class CandidateEvaluator:
         return result
 
     @staticmethod
-    def _host_outputs(local: Mapping[str, np.ndarray], outputs: Any, keep: Sequence[str]) -> dict[str, np.ndarray]:
-        return {**_gather({k: local[k] for k in keep}), **jax.device_get(outputs)}
+    def _host_outputs(local: Mapping[str, np.ndarray], outputs: Any, keep: Sequence[str], name: str) -> dict[str, np.ndarray]:
+        host = {**_gather({k: local[k] for k in keep}), **jax.device_get(outputs)}
+        _require_finite(host, name)
+        return host
 
 
 class RankingEvaluator:
@@ -194,7 +236,7 @@ class RankingEvaluator:
         try:
             jax.eval_shape(scores_fn, ctx.params, request, jax.eval_shape(cache_fn, ctx.params))
         except NotImplementedError as err:
-            kind = getattr(ctx.config.model, "kind", "?")
+            kind = ctx.config.model.kind
             raise ConfigError(
                 f"train.evaluators has 'ranking', but model.kind {kind!r} cannot rank the catalogue ({err})"
             ) from None

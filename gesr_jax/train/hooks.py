@@ -33,13 +33,16 @@ import jax
 import numpy as np
 
 from gesr_jax.train import distributed, plots
-from gesr_jax.train.checkpoint import Checkpointer, CheckpointWarning, all_finite
+from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint_errors import CheckpointWarning
+from gesr_jax.train.checksums import all_finite
+from gesr_jax.train.evaluators import NonFinitePredictionsError
 from gesr_jax.train.setup import Setup
-from gesr_jax.train.workdir import atomic_write_text
+from gesr_jax.workdir_files import RunIOError, atomic_write_text
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+    """The loss, gradient, parameters or predictions became NaN/Inf; the newest usable checkpoint is kept."""
 
 
 def jsonable(value: Any) -> Any:
@@ -105,7 +108,7 @@ class LoopContext:
                     self.diverged(f"{key} became {host[key]} at step {step}")
 
     def diverged(self, what: str) -> None:
-        """Raise :class:`TrainingDivergedError` naming the last good checkpoint (every step on disk was checked)."""
+        """Raise :class:`TrainingDivergedError` naming the newest checkpoint, which passed every check (usable)."""
         self.checkpoints.wait()
         last = self.checkpoints.latest_step()
         kept = (
@@ -125,7 +128,10 @@ class LoopContext:
         self.require_finite()
         params = self.params if params is None else params
         with self.phase(f"evaluating {split}"):
-            result = self.setup.evaluator(params, getattr(self.setup.splits, split), split)
+            try:
+                result = self.setup.evaluator(params, getattr(self.setup.splits, split), split)
+            except NonFinitePredictionsError as err:
+                self.diverged(f"{err} at step {self.step if step is None else step}")
         for hook in self.hooks:
             hook.on_eval(self, self.step if step is None else step, split, result)
         return result
@@ -142,6 +148,8 @@ class LoopContext:
         self.require_finite()  # the loss and gradient of every step up to here
         if not (all_finite(self.params) and all_finite(self.opt_state)):  # the state after the update
             self.diverged(f"the parameters or optimizer state became NaN/Inf at step {self.step}")
+        if self.setup.probe is not None and not self.setup.probe(self.params):  # finite params can still overflow
+            self.diverged(f"the predictions on the valid probe batch became NaN/Inf at step {self.step}")
         meta = {"log_window": self.window, "hooks": self.hook_state, "stop_reason": self.stop_reason}
         with self.phase(f"saving checkpoint {self.step}"):
             self.checkpoints.save(self.step, self.params, self.opt_state, self.data_iter, jsonable(meta))
@@ -255,8 +263,11 @@ class MetricsLogger(Hook):
 
     def write(self, record: dict[str, Any]) -> None:
         if distributed.is_primary():
-            with self.path.open("a") as f:
-                f.write(json.dumps(jsonable(record)) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(jsonable(record)) + "\n")
+            except OSError as err:
+                raise RunIOError.wrap("append to", self.path, err) from None
             for sink in self.sinks:
                 sink(record)
 
@@ -337,7 +348,10 @@ class Plots(Hook):
 
     def on_end(self, ctx: LoopContext, results: dict[str, Any]) -> None:
         if distributed.is_primary():
-            plots.write_plots(ctx.workdir / "metrics.jsonl", ctx.workdir / "plots", ctx.setup.tasks)
+            try:
+                plots.write_plots(ctx.workdir / "metrics.jsonl", ctx.workdir / "plots", ctx.setup.tasks)
+            except OSError as err:
+                raise RunIOError.wrap("write the plots in", ctx.workdir / "plots", err) from None
 
 
 def default_hooks(

@@ -25,9 +25,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 import jax
+import tqdm
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
 
 from gesr_jax.train import distributed
 from gesr_jax.train.hooks import Hook, LoopContext
+from gesr_jax.workdir_files import RunIOError
 
 TENSORBOARD_DIR = "tensorboard"  # inside the workdir
 
@@ -143,8 +149,6 @@ class Progress(Hook):
             self.first_step, self.timed_from = step, time.perf_counter()
             self.phase_base, self.last_line = self.reporter.phase_seconds, self.timed_from
             if self.terminal and self.reporter.enabled:
-                import tqdm
-
                 tc = ctx.config.train
                 self.reporter.bar = tqdm.tqdm(total=tc.num_steps, initial=step, desc="train", unit="step",
                                               file=self.reporter.stream, dynamic_ncols=True)  # fmt: skip
@@ -204,34 +208,49 @@ class TensorBoard:
 
     Created lazily on process 0, so a run that never logs leaves no folder. ``purge_step`` (a resume's
     restored step + 1) tells TensorBoard to drop the events a previous, interrupted run wrote after it.
+    Events are written and flushed in the calling thread, one record at a time (records come every
+    ``train.log_every`` steps): tensorboardX's background writer thread would die on a full disk and
+    leave its queue to block the run, where here the failure is one :class:`RunIOError` naming the folder.
     """
 
     def __init__(self, logdir: str | os.PathLike[str], *, purge_step: int | None = None):
         self.logdir, self.purge_step = pathlib.Path(logdir), purge_step
-        self._writer: Any = None
+        self._writer: EventsWriter | None = None
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         if not distributed.is_primary():
             return
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.logdir), purge_step=self.purge_step, flush_secs=10)
         split, step = record.get("split", "train"), int(record.get("step", 0))
-        for key, value in record.items():
-            if key in ("step", "split", "final") or isinstance(value, bool):
-                continue
-            if isinstance(value, (int, float)) and value == value:  # skips None and NaN
-                self._writer.add_scalar(f"{split}/{key}", float(value), step)
+        values = [
+            Summary.Value(tag=f"{split}/{key}", simple_value=float(value))
+            for key, value in record.items()
+            if key not in ("step", "split", "final") and not isinstance(value, bool)
+            and isinstance(value, (int, float)) and value == value  # skips None and NaN
+        ]  # fmt: skip
+        try:
+            writer = self._open()
+            writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+            writer.flush()
+        except OSError as err:
+            raise RunIOError.wrap("write TensorBoard events to", self.logdir, err) from None
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+    def _open(self) -> EventsWriter:
+        if self._writer is None:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            writer = EventsWriter(str(self.logdir / "events"))
+            if self.purge_step is not None:  # what tensorboardX's SummaryWriter(purge_step=...) writes
+                writer.write_event(Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START)))
+            self._writer = writer
+        return self._writer
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Close the event file; a failure is raised once, never again on a second close."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError as err:
+                raise RunIOError.wrap("close the TensorBoard events in", self.logdir, err) from None
 
 
 def read_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -240,8 +259,6 @@ def read_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[int, fl
     Reads the TFRecord framing (length, CRC, payload, CRC) and decodes ``Event`` protobufs with
     tensorboardX's generated classes; a record cut short by a crash ends that file's reading.
     """
-    from tensorboardX.proto import event_pb2
-
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0

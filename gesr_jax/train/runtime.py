@@ -13,6 +13,8 @@ import pathlib
 
 import jax
 
+from gesr_jax.data import movielens_dataset
+
 DISABLE_ENV = "GESR_NO_COMPILATION_CACHE"
 DIR_ENV = "GESR_COMPILATION_CACHE_DIR"
 
@@ -26,9 +28,7 @@ def compilation_cache_dir() -> pathlib.Path:
     explicit = os.environ.get(DIR_ENV)
     if explicit:
         return pathlib.Path(explicit)
-    from gesr_jax.data.movielens_dataset import cache_dir  # the one definition of the project's cache folder
-
-    return cache_dir() / "jax_compilation_cache"
+    return movielens_dataset.cache_dir() / "jax_compilation_cache"  # the one definition of the cache folder
 
 
 def enable_compilation_cache(enabled: bool | None = None) -> pathlib.Path | None:

@@ -27,11 +27,10 @@ from typing import Any
 
 from gesr_jax.config import ConfigError
 from gesr_jax.train import distributed
-from gesr_jax.train.checkpoint import CheckpointError
+from gesr_jax.train.checkpoint_errors import CheckpointError
 from gesr_jax.train.hooks import EarlyStopping, LoopContext, jsonable
-from gesr_jax.train.workdir import atomic_write_json
+from gesr_jax.workdir_files import atomic_write_json
 
-BEST_FILE = "best.json"
 MEAN_NE = "mean_ne"
 _MIN_NAMES = ("ne", "loss", "logloss", "oracle_ne")
 _MAX_NAMES = ("auc", "gauc", "mrr")
@@ -141,8 +140,8 @@ class ModelSelection(EarlyStopping):
 
     name = "selection"
 
-    def __init__(self, crit: Criterion, workdir: pathlib.Path):
-        self.criterion, self.path = crit, workdir / BEST_FILE
+    def __init__(self, crit: Criterion, best_path: pathlib.Path):
+        self.criterion, self.path = crit, best_path  # the workdir's best.json (gesr_jax.workdir.Workdir.best_path)
 
     def on_train_start(self, ctx: LoopContext) -> None:
         best = ctx.hook_state.get(self.name, {}).get("best")  # a resumed run's best keeps its checkpoint
@@ -187,20 +186,6 @@ class ModelSelection(EarlyStopping):
             record = {"step": best["step"], "metric": self.criterion.metric, "mode": self.criterion.mode,
                       "value": best["value"]}  # fmt: skip
             atomic_write_json(self.path, jsonable(record))
-
-
-def read_best_step(workdir: pathlib.Path) -> int | None:
-    """The best step ``best.json`` records, or None (no file: a run from before selection existed)."""
-    import json
-
-    path = workdir / BEST_FILE
-    if not path.exists():
-        return None
-    try:
-        step = json.loads(path.read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return int(step) if isinstance(step, int) else None
 
 
 def finish(ctx: LoopContext, hook: ModelSelection, *, strict: bool = False) -> dict[str, Any]:

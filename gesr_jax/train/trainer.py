@@ -18,8 +18,12 @@ Starting ``train_and_evaluate`` on a workdir with checkpoints resumes from the n
 parameters, optimizer state and position in the data stream, so an interrupted run ends with the same
 parameters and metrics as an uninterrupted one. A NaN/Inf loss or gradient, or parameters that became
 NaN/Inf, stop the run with :class:`TrainingDivergedError`; a checkpoint is written only after the
-loss and gradient of every step up to it and the updated parameters were checked finite, so every
-step on disk is a good one. Test metrics are computed only at the best valid step
+loss and gradient of every step up to it and the updated parameters were checked finite, and the
+parameters gave finite logits on a fixed probe batch of the valid split, so every step on disk is usable
+and a divergence ends with the newest step that passed. Every folder the run writes (the workdir,
+``checkpoints/``, ``tensorboard/``, ``plots/``) is checked writable before any work, and a warning says
+when the checkpoint folder cannot hold two checkpoints. On any error the background writers
+(TensorBoard, Orbax) are flushed and closed without hiding that first error. Test metrics are computed only at the best valid step
 (gesr_jax/train/selection.py). Logging, evaluation, checkpoints, model selection, early stopping and
 plots are hooks (gesr_jax/train/hooks.py). Small files are written atomically, by process 0 only.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,22 +41,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from gesr_jax.config import Config, ConfigError
+from gesr_jax import workdir_files
+from gesr_jax.config import Config
 from gesr_jax.data import datasets, pipeline
 from gesr_jax.train import distributed
-from gesr_jax.train import evaluators as evaluators_lib
 from gesr_jax.train import hooks as hooks_lib
 from gesr_jax.train import reporting, runtime
 from gesr_jax.train import selection as selection_lib
 from gesr_jax.train import setup as setup_lib
 from gesr_jax.train import sharding as sharding_lib
 from gesr_jax.train import step as step_lib
-from gesr_jax.train import workdir as workdir_lib
-from gesr_jax.train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointNotFoundError, CheckpointWarning
-from gesr_jax.train.hooks import Hook, TrainingDivergedError, jsonable  # noqa: F401  (re-exported)
-from gesr_jax.train.setup import RESUMABLE_CHANGES, WorkdirError, check_resume_config  # noqa: F401
+from gesr_jax.train.checkpoint_errors import CheckpointUnusableError, one_line
+from gesr_jax.train.evaluators import NonFinitePredictionsError
+from gesr_jax.train.hooks import Hook, jsonable
+from gesr_jax.workdir import StepChoice, Workdir, WorkdirError, model_kind
 
-Evaluator = evaluators_lib.CandidateEvaluator  # the pre-registry name
+PLOTS_DIR = "plots"
 
 
 def train_and_evaluate(
@@ -73,44 +78,58 @@ def train_and_evaluate(
     ``load_splits(config.data)``, and the model is built for ``splits.schema``. ``on_step(step)`` runs
     after every step's logging and checkpointing; ``hooks`` run after the standard ones.
 
-    Every check runs before the workdir is written: the config, the workdir (writable, not in use by
-    another run: the lock is held until the end), a restart's config and model API, the model and
-    evaluators against the data, and the data against the fingerprint saved at the first start
-    (a change is refused unless ``allow_data_change``). A resume restores the newest intact checkpoint
-    (corrupt ones are quarantined with a warning; ``strict=True`` makes any corruption an error).
+    Every check runs before the workdir is written: the config (once per run), every folder the run
+    writes, the workdir lock (held until the end), a restart's config and model API, the model and
+    evaluators against the data, and the data against the fingerprint saved at the first start (a change
+    is refused unless ``allow_data_change``). A new workdir that fails these checks is removed again. A
+    resume restores the newest intact checkpoint (corrupt ones are quarantined with a warning;
+    ``strict=True`` makes any corruption an error).
 
     Returns, also written to ``results.json``: ``valid``/``test`` metrics at the best step
     (``train.select_metric``), ``step`` = ``best_step``, ``last_step``, ``best_valid``, ``selection``,
     ``valid_curve`` (``[{"step", "metrics"}]``) and ``stop_reason`` after an early stop.
     """
     tc = config.train
-    setup_lib.validate(config)  # before the workdir is touched
+    model_api = setup_lib.default_model_api() if model_api is None else model_api
+    setup_lib.validate(config)  # the run's one config check, before the workdir is touched
     selection_lib.criterion(tc)  # the selection direction is decidable
     distributed.log_layout()
-    workdir = pathlib.Path(workdir)
-    workdir_lib.check_writable(workdir)  # a read-only or missing-parent workdir is reported before any work
+    run = Workdir(workdir)
+    created = not run.path.exists()
+    check_folders(run)  # a read-only workdir, checkpoints/, tensorboard/ or plots/ is reported before any work
     with contextlib.ExitStack() as cleanup:
-        _lock_workdir(workdir, cleanup)
+        lock = _lock_workdir(run, cleanup)
+        started = False  # set once the workdir is written: from then on a failure leaves it for a resume
+
+        def forget_new_workdir(exc_type: Any, *_: Any) -> None:
+            if exc_type is not None and created and not started and lock is not None:
+                _remove_new_workdir(run, lock)
+
+        cleanup.push(forget_new_workdir)
         reporter = reporting.Reporter()  # phase lines on stderr, terminal or not
         cleanup.callback(reporter.close)
         reporter.line(f"{config.name}: {runtime.describe_devices()}")
-        resuming = setup_lib.has_checkpoints(workdir)
+        resuming = run.has_checkpoints()
         if resuming:
-            setup_lib.check_resume(workdir, config, model_api)  # before the data is built
+            run.check_resume(config, model_api)  # before the data is built
         if splits is None:
             with reporter.phase(f"building data (data.source={config.data.source})"):
                 splits = setup_lib.default_splits(config)
-        with reporter.phase(f"initialising the model (model.kind={setup_lib.model_kind(config)})") as info:
+        with reporter.phase(f"initialising the model (model.kind={model_kind(config)})") as info:
             built = setup_lib.setup(config, model_api=model_api, splits=splits, num_devices=num_devices)
             info["detail"] = f"{sum(int(np.size(x)) for x in jax.tree.leaves(built.params)):,} parameters"
         criterion = selection_lib.check_metric(tc, built.tasks)
-        fingerprint = workdir_lib.data_fingerprint(built.splits)
-        write_fingerprint = setup_lib.check_data(workdir, fingerprint, resuming, allow_data_change)
+        fingerprint = workdir_files.data_fingerprint(built.splits)
+        write_fingerprint = run.check_data(fingerprint, resuming=resuming, allow_change=allow_data_change)
         # Every check passed: from here on the workdir is written.
-        checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=tc.max_checkpoints, cleanup_partial=True)
-        cleanup.callback(checkpoints.close)
-        cleanup.callback(checkpoints.wait)  # callbacks run last-in first-out: pending saves finish, then close
-        setup_lib.prepare_workdir(workdir, config, model_api, None, fingerprint if write_fingerprint else None)
+        started = True
+        checkpoints = run.checkpointer(max_to_keep=tc.max_checkpoints, cleanup_partial=True)
+        # Exit callbacks run last-in first-out: pending saves finish, then the manager closes.
+        close_quietly_on_error(cleanup, checkpoints.close, "closing the checkpoint manager")
+        close_quietly_on_error(cleanup, checkpoints.wait, f"finishing the checkpoint save in {run.checkpoints_dir}")
+        warn_free_space(run, built, reporter)
+        if distributed.is_primary():
+            run.write_records(config, model_api, fingerprint if write_fingerprint else None)
         mesh = built.mesh
         cleanup.enter_context(sharding_lib.mesh_context(mesh, embedding_sharding=built.embedding_sharding))
         try:
@@ -118,7 +137,7 @@ def train_and_evaluate(
         except ValueError as err:  # a malformed injected split
             raise datasets.DataError(str(err)) from None
         cleanup.callback(data_iter.close)
-        ctx = hooks_lib.LoopContext(built, workdir, checkpoints, data_iter, built.params, built.opt_state)
+        ctx = hooks_lib.LoopContext(built, run.path, checkpoints, data_iter, built.params, built.opt_state)
         ctx.reporter = reporter
         with reporter.phase("restoring the newest checkpoint") if resuming else contextlib.nullcontext():
             ctx.restore_latest(strict=strict)  # newest intact step, or a fresh start
@@ -127,13 +146,13 @@ def train_and_evaluate(
             params_sharding=built.params_sharding, opt_state_sharding=built.opt_state_sharding,
             batch_sharding=sharding_lib.batch_shardings(built.splits.train, mesh),
         )  # fmt: skip
-        selection = selection_lib.ModelSelection(criterion, workdir)
+        selection = selection_lib.ModelSelection(criterion, run.best_path)
         # TensorBoard gets every metrics.jsonl record; purge_step drops what an interrupted run logged after
         # the restored step.
         tensorboard = reporting.TensorBoard(
-            workdir / reporting.TENSORBOARD_DIR, purge_step=None if ctx.resume_step is None else ctx.resume_step + 1
+            run.path / reporting.TENSORBOARD_DIR, purge_step=None if ctx.resume_step is None else ctx.resume_step + 1
         )
-        cleanup.callback(tensorboard.close)
+        close_quietly_on_error(cleanup, tensorboard.close, f"closing the TensorBoard writer of {tensorboard.logdir}")
         ctx.hooks = [
             reporting.Progress(reporter),  # first: the first step's compile time ends before any other hook runs
             *hooks_lib.default_hooks(ctx, step_lib.learning_rate_schedule(tc), sinks=[tensorboard]),
@@ -167,25 +186,76 @@ def train_and_evaluate(
         if ctx.stop_reason is not None:
             results["stop_reason"] = ctx.stop_reason
         if distributed.is_primary():
-            workdir_lib.atomic_write_json(workdir / "results.json", jsonable(results))
+            workdir_files.atomic_write_json(run.path / "results.json", jsonable(results))
         for hook in ctx.hooks:
             hook.on_end(ctx, results)
-        reporter.line(f"done: {workdir / 'results.json'}; tensorboard --logdir {workdir / reporting.TENSORBOARD_DIR}")
+        reporter.line(f"done: {run.path / 'results.json'}; tensorboard --logdir {tensorboard.logdir}")
     return results
 
 
-def _lock_workdir(workdir: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
-    """Hold ``workdir``'s lock (process 0) until ``cleanup`` closes; every process fails when it is busy."""
-    lock, error = workdir_lib.WorkdirLock(workdir), None
+def check_folders(run: Workdir) -> None:
+    """Every folder a run writes: the workdir (created if needed), and checkpoints/, tensorboard/, plots/.
+
+    A folder that does not exist yet is created later inside the workdir, so the workdir's check covers it.
+    Raises :class:`~gesr_jax.workdir_files.WorkdirNotWritableError` naming the folder (process 0 only).
+    """
+    if not distributed.is_primary():
+        return
+    workdir_files.check_writable(run.path)
+    for what, folder in (("checkpoint folder", run.checkpoints_dir),
+                         ("TensorBoard folder", run.path / reporting.TENSORBOARD_DIR),
+                         ("plots folder", run.path / PLOTS_DIR)):  # fmt: skip
+        if folder.exists():
+            workdir_files.check_writable(folder, what=what)
+
+
+def warn_free_space(run: Workdir, built: setup_lib.Setup, reporter: reporting.Reporter) -> None:
+    """A warning when the checkpoint folder's filesystem cannot hold two checkpoints of this run."""
+    leaves = jax.tree.leaves((built.params, built.opt_state))
+    size = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+    message = workdir_files.free_space_warning(run.path, size)
+    if message is not None and distributed.is_primary():
+        warnings.warn(message, workdir_files.WorkdirWarning, stacklevel=3)
+        reporter.line(f"warning: {message}")
+
+
+def close_quietly_on_error(stack: contextlib.ExitStack, close: Callable[[], Any], what: str) -> None:
+    """Run ``close`` when ``stack`` exits; if an error is already on its way out, a failure of ``close`` is one
+    warning line on stderr instead of an exception that would hide the first error."""
+
+    def exit_(exc_type: Any, *_: Any) -> bool:
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - reported, the first error wins
+            if exc_type is None:
+                raise
+            print(f"warning: {what} also failed: {one_line(err)}", file=sys.stderr, flush=True)
+        return False
+
+    stack.push(exit_)
+
+
+def _lock_workdir(run: Workdir, cleanup: contextlib.ExitStack) -> workdir_files.WorkdirLock | None:
+    """Hold the workdir's lock (process 0) until ``cleanup`` closes; every process fails when it is busy."""
+    lock, error = run.lock(), None
     if distributed.is_primary():
         try:
             lock.acquire()
-        except workdir_lib.WorkdirError as err:
+        except WorkdirError as err:
             error = err
         else:
             cleanup.callback(lock.release)  # registered first: released after the checkpoints are closed
     if not distributed.agree(error is None):
-        raise error or workdir_lib.WorkdirBusyError(f"process 0 could not lock the workdir {workdir}")
+        raise error or workdir_files.WorkdirBusyError(f"process 0 could not lock the workdir {run.path}")
+    return lock if lock.held else None
+
+
+def _remove_new_workdir(run: Workdir, lock: workdir_files.WorkdirLock) -> None:
+    """Undo a new workdir whose checks failed: its lock file goes (while still held), then the folder if empty."""
+    with contextlib.suppress(OSError):
+        lock.path.unlink()
+    with contextlib.suppress(OSError):
+        run.path.rmdir()  # only when nothing else is in it
 
 
 def evaluate_workdir(
@@ -193,7 +263,7 @@ def evaluate_workdir(
     *,
     model_api: Any = None,
     splits: Any = None,
-    step: int | str | None = None,
+    step: StepChoice = None,
     split_names: Sequence[str] = ("valid", "test"),
     strict: bool = False,
     write: bool = True,
@@ -203,30 +273,36 @@ def evaluate_workdir(
     ``step``: None = the best valid step (``best.json``; the newest intact step, with a warning, when the
     best one is corrupt or gone, or when the run recorded none), ``"last"`` = the newest intact step, or
     a step number. ``strict=True`` makes any corrupt checkpoint an error. ``model_api`` must be the one
-    that trained the workdir (``model.json``; default ``gesr_jax.api``). Returns ``{"step", "<split>":
-    metrics, ...}`` and, when ``write``, writes it to ``workdir/eval.json`` (a workdir that cannot be
-    written gives a :class:`~gesr_jax.train.workdir.WorkdirWarning`; the results are still returned).
+    that trained the workdir (``model.json``; default ``gesr_jax.api``). A step whose predictions are
+    NaN/Inf is a :class:`~gesr_jax.train.checkpoint.CheckpointError` naming it. Returns ``{"step",
+    "<split>": metrics, ...}`` and, when ``write``, writes it to ``workdir/eval.json`` (a workdir that cannot
+    be written gives a :class:`~gesr_jax.workdir_files.WorkdirWarning`; the results are still returned).
     """
-    workdir = pathlib.Path(workdir)
-    config = setup_lib.read_workdir_config(workdir)
-    setup_lib.check_model_record(workdir, config, model_api)  # before anything is built
-    if not setup_lib.has_checkpoints(workdir):
-        raise WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint yet")
+    model_api = setup_lib.default_model_api() if model_api is None else model_api
+    run = Workdir(workdir)
+    config = run.read_config()
+    setup_lib.validate(config)
+    run.check_model(config, model_api)  # before anything is built
+    if not run.has_checkpoints():
+        raise WorkdirError(f"{run.checkpoints_dir} holds no checkpoint yet")
     built = setup_lib.setup(config, model_api=model_api, splits=splits, training=False)
-    checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
-    try:
+    with run.checkpointer(max_to_keep=config.train.max_checkpoints) as checkpoints:
         with sharding_lib.mesh_context(built.mesh, embedding_sharding=built.embedding_sharding):
-            chosen, params = _restore_for_eval(checkpoints, workdir, built.params, step, strict)
+            chosen, params = run.restore_params(built.params, step, strict=strict, checkpoints=checkpoints)
             results: dict[str, Any] = {"step": chosen}
             for name in split_names:
-                results[name] = built.evaluator(params, getattr(built.splits, name), name)
-    finally:
-        checkpoints.close()
+                try:
+                    results[name] = built.evaluator(params, getattr(built.splits, name), name)
+                except NonFinitePredictionsError as err:
+                    raise CheckpointUnusableError(
+                        f"checkpoint step {chosen} in {run.checkpoints_dir} is unusable: {err}; evaluate an older "
+                        "step with --step N"
+                    ) from None
     if write:
         try:
-            write_eval_results(workdir, results)
-        except workdir_lib.WorkdirNotWritableError as err:
-            warnings.warn(str(err), workdir_lib.WorkdirWarning, stacklevel=2)
+            write_eval_results(run.path, results)
+        except workdir_files.WorkdirNotWritableError as err:
+            warnings.warn(str(err), workdir_files.WorkdirWarning, stacklevel=2)
     return results
 
 
@@ -235,66 +311,10 @@ def write_eval_results(workdir: str | os.PathLike[str], results: dict[str, Any])
     path = pathlib.Path(workdir) / "eval.json"
     if distributed.is_primary():
         try:
-            workdir_lib.check_writable(path.parent)
-            workdir_lib.atomic_write_json(path, jsonable(results))
-        except OSError as err:
-            raise workdir_lib.WorkdirNotWritableError(
-                f"cannot write {path}: {err.strerror or err}; the results above were not saved"
+            workdir_files.check_writable(path.parent)
+            workdir_files.atomic_write_json(path, jsonable(results))
+        except workdir_files.RunIOError as err:
+            raise workdir_files.WorkdirNotWritableError(
+                f"{err}; {path} was not written (the results above were not saved)", path.parent, err.errno
             ) from None
-        except workdir_lib.WorkdirNotWritableError as err:
-            raise workdir_lib.WorkdirNotWritableError(f"{err}; {path} was not written") from None
     return path
-
-
-def _restore_for_eval(
-    checkpoints: Checkpointer, workdir: pathlib.Path, template: Any, step: int | str | None, strict: bool
-) -> tuple[int, Any]:
-    """``(step, params)`` for :func:`evaluate_workdir`'s ``step`` argument."""
-    if step is not None and step != "last":
-        try:
-            number = int(step)
-        except ValueError:
-            raise ConfigError(f"--step must be a checkpoint step number or 'last', got {step!r}") from None
-        return number, checkpoints.restore_params(number, template)
-    best = selection_lib.read_best_step(workdir) if step is None else None
-    if best is not None:
-        try:
-            return best, checkpoints.restore_params(best, template)
-        except (CheckpointCorruptError, CheckpointNotFoundError) as err:
-            if strict:
-                raise
-            warnings.warn(f"the best step {best} cannot be used ({err}); evaluating the newest intact checkpoint",
-                          CheckpointWarning, stacklevel=3)  # fmt: skip
-    got = checkpoints.restore_params_latest_intact(template, strict=strict)
-    if got is None:
-        raise WorkdirError(f"{checkpoints.directory} holds no checkpoint yet")
-    return got
-
-
-def evaluate(
-    config: Config,
-    graphdef: Any,
-    params: Any,
-    split_arrays: dict[str, np.ndarray],
-    *,
-    model_api: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    tasks: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Per-task NE / AUC / gAUC / logloss (+ oracle NE) of ``params`` on one split (the candidate evaluator).
-
-    ``tasks`` defaults to the split's ``label_<task>`` keys in order. Compiles an eval step per call;
-    inside a loop, build one :class:`gesr_jax.train.evaluators.CandidateEvaluator` instead.
-    """
-    model_api = setup_lib.default_model_api() if model_api is None else model_api
-    tasks = tuple(tasks) if tasks is not None else tuple(k[6:] for k in split_arrays if k.startswith("label_"))
-    weights = step_lib.resolve_task_weights(tasks, config.train)
-    mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    sharding_lib.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-    with sharding_lib.mesh_context(mesh):
-        params_sharding = sharding_lib.param_shardings(params, mesh)
-        params = sharding_lib.place(params, params_sharding)
-        evaluator = evaluators_lib.CandidateEvaluator(
-            model_api, graphdef, tasks, weights, config.train.eval_batch_size, mesh, params_sharding
-        )
-        return evaluator(params, split_arrays)

@@ -19,16 +19,21 @@ import jax
 import numpy as np
 import pytest
 
-from gesr_jax import api, metrics
+from gesr_jax import api, cascade, metrics
 from gesr_jax import config as config_lib
 from gesr_jax.data import datasets
-from gesr_jax.serving import Buckets, Scorer, export_workdir, load, register_cli
+from gesr_jax.serving.buckets import Buckets
+from gesr_jax.serving.export import export_workdir, register_cli
+from gesr_jax.serving.loader import load
 from gesr_jax.serving.requests import requests_from_batch
-from gesr_jax.train import train_and_evaluate
-from gesr_jax.train.setup import WorkdirError
+from gesr_jax.serving.scorer import Scorer
+from gesr_jax.train.checkpoint_errors import CheckpointNotFoundError, CheckpointWarning
+from gesr_jax.train.trainer import train_and_evaluate
+from gesr_jax.workdir import Workdir
+from gesr_jax.workdir_files import WorkdirError
 
 BUCKETS = Buckets((1, 16), (16,))
-OVERRIDES = ["model.embed_dim=64", "model.tower_mlp=128,64", "train.num_steps=50", "train.checkpoint_every=50",
+OVERRIDES = ["model.embed_dim=64", "model.tower_mlp=128,64", "train.num_steps=50", "train.checkpoint_every=25",
              "train.eval_every=0", "train.log_every=50"]  # fmt: skip
 
 
@@ -74,6 +79,20 @@ def test_from_workdir_refuses_a_workdir_of_another_model_api(trained, tmp_path):
         Scorer.from_workdir(other)
 
 
+def test_scorer_cascade_and_export_pick_the_step_by_the_workdir_rule(trained, tmp_path):
+    other = tmp_path / "w"
+    shutil.copytree(trained[0], other)
+    assert Workdir(other).best_step() == 50 and Scorer.from_workdir(other).step == 50
+    (other / "best.json").write_text(json.dumps({"step": 25}))
+    assert cascade.load_run(other).step == Scorer.from_workdir(other).step == 25
+    assert Scorer.from_workdir(other, "last").step == 50
+    shutil.rmtree(other / "checkpoints" / "25")  # the best step is gone: the newest intact one, with a warning
+    with pytest.warns(CheckpointWarning, match="best step 25 cannot be used"):
+        assert cascade.load_run(other).step == 50
+    with pytest.raises(CheckpointNotFoundError):
+        Scorer.from_workdir(other, strict=True)
+
+
 def test_fp8_delta_ne_on_a_trained_model_stays_within_0_05_percent(trained, scorer):
     _, splits = trained
     fp8 = Scorer.from_workdir(trained[0], buckets=BUCKETS, fp8=True)  # default: kernels of >= 4096 entries
@@ -98,8 +117,8 @@ _LOADER = textwrap.dedent(
 
     sys.meta_path.insert(0, Guard())
     import numpy as np
-    import gesr_jax.serving
-    scorer = gesr_jax.serving.load(sys.argv[1])
+    from gesr_jax.serving.loader import load
+    scorer = load(sys.argv[1])
     data = np.load(sys.argv[2])
     n = int(data["n"])
     requests = [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")} for i in range(n)]

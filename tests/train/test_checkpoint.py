@@ -9,7 +9,8 @@ import train_fixtures as fx
 
 from gesr_jax.data import pipeline
 from gesr_jax.train import sharding, step
-from gesr_jax.train.checkpoint import CheckpointError, Checkpointer, CheckpointMismatchError, CheckpointNotFoundError
+from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint_errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 from gesr_jax.train.config import TrainConfig
 
 
@@ -62,6 +63,6 @@ def test_restore_errors_are_clear(tmp_path):
         bigger = fx.linear_api(dim=4).init(None, 0)[1]
         with pytest.raises(CheckpointMismatchError, match=r"does not match the model .*\['item'\]\.value: saved"):
             ckpt.restore_params(1, bigger)
-    # Both stay ValueErrors (what callers caught before) and are CheckpointErrors (what the CLI catches).
-    assert issubclass(CheckpointNotFoundError, ValueError) and issubclass(CheckpointNotFoundError, CheckpointError)
-    assert issubclass(CheckpointMismatchError, ValueError) and issubclass(CheckpointMismatchError, CheckpointError)
+    # Both are CheckpointErrors (what the CLI reports as usage errors), not ValueErrors (which are bugs).
+    assert issubclass(CheckpointNotFoundError, CheckpointError) and not issubclass(CheckpointNotFoundError, ValueError)
+    assert issubclass(CheckpointMismatchError, CheckpointError) and not issubclass(CheckpointMismatchError, ValueError)

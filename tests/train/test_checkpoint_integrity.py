@@ -14,14 +14,10 @@ import pytest
 import train_fixtures as fx
 
 from gesr_jax.data import pipeline
-from gesr_jax.train import checkpoint as ck
-from gesr_jax.train import sharding, step
-from gesr_jax.train.checkpoint import (
-    CheckpointCorruptError,
-    Checkpointer,
-    CheckpointMismatchError,
-    CheckpointWarning,
-)
+from gesr_jax.train import checkpoint, checkpoint_errors
+from gesr_jax.train import checksums, sharding, step
+from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint_errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWarning
 from gesr_jax.train.config import TrainConfig
 
 
@@ -146,8 +142,8 @@ def test_a_real_mismatch_is_a_mismatch_and_is_not_skipped(saved):
             ckpt.restore_params(2, bigger[0])
         with pytest.raises(CheckpointMismatchError):
             ckpt.restore_latest_intact(params=bigger[0], opt_state=bigger[1], data_iterator=_iterator())
-        assert issubclass(CheckpointMismatchError, ck.CheckpointError)
-        assert issubclass(CheckpointCorruptError, ck.CheckpointError)
+        assert issubclass(CheckpointMismatchError, checkpoint_errors.CheckpointError)
+        assert issubclass(CheckpointCorruptError, checkpoint_errors.CheckpointError)
 
 
 def test_every_step_corrupt_raises_and_leaves_the_iterator_alone(saved):
@@ -208,11 +204,11 @@ def test_steps_without_checksums_restore_with_a_warning(tmp_path):
 
 def test_nonfinite_counts_and_nonfinite_steps_are_refused(tmp_path):
     params, opt_state = _state(0)
-    assert ck.all_finite(params) and ck.count_nonfinite(opt_state) == 0
+    assert checksums.all_finite(params) and checksums.count_nonfinite(opt_state) == 0
     bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 2 else x, params)
-    assert ck.count_nonfinite(bad) == 8 + 8 + 2  # row 0 of user [401, 8], item [61, 8] and w [8, 2]
-    assert not ck.all_finite(bad)
-    assert ck.count_nonfinite({"i": jnp.arange(3), "f": jnp.array([jnp.inf, 1.0])}) == 1
+    assert checksums.count_nonfinite(bad) == 8 + 8 + 2  # row 0 of user [401, 8], item [61, 8] and w [8, 2]
+    assert not checksums.all_finite(bad)
+    assert checksums.count_nonfinite({"i": jnp.arange(3), "f": jnp.array([jnp.inf, 1.0])}) == 1
     with Checkpointer(tmp_path / "ck") as ckpt:
         ckpt.save(1, bad, opt_state, _iterator())
         ckpt.wait()
@@ -223,9 +219,9 @@ def test_nonfinite_counts_and_nonfinite_steps_are_refused(tmp_path):
 def test_saved_record_is_plain_json(saved):
     directory, states = saved
     record = json.loads((directory / "2" / "step" / "metadata").read_text())
-    assert record["step"] == 2 and record["integrity"]["version"] == ck.INTEGRITY_VERSION
+    assert record["step"] == 2 and record["integrity"]["version"] == checkpoint.INTEGRITY_VERSION
     leaves = record["integrity"]["params"]
-    assert set(leaves) == set(ck.leaf_specs(states[2][0]))
+    assert set(leaves) == set(checksums.leaf_specs(states[2][0]))
     assert all(len(v["sha256"]) == 64 for v in leaves.values())
     shutil.rmtree(directory / "1")  # steps are independent folders
     with Checkpointer(directory) as ckpt:

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import gesr_jax.train
 from gesr_jax import cli
 from gesr_jax.config import Config
 from gesr_jax.data.batch import BatchSchema
@@ -21,6 +20,7 @@ from gesr_jax.data.config import DataConfig, SyntheticConfig
 from gesr_jax.models import registry
 from gesr_jax.models.base import RankingModel
 from gesr_jax.models.config_base import ModelConfigBase
+from gesr_jax.train import trainer
 from gesr_jax.train.config import TrainConfig
 
 
@@ -78,7 +78,7 @@ def toy_config(**train) -> Config:
 
 
 def test_a_model_defined_in_a_test_file_trains_through_gesr_jax_train(tmp_path):
-    results = gesr_jax.train.train_and_evaluate(toy_config(), tmp_path)
+    results = trainer.train_and_evaluate(toy_config(), tmp_path)
     assert results["step"] == 5
     for task in ("consume", "engage"):
         assert np.isfinite(results["test"][f"{task}/ne"])
@@ -86,7 +86,7 @@ def test_a_model_defined_in_a_test_file_trains_through_gesr_jax_train(tmp_path):
         "kind": "toy_linear", "api": "gesr_jax.api", "config_module": ToyConfig.__module__,
     }
     # The workdir evaluates again with the same (default) model API and gets the same numbers.
-    again = gesr_jax.train.evaluate_workdir(tmp_path)
+    again = trainer.evaluate_workdir(tmp_path)
     assert again["test"]["consume/ne"] == results["test"]["consume/ne"]
 
 

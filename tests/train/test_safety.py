@@ -14,10 +14,11 @@ from gesr_jax import cli
 from gesr_jax import config as config_lib
 from gesr_jax.config import ConfigError
 from gesr_jax.train import setup as setup_lib
-from gesr_jax.train import trainer
-from gesr_jax.train import workdir as workdir_lib
-from gesr_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointWarning
-from gesr_jax.train.workdir import DataChangedError, WorkdirBusyError, WorkdirLock, WorkdirNotWritableError
+from gesr_jax.train import hooks, trainer
+from gesr_jax import workdir_files as workdir_lib
+from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint_errors import CheckpointCorruptError, CheckpointWarning
+from gesr_jax.workdir_files import DataChangedError, WorkdirBusyError, WorkdirLock, WorkdirNotWritableError
 
 SPLITS = fx.make_splits()
 
@@ -55,7 +56,7 @@ def test_non_finite_hyper_parameters_fail_validation_naming_the_field(field, val
 def test_params_that_become_non_finite_are_never_checkpointed(tmp_path):
     # The loss of step 1 is computed before the update and is finite; the updated params are not.
     config = fx.tiny_config(learning_rate=1e39, grad_clip_norm=0.0, warmup_steps=0, checkpoint_every=1)
-    with pytest.raises(trainer.TrainingDivergedError, match=r"became NaN/Inf at step 1; .*no checkpoint was written"):
+    with pytest.raises(hooks.TrainingDivergedError, match=r"became NaN/Inf at step 1; .*no checkpoint was written"):
         _run(tmp_path, config)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == []
@@ -79,7 +80,7 @@ def test_an_unwritable_workdir_is_reported_before_any_work(tmp_path, capsys):
     with pytest.raises(WorkdirNotWritableError, match="not writable: Not a directory"):
         _run(tmp_path / "afile" / "run")
     args = ["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path / "afile" / "run")]
-    assert cli.main(args) == 2 and "not writable" in capsys.readouterr().err
+    assert cli.main(args) == cli.EXIT_IO and "not writable" in capsys.readouterr().err
 
 
 def test_eval_prints_its_results_when_eval_json_cannot_be_written(finished, tmp_path, monkeypatch, capsys):
@@ -91,7 +92,7 @@ def test_eval_prints_its_results_when_eval_json_cannot_be_written(finished, tmp_
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(workdir_lib, "_probe_write", read_only)
-    assert cli.main(["eval", "--workdir", str(workdir), "--splits", "test"]) == 2
+    assert cli.main(["eval", "--workdir", str(workdir), "--splits", "test"]) == cli.EXIT_IO
     out, err = capsys.readouterr()
     printed = json.loads(out)
     assert printed["step"] == json.loads((workdir / "best.json").read_text())["step"] and "consume/ne" in printed["test"]
@@ -136,8 +137,8 @@ def test_dataset_dependent_checks_run_before_anything_is_written(tmp_path, train
 
 def test_bad_model_fields_for_this_data_are_config_errors_before_writes(tmp_path):
     fields = ["model.history_fields=item,category", "model.candidate_fields=item,category", "train.batch_size=16"]
-    config = config_lib.load_config("synthetic_tiny", ["model.hma_pairs=item:nope", *fields])
-    with pytest.raises(ConfigError, match="model.hma_pairs names 'nope'"):
+    config = config_lib.load_config("synthetic_tiny", ["model.hma.pairs=item:nope", *fields])
+    with pytest.raises(ConfigError, match="model.hma.pairs names 'nope'"):
         trainer.train_and_evaluate(config, tmp_path, splits=SPLITS)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
 

@@ -10,7 +10,8 @@ import train_fixtures as fx
 
 from gesr_jax.config import ConfigError
 from gesr_jax.train import evaluators, hooks, selection, trainer
-from gesr_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointWarning
+from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.train.checkpoint_errors import CheckpointCorruptError, CheckpointWarning
 
 SPLITS = fx.make_splits()
 NONDETERMINISTIC = ("wall_time", "examples_per_sec", "requests_per_sec", "candidates_per_sec", "sec_per_step")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import pathlib
 import types
 
 import jax
@@ -11,11 +13,14 @@ import numpy as np
 import pytest
 import train_fixtures as fx
 
+import gesr_jax
+
 from gesr_jax.config import ConfigError
 from gesr_jax.data import datasets
 from gesr_jax.train import hooks, trainer
 from gesr_jax.train import setup as setup_lib
 from gesr_jax.train.checkpoint import Checkpointer
+from gesr_jax.workdir_files import WorkdirError
 
 OTHER_SCHEMA = dataclasses.replace(fx.SCHEMA, num_users=150, num_items=40, tasks=("click",))
 
@@ -139,15 +144,17 @@ def test_workdir_records_the_model_and_refuses_another_model_api(tmp_path):
                       "config_module": type(_config().model).__module__}
     other = types.SimpleNamespace(**{**vars(fx.linear_api()), "api_name": "my_models:other_api"})
     refused = r"trained by the model API 'train_fixtures:linear_api'.*'my_models:other_api'"
-    with pytest.raises(setup_lib.WorkdirError, match=refused):
+    with pytest.raises(WorkdirError, match=refused):
         trainer.evaluate_workdir(tmp_path, model_api=other, splits=splits)
-    with pytest.raises(setup_lib.WorkdirError, match="trained by the model API"):
+    with pytest.raises(WorkdirError, match="trained by the model API"):
         trainer.train_and_evaluate(_config(num_steps=4), tmp_path, model_api=other, splits=splits)  # nor resumed
     assert trainer.evaluate_workdir(tmp_path, model_api=fx.linear_api(), splits=splits)["step"] == 2
 
 
-def test_package_exports_the_entry_points():
-    import gesr_jax.train
-
-    assert gesr_jax.train.train_and_evaluate is trainer.train_and_evaluate
-    assert gesr_jax.train.evaluate_workdir is trainer.evaluate_workdir
+def test_packages_hide_no_imports_and_serving_reads_workdirs_only_through_workdir():
+    root = pathlib.Path(gesr_jax.__file__).parent
+    for package in ("train", "serving"):
+        tree = ast.parse((root / package / "__init__.py").read_text())
+        assert [type(n).__name__ for n in tree.body] == ["Expr"], package  # a docstring: no shims, no re-exports
+    for path in (root / "serving").glob("*.py"):
+        assert "gesr_jax.train" not in path.read_text(), path

@@ -14,8 +14,8 @@ from gesr_jax import config as config_lib
 from gesr_jax import metrics as metrics_lib
 from gesr_jax.config import ConfigError
 from gesr_jax.data import pipeline
+from gesr_jax.train import evaluators, hooks, sharding, trainer
 from gesr_jax.train import setup as setup_lib
-from gesr_jax.train import sharding, trainer
 from gesr_jax.train.checkpoint import Checkpointer
 
 NONDETERMINISTIC = ("wall_time", "examples_per_sec", "requests_per_sec", "candidates_per_sec", "sec_per_step")
@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     poisoned["user_id"][fifth["user_id"][0] - 1] = 399
     splits = dataclasses.replace(SPLITS, train=poisoned)
     diverged = r"loss became nan at step 5.*last good checkpoint \(step 4\)"
-    with pytest.raises(trainer.TrainingDivergedError, match=diverged):
+    with pytest.raises(hooks.TrainingDivergedError, match=diverged):
         run(tmp_path, config, model_api=fx.linear_api(poison_user=399), splits=splits)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [2, 4]
@@ -154,5 +154,12 @@ def test_evaluate_workdir_and_evaluate_reproduce_final_metrics(full_run, monkeyp
     params = jax.device_get(
         Checkpointer(workdir / "checkpoints").restore_params(12, fx.linear_api().init(None, 0)[1])
     )
-    direct = trainer.evaluate(fx.tiny_config(), graphdef, params, SPLITS.test, model_api=fx.linear_api())
+    mesh = sharding.make_mesh()
+    placed = sharding.param_shardings(params, mesh)
+    evaluator = evaluators.CandidateEvaluator(
+        fx.linear_api(), graphdef, SPLITS.schema.tasks, (1.0,) * len(SPLITS.schema.tasks),
+        fx.tiny_config().train.eval_batch_size, mesh, placed,
+    )  # fmt: skip
+    with sharding.mesh_context(mesh):
+        direct = evaluator(sharding.place(params, placed), SPLITS.test)
     assert direct["consume/ne"] == pytest.approx(results["test"]["consume/ne"], rel=1e-6)

@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-from gesr_jax.train import workdir as wd
-from gesr_jax.train.workdir import (
+from gesr_jax import workdir_files as wd
+from gesr_jax.workdir_files import (
     DataChangedError,
     WorkdirBusyError,
     WorkdirError,
@@ -25,7 +25,7 @@ from gesr_jax.train.workdir import (
 
 HOLDER = """
 import sys
-from gesr_jax.train.workdir import WorkdirLock
+from gesr_jax.workdir_files import WorkdirLock
 with WorkdirLock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.readline()
@@ -175,3 +175,4 @@ def test_data_fingerprint_detects_what_changed():
         got = wd.check_data_fingerprint(saved, wd.data_fingerprint(changed), allow_change=True)
     assert len(got) == 2
     assert issubclass(DataChangedError, WorkdirError) and issubclass(WorkdirBusyError, WorkdirError)
+    assert issubclass(WorkdirNotWritableError, OSError)  # an I/O failure (exit status 3), not a usage error

@@ -1,13 +1,17 @@
-"""Workdir safety: one run per workdir, atomic small files, a writability check, and a data fingerprint.
+"""The files of a workdir, kept safe: one run per workdir, atomic small files, writability and free space, data fingerprints.
 
-Utilities the trainer calls around a run; none of them imports JAX (``gesr_jax.config`` does not).
+The primitives under :mod:`gesr_jax.workdir` (which reads and writes a run's records with them); none
+of them imports JAX.
 
 * :class:`WorkdirLock` -- ``<workdir>/.lock``, held for the whole run; a second run fails at once.
 * :func:`atomic_write_text` / :func:`atomic_write_json` -- readers never see a half-written file.
-* :func:`check_writable` -- a read-only or full workdir is reported before any work starts.
+* :func:`check_writable` -- a read-only or full folder is reported before any work starts.
+* :func:`free_space_warning` -- a warning when a folder cannot hold two checkpoints.
 * :func:`data_fingerprint` / :func:`check_data_fingerprint` -- a resume on different data is refused.
 
-Every error is a :class:`WorkdirError` (the CLI reports them as usage errors).
+A busy workdir or changed data is a :class:`WorkdirError` (a usage error, exit status 2); a file or
+folder that cannot be written is a :class:`RunIOError` (an ``OSError``, exit status 3; see
+``docs/failures.md``).
 """
 
 from __future__ import annotations
@@ -37,16 +41,37 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 class WorkdirError(ConfigError):
-    """A workdir cannot be used as asked: busy, not writable, trained on other data or by another model API,
-    or without config.json / checkpoints (a usage error: the CLI prints one line and exits with status 2)."""
+    """A workdir cannot be used as asked: busy, trained on other data or by another model API, or without
+    config.json / checkpoints (a usage error: the CLI prints one line and exits with status 2)."""
 
 
 class WorkdirBusyError(WorkdirError):
     """Another live process holds the workdir's lock."""
 
 
-class WorkdirNotWritableError(WorkdirError):
-    """The workdir cannot be created or written (read-only, no permission, disk full)."""
+class RunIOError(OSError):
+    """Reading or writing a run's file failed (disk full, read-only, no permission, I/O error).
+
+    ``str()`` is one line naming the operation, the path and the OS reason; ``errno`` is the OS error's
+    (None when unknown) and ``path`` the file or folder. The CLI reports it with exit status 3.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, code: int | None = None):
+        super().__init__(message)
+        self.message, self.errno = message, code
+        self.path = None if path is None else pathlib.Path(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def wrap(cls, operation: str, path: str | os.PathLike[str], err: OSError) -> RunIOError:
+        """``cannot <operation> <path>: <reason> [ERRNO]`` from the OS error ``err``."""
+        return cls(f"cannot {operation} {path}: {describe_os_error(err)}", path, err.errno)
+
+
+class WorkdirNotWritableError(RunIOError):
+    """A folder of the workdir cannot be created or written (read-only, no permission, disk full)."""
 
 
 class DataChangedError(WorkdirError):
@@ -104,7 +129,9 @@ class WorkdirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise WorkdirNotWritableError(f"cannot create the lock file {self.path}: {err.strerror}") from None
+            raise WorkdirNotWritableError(
+                f"cannot create the lock file {self.path}: {describe_os_error(err)}", self.path.parent, err.errno
+            ) from None
         try:
             flock_works = self._flock(fd)
             record = self._read(fd)
@@ -205,14 +232,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a part.
 
     Writes a temporary file in the same folder (same filesystem, so the rename is atomic), fsyncs it,
-    ``os.replace``-s it over ``path`` and fsyncs the folder so the rename itself survives a crash.
+    ``os.replace``-s it over ``path`` and fsyncs the folder so the rename itself survives a crash. A failure
+    (a full disk) removes the temporary file, keeps the old ``path`` and raises :class:`RunIOError`.
     """
     path = pathlib.Path(path)
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644  # mkstemp's 0600 would make config.json unreadable to others
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise RunIOError.wrap("write", path, err) from None
     try:
         with os.fdopen(fd, "w", encoding=encoding) as f:
             f.write(text)
@@ -220,9 +251,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, RunIOError):
+            raise RunIOError.wrap("write", path, err) from None
         raise
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened/fsynced
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -245,36 +278,57 @@ def _probe_write(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-def check_writable(workdir: str | os.PathLike[str], *, min_free_bytes: int = 0) -> None:
-    """Create ``workdir`` if needed and write, fsync and delete a small file in it; else raise.
+def check_writable(folder: str | os.PathLike[str], *, what: str = "workdir", min_free_bytes: int = 0) -> None:
+    """Create ``folder`` if needed and write, fsync and delete a small file in it; else raise.
 
-    Raises :class:`WorkdirNotWritableError` naming the path and the OS reason (read-only filesystem,
-    permission denied, no space left), or the free space when it is below ``min_free_bytes``.
+    Raises :class:`WorkdirNotWritableError` naming ``what``, the path and the OS reason (read-only
+    filesystem, permission denied, no space left), or the free space when it is below ``min_free_bytes``.
     """
-    workdir = pathlib.Path(workdir)
+    folder = pathlib.Path(folder)
     probe = None
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-check-")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
         try:
             _probe_write(fd, b"\0" * 4096)
         finally:
             os.close(fd)
     except OSError as err:
-        reason = err.strerror or str(err)
-        code = f" [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else ""
-        raise WorkdirNotWritableError(f"workdir {workdir} is not writable: {reason}{code}") from None
+        raise WorkdirNotWritableError(
+            f"{what} {folder} is not writable: {describe_os_error(err)}", folder, err.errno
+        ) from None
     finally:
         if probe is not None:
             with contextlib.suppress(OSError):
                 os.unlink(probe)
     if min_free_bytes > 0:
-        free = shutil.disk_usage(workdir).free
+        free = shutil.disk_usage(folder).free
         if free < min_free_bytes:
             raise WorkdirNotWritableError(
-                f"workdir {workdir} has {free / 2**20:.1f} MiB free, less than the {min_free_bytes / 2**20:.1f} "
-                "MiB this run needs"
+                f"{what} {folder} has {free / 2**20:.1f} MiB free, less than the {min_free_bytes / 2**20:.1f} "
+                "MiB this run needs",
+                folder,
             )
+
+
+def describe_os_error(err: OSError) -> str:
+    """``No space left on device [ENOSPC]``: the OS reason and its errno name."""
+    reason = err.strerror or str(err)
+    return f"{reason} [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else reason
+
+
+def free_space_warning(folder: str | os.PathLike[str], checkpoint_bytes: int) -> str | None:
+    """A message when ``folder`` cannot hold two checkpoints of ``checkpoint_bytes`` each, else None.
+
+    Two, because a new step is written beside the previous one before the older is deleted.
+    """
+    free = shutil.disk_usage(folder).free
+    if free >= 2 * checkpoint_bytes:
+        return None
+    return (
+        f"{folder} has {free / 2**20:.1f} MiB free, less than two checkpoints ({2 * checkpoint_bytes / 2**20:.1f} "
+        "MiB): a checkpoint save may fail with 'No space left on device'"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data
