@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from gesr_jax.config import Config
-from gesr_jax.data.batch import BatchSchema, random_batch, split_batch, validate_inputs
+from gesr_jax.data.batch import BatchSchema, random_batch, split_batch, validate_batch
 from gesr_jax.models import registry
 
 GraphDef = Any  # nnx.GraphDef of a registered model; hashable, so it can be a static jit argument
@@ -96,12 +96,13 @@ def apply(
 
     ``train=True`` enables dropout and stochastic length (both need ``key``). ``item_cache`` (from
     :func:`item_cache`) replaces the item tower by a lookup; logits are unchanged. Extra keys (labels,
-    true probabilities) are ignored. ``validate`` checks ids, lengths and dtypes of concrete inputs
-    against the schema, naming the key and row of the first problem.
+    true probabilities) are ignored. ``validate`` checks ids, lengths, dtypes and history times (every
+    event strictly before its ``request_time``: the serving Scorer's rule) of concrete inputs against the
+    schema (``validate_batch(level="inputs")``, data/batch.py), naming the key and row of the first problem.
     """
     model = nnx.merge(graphdef, params)
     if validate and _is_concrete(batch):
-        validate_inputs(batch, model.schema)
+        validate_batch(batch, model.schema, level="inputs")
     return model(batch, key=key, train=train, item_cache=item_cache)
 
 
