@@ -4,6 +4,7 @@ per-request errors, user-state reuse."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import sys
 
 import jax
@@ -15,7 +16,10 @@ from serving_helpers import SCHEMA, consistent_batch, gesr, item_table, two_towe
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax.data.batch import CANDIDATE, HISTORY, MAX_REQUEST_CANDIDATES  # noqa: E402
-from gesr_jax.serving import Buckets, RequestError, Scorer, UserStateCache  # noqa: E402
+from gesr_jax.serving.buckets import Buckets  # noqa: E402
+from gesr_jax.serving.requests import RequestError  # noqa: E402
+from gesr_jax.serving.scorer import Scorer  # noqa: E402
+from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
 from gesr_jax.serving.requests import parse_request, requests_from_batch  # noqa: E402
 
 TABLE = item_table()
@@ -172,6 +176,9 @@ def test_request_counts_are_the_schemas_and_the_documented_range():
         assert parse_request(_request(rng, 3, history=n), SCHEMA, item_table=TABLE).num_history == n
     with pytest.raises(RequestError, match="more than this model's history_len"):
         parse_request(_request(rng, 3, history=SCHEMA.history_len + 1), SCHEMA, item_table=TABLE)
+    # The serving guide states the same range.
+    guide = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    assert f"1 … {MAX_REQUEST_CANDIDATES:,} candidates" in guide
 
 
 def test_user_state_cache_reuses_identical_requests_and_misses_a_changed_history(gesr_model):
