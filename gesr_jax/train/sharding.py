@@ -130,7 +130,8 @@ def param_shardings(
     axes ``(vocab, embed)``) shard their width over ``model``.
     """
     rules = rules_for(embedding_sharding) if rules is None else rules
-    specs = nnx.get_partition_spec(params)
+    with nnx.logical_axis_rules(()):  # the logical names themselves, not the ambient rules' translation
+        specs = nnx.get_partition_spec(params)
 
     def one(spec: PartitionSpec) -> NamedSharding:
         if embedding_sharding == "column" and tuple(spec) == ("vocab", "embed"):

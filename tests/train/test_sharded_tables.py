@@ -8,7 +8,6 @@ reduce-scatter and no all-reduce of the looked-up activations.
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from gesr_jax import config as config_lib
 from gesr_jax.data import batch as batch_lib
 from gesr_jax.data import datasets
 from gesr_jax.layers import sharded_lookup
-from gesr_jax.train import sharding, step
+from gesr_jax.train import hlo_collectives, sharding, step
 
 KINDS = {"gesr": [], "genrank": ["model.kind=genrank"], "two_tower": ["model.kind=two_tower"]}
 BATCH = 16
@@ -101,16 +100,6 @@ def test_per_device_table_bytes_are_the_total_over_the_model_axis(layout):
     assert per_device == total
 
 
-def _collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
-    """``(op, result shape)`` of every collective in a compiled HLO module's text."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"= \(?(\w+)\[([\d,]*)\][^ ]* (all-reduce|reduce-scatter|all-gather|all-to-all)\(", line)
-        if m:
-            found.append((m.group(3), tuple(int(d) for d in m.group(2).split(",") if d)))
-    return found
-
-
 def test_row_layout_step_reduce_scatters_the_lookups_and_never_all_reduces_them():
     config, schema, graphdef, params, batch = _model("two_tower")
     mesh = sharding.make_mesh(8, model_parallel=8)
@@ -126,12 +115,13 @@ def test_row_layout_step_reduce_scatters_the_lookups_and_never_all_reduces_them(
         )  # fmt: skip
         opt_state = jax.eval_shape(tx.init, params)
         hlo = train_step.lower(params, opt_state, batch, jax.random.key(0)).compile().as_text()
-    ops = _collectives(hlo)
+    moved = [c for c in hlo_collectives.collectives(hlo) if c.group_size != 1]  # size-1 groups move nothing
     d = config.model.embed_dim
-    scatters = [s for op, s in ops if op == "reduce-scatter"]
+    scatters = [s for c in moved if c.kind == "reduce-scatter" for s in c.shapes]
     assert scatters and all(s[-1] == d for s in scatters)  # one per lookup: [b, L, D] slices of embeddings
     # The only all-reduces are of gradients of replicated parameters and of scalars: never a [B, L, D] lookup.
-    looked_up = [s for op, s in ops if op == "all-reduce" and len(s) >= 2 and s[-1] == d and s[0] >= BATCH // 8]
+    reduced = [s for c in moved if c.kind == "all-reduce" for s in c.shapes]
+    looked_up = [s for s in reduced if len(s) >= 2 and s[-1] == d and s[0] >= BATCH // 8]
     dense_shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(params)}
     assert all(s in dense_shapes for s in looked_up), looked_up
 

@@ -46,6 +46,9 @@ def test_column_layout_shards_table_width_and_the_mesh_checks_name_the_fields():
     column = sharding.param_shardings(params, mesh, embedding_sharding="column")
     assert column["user"].get_value().spec == PartitionSpec(None, "model")
     assert column["w"].get_value().spec == PartitionSpec(None, None)
+    with sharding.mesh_context(mesh, embedding_sharding="column"):  # inside the run's context: the same
+        inside = sharding.param_shardings(params, mesh, embedding_sharding="column")
+    assert inside["user"].get_value().spec == PartitionSpec(None, "model")
     config = fx.tiny_config(model_parallel=3)
     with pytest.raises(ValueError, match=r"train.model_parallel: model_parallel=3 must divide"):
         sharding.mesh_for(config, 8)
