@@ -119,3 +119,20 @@ def test_two_processes_resume_after_one_is_killed(tmp_path):
     a, b = (json.loads((w / "results.json").read_text()) for w in (full, killed))
     assert (a["best_step"], a["last_step"]) == (b["best_step"], b["last_step"])
     assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], rel=1e-6)
+
+
+def test_local_launcher_runs_when_a_count_is_given_without_an_id_and_strips_its_own_flags(monkeypatch):
+    from gesr_jax.train import launch
+
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    assert launch.requested(2, None, None)
+    assert not launch.requested(2, 0, None) and not launch.requested(2, None, "h:1")
+    assert not launch.requested(None, None, None)
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")  # started by another launcher: this is one process, not a launcher
+    assert not launch.requested(2, None, None)
+    argv = ["train", "--num-processes", "2", "--workdir", "w", "--devices-per-process=4", "--set", "a=1"]
+    assert launch.child_argv(argv) == ["train", "--workdir", "w", "--set", "a=1"]
+    env = launch.child_env(1, 2, 1234, 4)
+    settings = (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"])
+    assert settings == ("127.0.0.1:1234", "2", "1")
+    assert env["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=4") == 1
