@@ -47,10 +47,10 @@ RUNS_ROOT = pathlib.Path("/tmp/gesr_runs")
 
 ABLATIONS = [
     ("GESR (all on)", ()),
-    ("GESR without HMA", ("model.use_hma=false",)),
-    ("GESR without target-awareness", ("model.target_aware=false",)),
-    ("GESR without cross attention", ("model.use_ro_cross=false", "model.use_nro_cross=false")),
-    ("GESR without MLPG", ("model.use_mlpg=false",)),
+    ("GESR without HMA", ("model.hma.enabled=false",)),
+    ("GESR without target-awareness", ("model.hstu.target_aware=false",)),
+    ("GESR without cross attention", ("model.cross.ro=false", "model.cross.nro=false")),
+    ("GESR without MLPG", ("model.mlpg.enabled=false",)),
 ]
 
 

@@ -15,7 +15,7 @@ batch B in {1, 16}:
   batch, item cache on, from ready numpy arrays (no validation): the same model code in one call of the
   exact shape, no chunking, no reuse (``apply`` already encodes the history once and scores candidates
   against its cached K/V).
-* ``gesr full-sequence apply``: the same params with ``model.hstu_scoring=full``: HSTU over the packed
+* ``gesr full-sequence apply``: the same params with ``model.hstu.scoring=full``: HSTU over the packed
   [history ; candidates] sequence, O((N + C)^2), the model as it was before the request/candidate split
   (the issue's baseline).
 
@@ -91,7 +91,7 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: 
         naive = jax.jit(lambda p, batch, cache, g=graphdef: api.apply(g, p, batch, item_cache=cache, validate=False))
         full = None
         if kind == "gesr":  # same parameters, HSTU over the packed [history ; candidates] sequence
-            full_cfg = config_lib.load_config(preset, [f"data.history_len={n}", "model.hstu_scoring=full"])
+            full_cfg = config_lib.load_config(preset, [f"data.history_len={n}", "model.hstu.scoring=full"])
             full_graphdef, _ = api.abstract_init(full_cfg, schema)
             full = jax.jit(lambda p, batch, cache, g=full_graphdef: api.apply(g, p, batch, item_cache=cache,
                                                                                validate=False))  # fmt: skip
@@ -146,7 +146,7 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "Latency per call of B requests (median wall, p99 wall, median CPU); cand/s = B*C/wall p50. "
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
         "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays. "
-        "`full-sequence apply`: the same GESR params with `model.hstu_scoring=full` (HSTU over the packed "
+        "`full-sequence apply`: the same GESR params with `model.hstu.scoring=full` (HSTU over the packed "
         "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split).",
         "",
         "| N | C | B | model | mode | wall p50 ms | wall p99 ms | CPU ms | cand/s | x naive apply (same model, CPU) |",

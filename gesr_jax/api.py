@@ -50,18 +50,19 @@ def build(config: Config, seed: int, schema: BatchSchema | None = None) -> nnx.M
 
 
 def _check_attention_impl(config: Config) -> None:
-    """A kernel backend named in ``model.attention_impl`` must run on this process's platform."""
-    name = getattr(config.model, "attention_impl", None)
-    if name is None:
+    """A kernel backend named in an attention stack's ``attention_impl`` must run on this process's platform."""
+    stacks = [(path, s.attention_impl) for path, s in config.model.attention_stacks() if s.attention_impl is not None]
+    if not stacks:
         return
     from kernels.hstu_attention.registry import BACKENDS
 
     platform = "gpu" if jax.default_backend() == "cuda" else jax.default_backend()
-    if name in BACKENDS and platform not in BACKENDS[name].platforms:
-        raise ValueError(
-            f"model.attention_impl={name!r} runs on {list(BACKENDS[name].platforms)}, but this process runs on "
-            f"{platform}; use model.attention_impl=None (the best backend here) or 'xla'"
-        )
+    for path, name in stacks:
+        if name in BACKENDS and platform not in BACKENDS[name].platforms:
+            raise ValueError(
+                f"{path}.attention_impl={name!r} runs on {list(BACKENDS[name].platforms)}, but this process runs "
+                f"on {platform}; use {path}.attention_impl=None (the best backend here) or 'xla'"
+            )
 
 
 def init(config: Config, seed: int, schema: BatchSchema | None = None) -> tuple[GraphDef, Params]:

@@ -7,10 +7,15 @@ section is a tagged union: its ``kind`` names a registered model (``gesr_jax/mod
 in ``gesr_jax/configs/<name>.py``; every preset ``NAME`` whose model has a two-tower backbone also
 has ``NAME_two_tower``: the same run with a model of kind ``two_tower`` (the paper's baseline).
 
-Overrides use dotted paths (``model.use_hma=false``, ``train.learning_rate=3e-4``,
+Overrides use dotted paths (``model.hma.enabled=false``, ``model.hstu.heads=4``, ``train.learning_rate=3e-4``,
 ``model.tower_mlp=64,32``); ``model.kind=two_tower`` converts the section to that kind, keeping
 the fields both kinds have. An unknown key or a value that does not parse as the field's type
-raises :class:`ConfigError` naming the key; cross-field checks run once, after every override.
+raises :class:`ConfigError` naming the key (a key that moved into a section names its new path);
+validation runs once, after every override.
+
+``config.json`` files written before the typed sections (flat ``model.hma_dim``, ``model.genrank_heads``, ...)
+still load: :func:`from_dict` moves each old field to its section, using the ``moved_fields`` table of the
+section's class.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     elif base in preset_names():
-        module = importlib.import_module(f"gesr_jax.configs.{base}")
+        module = importlib.import_module(f"gesr_jax.configs.{base}")  # presets are found by name at run time
     else:
         raise ConfigError(
             f"unknown config {name_or_path!r}: expected a .py file or one of "
@@ -104,14 +109,16 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     return config
 
 
-def validate_config(config: Any, prefix: str = "") -> None:
-    """Run every section's ``validate()`` (cross-field checks), raising :class:`ConfigError`."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            validate_config(value, f"{prefix}{f.name}.")
-    validate = getattr(config, "validate", None)
-    if validate is not None:
+def validate_config(config: Any) -> None:
+    """Run ``validate()`` of ``config`` or of each of its top-level sections, raising :class:`ConfigError`.
+
+    Each section validates its own sub-sections (``model.hstu``, ``data.synthetic``), so every check runs once.
+    """
+    targets = [config] if hasattr(config, "validate") else [getattr(config, f.name) for f in dataclasses.fields(config)]
+    for target in targets:
+        validate = getattr(target, "validate", None)
+        if validate is None:
+            continue
         try:
             validate()
         except ValueError as err:
@@ -124,6 +131,10 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     head = path[0]
     if head not in fields:
+        moved = getattr(type(obj), "moved_fields", {}).get(head)
+        if moved is not None and len(path) == 1:
+            new_key = full_key[: len(full_key) - len(head)] + moved
+            raise ConfigError(f"config key {full_key!r} moved to {new_key!r}")
         raise ConfigError(f"unknown config key {full_key!r}: {type(obj).__name__} has fields {sorted(fields)}")
     current = getattr(obj, head)
     if head == "kind" and len(path) == 1 and isinstance(obj, ModelConfigBase):
@@ -141,6 +152,15 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"bad value for config key {full_key!r}: {err}") from None
     return dataclasses.replace(obj, **{head: value})
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` where a dict value updates the fields of that section, e.g.
+    ``replace(model, hma={"enabled": False}, embed_dim=8)``. Nothing is validated (that is the caller's step)."""
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            changes[name] = replace(getattr(config, name), **value)
+    return dataclasses.replace(config, **changes)
 
 
 def parse_value(raw: str, hint: Any) -> Any:
@@ -206,6 +226,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) frozen config from :func:`to_dict` output, e.g. read from ``config.json``."""
     hints = typing.get_type_hints(cls)
+    data = move_old_fields(cls, data)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -227,6 +248,29 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"{cls.__name__} has no fields {unknown}")
     return cls(**kwargs)
+
+
+def move_old_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each flat field of an older ``config.json`` moved to its section (``cls.moved_fields``).
+
+    A class may also define ``upgrade_old_values(data)`` for a value whose meaning changed with its move.
+    """
+    table = getattr(cls, "moved_fields", {})
+    old = [name for name in table if name in data and not isinstance(data[name], dict)]
+    if not old:
+        return data
+    data = dict(data)
+    for name in old:
+        *sections, field = table[name].split(".")
+        value, target = data.pop(name), data
+        for section in sections:
+            target[section] = dict(target.get(section, {}))
+            target = target[section]
+        if field in target:
+            raise ConfigError(f"{cls.__name__}: the old field {name!r} and its new place {table[name]!r} are both set")
+        target[field] = value
+    upgrade = getattr(cls, "upgrade_old_values", None)
+    return upgrade(data, old) if upgrade is not None else data
 
 
 def _tuplify(value: Any) -> Any:

@@ -129,7 +129,7 @@ def preset_descriptions() -> list[tuple[str, str]]:
     """``(name, first docstring line)`` of every preset, each followed by its two-tower variant when it has one."""
     out = []
     for name in config_lib.preset_names():
-        module = importlib.import_module(f"gesr_jax.configs.{name}")
+        module = importlib.import_module(f"gesr_jax.configs.{name}")  # presets are found by name at run time
         doc = inspect.getdoc(module) or ""
         first = doc.strip().splitlines()[0] if doc.strip() else ""
         out.append((name, first.removeprefix(f"{name}:").strip()))

@@ -13,11 +13,13 @@ from gesr_jax import api
 from gesr_jax.config import Config, apply_overrides
 from gesr_jax.data.batch import validate_batch
 from gesr_jax.data.config import DataConfig
+from gesr_jax.models.config_sections import CrossSection, HMASection, HSTUSection, MLPGSection
 from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
 
 SMALL_MODEL = ModelConfig(
-    embed_dim=8, tower_mlp=(16, 8), interaction_mlp=(8,), hma_dim=4, hma_mlp=(8,), hstu_qk_dim=4, hstu_v_dim=4,
-    hstu_normalizer=16.0, ro_num_seeds=2, cross_head_dim=4, mlpg_hidden=8,
+    embed_dim=8, tower_mlp=(16, 8), interaction_mlp=(8,), hma=HMASection(dim=4, mlp=(8,)),
+    hstu=HSTUSection(qk_dim=4, v_dim=4, normalizer=16.0), cross=CrossSection(num_seeds=2, head_dim=4),
+    mlpg=MLPGSection(hidden=8),
 )
 
 
@@ -89,8 +91,8 @@ def test_item_cache_through_the_api(config, initialised):
 
 def test_cli_ablation_switches_reach_the_model(config):
     two_tower = apply_overrides(
-        config, ["model.use_hma=false", "model.use_hstu=false", "model.use_ro_cross=false",
-                 "model.use_nro_cross=false", "model.use_mlpg=false"]
+        config, ["model.hma.enabled=false", "model.hstu.enabled=false", "model.cross.ro=false",
+                 "model.cross.nro=false", "model.mlpg.enabled=false"]
     )
     _, params = api.init(two_tower, seed=0)
     assert set(params.keys()) == {"towers"}

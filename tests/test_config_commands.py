@@ -23,13 +23,13 @@ def test_list_names_every_preset_and_its_two_tower_variant(capsys):
 
 
 def test_show_prints_every_field_with_value_and_comment(capsys):
-    assert cli.main(["config", "show", "synthetic_tiny", "--set", "model.use_hma=false"]) == 0
+    assert cli.main(["config", "show", "synthetic_tiny", "--set", "model.hma.enabled=false"]) == 0
     out = capsys.readouterr().out
     rows = {r.key: r for r in config_commands.field_rows(config.load_config("synthetic_tiny"))}
     for key in rows:
         assert f" {key} = " in out, key
-    line = next(l for l in out.splitlines() if " model.use_hma = " in l)
-    assert line.startswith("*") and "False" in line and "# hard matching attention" in line
+    line = next(l for l in out.splitlines() if " model.hma.enabled = " in l)
+    assert line.startswith("*") and "False" in line and "# explicit match counts" in line
     line = next(l for l in out.splitlines() if " data.history_len = " in l)
     assert line.startswith("*") and "16" in line and "# N: most recent events" in line
     assert next(l for l in out.splitlines() if " train.seed = " in l).startswith(" ")  # the default: unmarked
@@ -63,5 +63,5 @@ def test_data_inspect_with_a_preset_uses_its_data_settings(capsys):
     assert report["schema"]["history_len"] == 16 and report["requests"]["users"] == 50
     assert set(report["health"]["splits"]) == {"train", "valid", "test"}
     assert "creator:creator" in report["health"]["splits"]["valid"]["hma_nonzero_rate"]
-    assert cli.main(["data", "inspect"]) == 1
+    assert cli.main(["data", "inspect"]) == 2  # a usage error (the CLI's code 2)
     assert "--path DIR" in capsys.readouterr().err

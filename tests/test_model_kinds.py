@@ -38,8 +38,8 @@ def test_set_kind_converts_the_section_and_from_dict_rebuilds_it():
     assert back == config
     with pytest.raises(ConfigError, match="model.kind"):
         config_lib.load_config("synthetic_tiny", ["model.kind=nope"])
-    with pytest.raises(ConfigError, match="use_hma"):  # a GESR field on a two-tower section is unknown
-        config_lib.load_config("synthetic_tiny_two_tower", ["model.use_hma=false"])
+    with pytest.raises(ConfigError, match="'model.hma.enabled'"):  # a GESR section on a two-tower config is unknown
+        config_lib.load_config("synthetic_tiny_two_tower", ["model.hma.enabled=false"])
 
 
 def test_old_workdir_configs_without_kind_are_gesr():
@@ -102,6 +102,67 @@ def test_a_model_without_towers_has_no_two_tower_preset():
 
 
 def test_a_kernel_backend_for_another_platform_is_an_error_naming_the_field():
-    config = config_lib.load_config("synthetic_tiny", ["model.attention_impl=pallas_tpu"])
-    with pytest.raises(ValueError, match=r"model.attention_impl='pallas_tpu' runs on \['tpu'\].*this process runs on cpu"):
+    config = config_lib.load_config("synthetic_tiny", ["model.hstu.attention_impl=pallas_tpu"])
+    with pytest.raises(ValueError, match=r"model.hstu.attention_impl='pallas_tpu' runs on \['tpu'\].*this process runs on cpu"):
         api.init(config, seed=0)
+
+
+# The flat GESR model section that workdirs written before the typed sections hold (config.json).
+FLAT_GESR = {
+    "use_hma": True, "use_hstu": False, "target_aware": True, "use_ro_cross": True, "use_nro_cross": False,
+    "use_mlpg": True, "nro_query_fields": [], "hma_pairs": [["item", "item"], ["creator", "creator"]],
+    "hma_max_count": 5, "hma_dim": 8, "hma_mlp": [32], "hstu_layers": 1, "hstu_heads": 2, "hstu_qk_dim": 8,
+    "hstu_v_dim": 8, "hstu_normalizer": 32.0, "hstu_alpha": None, "hstu_scoring": "cached", "attention_impl": None,
+    "use_position_emb": True, "use_time_emb": False, "num_time_buckets": 64, "time_bucket_width": 0.301,
+    "ro_num_seeds": 4, "ro_profile_query": True, "cross_heads": 2, "cross_head_dim": 16, "cross_attention": "silu",
+    "mlpg_branches": ["gated", "mlp"], "mlpg_hidden": 32, "mlpg_gate": "lhuc", "stochastic_length": True,
+    "sl_alpha": 1.5, "sl_sampling": "uniform", "compute_dtype": "float32",
+}  # fmt: skip
+
+
+def test_an_old_flat_config_json_still_loads_with_every_field_in_its_section():
+    config = config_lib.load_config("synthetic_tiny")
+    data = config_lib.to_dict(config)
+    sections = ("hma", "hstu", "cross", "mlpg", "context", "stochastic_length")
+    model = {k: v for k, v in data["model"].items() if k not in sections} | FLAT_GESR
+    old = config_lib.from_dict(config_lib.Config, {**data, "model": model})
+    m = old.model
+    assert (m.hma.pairs, m.hma.max_count, m.hstu.enabled, m.hstu.layers, m.cross.kind, m.cross.nro) == (
+        (("item", "item"), ("creator", "creator")), 5, False, 1, "silu", False)
+    assert (m.mlpg.gate, m.context.time, m.stochastic_length.enabled, m.stochastic_length.alpha) == (
+        "lhuc", False, True, 1.5)
+    # The old target_aware=true with HSTU off meant "target-aware whenever HSTU is on": today's unset.
+    assert m.hstu.target_aware is None
+    config_lib.validate_config(old)
+    # The same settings through today's paths give an equal config.
+    new = config_lib.load_config("synthetic_tiny", [
+        "model.hma.pairs=item:item,creator:creator", "model.hma.max_count=5", "model.hstu.enabled=false",
+        "model.cross.kind=silu", "model.cross.nro=false", "model.mlpg.gate=lhuc", "model.context.time=false",
+        "model.stochastic_length.enabled=true", "model.stochastic_length.alpha=1.5",
+        "model.stochastic_length.sampling=uniform",
+    ])  # fmt: skip
+    assert new == old
+
+
+def test_an_old_key_on_the_command_line_names_its_new_path():
+    with pytest.raises(ConfigError, match="'model.hma_dim' moved to 'model.hma.dim'"):
+        config_lib.load_config("synthetic_tiny", ["model.hma_dim=4"])
+    with pytest.raises(ConfigError, match="'model.use_nro_cross' moved to 'model.cross.nro'"):
+        config_lib.load_config("synthetic_tiny", ["model.use_nro_cross=false"])
+
+
+def test_string_choices_are_checked_from_their_literal_type():
+    with pytest.raises(ConfigError, match=r"model.hstu.scoring.*'sometimes' is not one of \['cached', 'full'\]"):
+        config_lib.load_config("synthetic_tiny", ["model.hstu.scoring=sometimes"])
+    bad = config_lib.replace(GESRConfig(), stochastic_length={"sampling": "oldest"})  # built in Python, not parsed
+    with pytest.raises(ValueError, match="model.stochastic_length.sampling must be one of"):
+        bad.validate()
+
+
+def test_target_aware_without_hstu_is_a_config_error_naming_both_fields():
+    """Issue 24: model.use_hstu=false with model.target_aware=true used to train without a word."""
+    with pytest.raises(ConfigError, match=r"model.hstu.target_aware=true needs model.hstu.enabled=true"):
+        config_lib.load_config("synthetic_tiny", ["model.hstu.enabled=false", "model.hstu.target_aware=true"])
+    off = config_lib.load_config("synthetic_tiny", ["model.hstu.enabled=false"])  # unset: follows the switch
+    assert off.model.hstu.target_aware is None and not off.model.hstu.is_target_aware
+    assert config_lib.load_config("synthetic_tiny").model.hstu.is_target_aware

@@ -169,11 +169,11 @@ def test_comparison_table_also_pairs_each_row_with_a_second_reference(tmp_path):
     from gesr_jax import comparison
 
     variants = [comparison.Variant("two-tower", "synthetic_tiny_two_tower"), comparison.Variant("GESR", "synthetic_tiny"),
-                comparison.Variant("GESR without X", "synthetic_tiny", ("model.use_hma=false",))]  # fmt: skip
+                comparison.Variant("GESR without X", "synthetic_tiny", ("model.hma.enabled=false",))]  # fmt: skip
     ne = {("synthetic_tiny_two_tower", True): 0.8, ("synthetic_tiny", True): 0.72, ("synthetic_tiny", False): 0.756}
 
     def train(config, run_dir):
-        value = ne[config.name, config.model.use_hma if config.model.kind != "two_tower" else True]
+        value = ne[config.name, config.model.hma.enabled if config.model.kind != "two_tower" else True]
         value *= 1 + 0.05 * config.train.seed  # seeds move every row alike: paired, the changes are exact
         test = {"consume/ne": value, "consume/auc": 0.8, "num_examples": 10}
         return {"step": 5, "valid": dict(test), "test": test}

@@ -10,6 +10,7 @@ import pathlib
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig
+from gesr_jax.models.config_sections import HMASection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
@@ -27,7 +28,7 @@ def get_config() -> Config:
             history_fields=("item", "genre", "year", "action"),
             candidate_fields=("item", "genre", "year"),
             # No ("item", "item") pair: it is 0 in every split on MovieLens (see ml1m_base).
-            hma_pairs=(("genre", "genre"), ("year", "year")),
+            hma=HMASection(pairs=(("genre", "genre"), ("year", "year"))),
         ),
         train=TrainConfig(
             batch_size=64, num_steps=600, learning_rate=2e-3, warmup_steps=50, log_every=100, eval_every=300,

@@ -13,6 +13,7 @@ import pathlib
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig
+from gesr_jax.models.config_sections import HMASection, HSTUSection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
@@ -31,8 +32,8 @@ def get_config() -> Config:
             candidate_fields=("item", "genre", "year", "director"),
             # No ("item", "item") pair: a user rates a movie once and negatives exclude rated movies, so that
             # count is 0 in every split (`gesr data inspect --config ml1m_base` reports each pair's nonzero rate).
-            hma_pairs=(("genre", "genre"), ("director", "director"), ("year", "year")),
-            hstu_normalizer=64.0,
+            hma=HMASection(pairs=(("genre", "genre"), ("director", "director"), ("year", "year"))),
+            hstu=HSTUSection(normalizer=64.0),
         ),
         # Model selection: valid every 200 steps, the best kept, stop after 2 passes without improvement. Test NE
         # drifts by several % with the stopping step at flat AUC (calibration), so the step is chosen on valid.

@@ -1,6 +1,6 @@
 """ml1m_genrank_interleaved: the item-action interleaved baseline of ml1m_genrank (2N history tokens).
 
-Only ``model.genrank_tokens`` differs from ml1m_genrank (spec §3.3: the action-oriented organisation halves the
+Only ``model.tokens.layout`` differs from ml1m_genrank (spec §3.3: the action-oriented organisation halves the
 sequence; the paper reports ~75% less attention and ~50% less projection cost at equal quality).
 
 Launch:   gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.path=/path/to/ml-1m
@@ -18,5 +18,5 @@ from gesr_jax.configs import ml1m_genrank
 
 def get_config() -> Config:
     base = ml1m_genrank.get_config()
-    model = dataclasses.replace(base.model, genrank_tokens="interleaved")
+    model = dataclasses.replace(base.model, tokens=dataclasses.replace(base.model.tokens, layout="interleaved"))
     return dataclasses.replace(base, name="ml1m_genrank_interleaved", model=model)

@@ -7,6 +7,7 @@ Expected: finishes in well under a minute on a 2-core CPU; NE is noisy at this s
 
 from gesr_jax.config import Config
 from gesr_jax.data.config import DataConfig, SyntheticConfig
+from gesr_jax.models.config_sections import HSTUSection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
 
@@ -20,7 +21,7 @@ def get_config() -> Config:
             synthetic=SyntheticConfig(num_users=200, num_items=400, num_creators=40, num_categories=10),
         ),
         model=GESRConfig(
-            embed_dim=16, tower_mlp=(32, 16), hstu_layers=1, hstu_qk_dim=8, hstu_v_dim=8, hstu_normalizer=32.0
+            embed_dim=16, tower_mlp=(32, 16), hstu=HSTUSection(layers=1, qk_dim=8, v_dim=8, normalizer=32.0)
         ),
         train=TrainConfig(batch_size=32, num_steps=60, warmup_steps=10, log_every=20, eval_every=0, checkpoint_every=30),
     )

@@ -136,14 +136,14 @@ def inspect_config(config: Any) -> dict[str, Any]:
     report["requests"] = splits.stats
     report["schema"] = dataclasses.asdict(splits.schema)
     fields = ("item", *splits.schema.item_feature_names)
-    hma = getattr(config.model, "hma", None)  # model.hma.pairs (sectioned configs) or model.hma_pairs (flat ones)
-    pairs = tuple(getattr(hma, "pairs", None) or getattr(config.model, "hma_pairs", ())) or tuple(
+    hma = getattr(config.model, "hma", None)  # GESR's model.hma section; other kinds have none
+    pairs = tuple(getattr(hma, "pairs", ())) or tuple(
         (f, f) for f in fields
     )  # a model without HMA: every same-name pair, to show which would match
     for name in (f for pair in pairs for f in pair):
         if name not in fields:  # the same one line `gesr train` gives (gesr_jax/models/gesr/tokens.py)
             raise datasets.DataError(
-                f"model.hma_pairs names {name!r}, which this dataset does not have; available: {list(fields)}"
+                f"model.hma.pairs names {name!r}, which this dataset does not have; available: {list(fields)}"
             )
     report["health"] = health.feature_health(splits, pairs)
     return report

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from gesr_jax.data.batch import BatchSchema
-
-if TYPE_CHECKING:  # annotations only: DataConfig is the data section of gesr_jax.config.Config
-    from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig
 
 # Modules that register the built-in sources when imported.
 _BUILTIN_MODULES = {
@@ -87,7 +85,7 @@ def unregister_dataset(source: str) -> None:
 def get_dataset(source: str) -> Dataset:
     """The dataset registered under ``source``, importing a built-in source's module on first use."""
     if source not in _REGISTRY and source in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[source])
+        importlib.import_module(_BUILTIN_MODULES[source])  # a built-in registers on import (it imports this module)
     if source not in _REGISTRY:
         raise DataError(f"data.source {source!r} is not a registered dataset; known sources: {sources()}")
     return _REGISTRY[source]

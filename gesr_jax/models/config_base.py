@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from gesr_jax.models.config_sections import AttentionStack, check_choices
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfigBase:
@@ -19,18 +21,27 @@ class ModelConfigBase:
     embedding_sharding: Literal["replicated", "row", "column"] = "replicated"
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field; subclasses extend it."""
+        """Raise ``ValueError`` naming the first bad field; subclasses extend it.
+
+        Checks the kind, every ``Literal`` field against its type, and every section (a dataclass field) with
+        its own ``validate(path)``.
+        """
         default = type(self).__dataclass_fields__["kind"].default
         if self.kind != default:
             raise ValueError(
                 f"model.kind is {self.kind!r} but this is a {type(self).__name__} (kind {default!r}); "
                 "change the kind with --set model.kind=..., which converts the section"
             )
+        check_choices(self, "model")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+                section.validate(f"model.{f.name}")
 
-        if self.embedding_sharding not in ("replicated", "row", "column"):
-            raise ValueError(
-                f"model.embedding_sharding must be one of ['replicated', 'row', 'column'], got {self.embedding_sharding!r}"
-            )
+    def attention_stacks(self) -> list[tuple[str, AttentionStack]]:
+        """``(path, section)`` of every attention stack of this model (``model.hstu``, ``model.decoder``, ...)."""
+        return [(f"model.{f.name}", getattr(self, f.name)) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), AttentionStack)]  # fmt: skip
 
     def validate_for_build(self) -> None:
         """:meth:`validate` plus checks only a finished config must pass (called when the model is built)."""

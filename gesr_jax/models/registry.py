@@ -53,7 +53,7 @@ class ModelEntry:
         """The model class, imported on first use when registered by name."""
         if isinstance(self.model, str):
             module, _, name = self.model.partition(":")
-            return getattr(importlib.import_module(module), name)
+            return getattr(importlib.import_module(module), name)  # only when a model is built: configs need no JAX
         return self.model
 
 
@@ -89,7 +89,7 @@ def register_model(
 def get(kind: str) -> ModelEntry:
     """The entry registered under ``kind`` (importing a built-in kind's package on first use)."""
     if kind not in _ENTRIES and kind in _BUILTIN_PACKAGES:
-        importlib.import_module(_BUILTIN_PACKAGES[kind])
+        importlib.import_module(_BUILTIN_PACKAGES[kind])  # a built-in registers on import (it imports this module)
     if kind not in _ENTRIES:
         raise UnknownModelKindError(f"model.kind {kind!r} is not a registered model; known kinds: {kinds()}")
     return _ENTRIES[kind]
@@ -97,13 +97,8 @@ def get(kind: str) -> ModelEntry:
 
 def kinds() -> list[str]:
     """Every registered kind, built-ins included."""
-    for kind, package in _BUILTIN_PACKAGES.items():
-        if kind not in _ENTRIES:
-            try:
-                importlib.import_module(package)
-            except ModuleNotFoundError as err:
-                if err.name != package:  # a built-in that exists but fails to import is a real bug
-                    raise
+    for kind in _BUILTIN_PACKAGES:
+        get(kind)
     return sorted(_ENTRIES)
 
 

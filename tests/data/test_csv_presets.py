@@ -49,4 +49,4 @@ def test_ml1m_base_on_a_csv_folder_is_one_clean_error(tmp_path, capsys):
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
     assert commands.main(["inspect", "--config", "ml1m_base", "--set", f"data.path={root}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: model.hma_pairs names 'director', which this dataset")
+    assert len(err) == 1 and err[0].startswith("error: model.hma.pairs names 'director', which this dataset")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from gesr_jax import config as config_lib
 from gesr_jax.data.batch import BatchSchema, random_batch
+from gesr_jax.models.config_sections import CrossSection, HMASection, HSTUSection, MLPGSection
 from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
 from gesr_jax.models.gesr.model import GESR
 
@@ -28,23 +28,16 @@ TINY = ModelConfig(
     use_user_id=True,  # the default is off; the tests cover the id table too
     tower_mlp=(16, 8),
     interaction_mlp=(8,),
-    hma_max_count=3,
-    hma_dim=4,
-    hma_mlp=(8,),
-    hstu_layers=2,
-    hstu_heads=2,
-    hstu_qk_dim=4,
-    hstu_v_dim=4,
-    hstu_normalizer=8.0,
-    ro_num_seeds=2,
-    cross_heads=2,
-    cross_head_dim=4,
-    mlpg_hidden=8,
+    hma=HMASection(max_count=3, dim=4, mlp=(8,)),
+    hstu=HSTUSection(layers=2, heads=2, qk_dim=4, v_dim=4, normalizer=8.0),
+    cross=CrossSection(num_seeds=2, heads=2, head_dim=4),
+    mlpg=MLPGSection(hidden=8),
 )
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    return dataclasses.replace(TINY, **overrides)
+    """TINY with ``overrides``; a dict updates a section, e.g. ``tiny_config(hma={"enabled": False})``."""
+    return config_lib.replace(TINY, **overrides)
 
 
 def make_model(config: ModelConfig = TINY, schema: BatchSchema = SCHEMA, seed: int = 0) -> GESR:

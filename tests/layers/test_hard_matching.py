@@ -56,7 +56,7 @@ def test_padding_values_never_match():
 
 
 def test_counts_capped_and_offset_per_pair():
-    config = tiny_config(hma_max_count=2, hma_pairs=(("item", "item"), ("creator", "creator")))
+    config = tiny_config(hma={"max_count": 2, "pairs": (("item", "item"), ("creator", "creator"))})
     hma = HMAComponent.from_config(config, SCHEMA, rngs=nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in batch_for().items()}
     n = SCHEMA.history_len
@@ -86,15 +86,15 @@ def test_output_shape_and_finite():
 def test_unknown_pair_field_is_named():
     from gesr_jax.models.gesr.model import GESR
 
-    with pytest.raises(ValueError, match=r"model.hma_pairs names 'genre'.*available"):
-        GESR(tiny_config(hma_pairs=(("genre", "genre"),)), SCHEMA, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"model.hma.pairs names 'genre'.*available"):
+        GESR(tiny_config(hma={"pairs": (("genre", "genre"),)}), SCHEMA, rngs=nnx.Rngs(0))
 
 
 def test_every_pair_and_count_has_its_own_table_row():
     # Stride M + 1: count M of pair p and count 0 of pair p + 1 must not share a row (stride M would).
-    config = tiny_config(hma_pairs=(("item", "item"), ("category", "category"), ("creator", "creator")))
+    config = tiny_config(hma={"pairs": (("item", "item"), ("category", "category"), ("creator", "creator"))})
     hma = HMAComponent.from_config(config, SCHEMA, rngs=nnx.Rngs(0))
-    m, p = config.hma_max_count, 3
+    m, p = config.hma.max_count, 3
     counts = np.array(np.meshgrid(*[np.arange(m + 1)] * p, indexing="ij")).reshape(p, -1).T  # every combination
     rows = np.asarray(hma.table_rows(jnp.asarray(counts, jnp.int32)))
     pairs_and_counts = {(pair, int(c)) for row in counts for pair, c in enumerate(row)}

@@ -90,7 +90,7 @@ def test_extra_padding_changes_no_valid_output():
 
 
 def test_non_target_aware_uses_last_history_output_for_every_candidate():
-    model = _model(target_aware=False)
+    model = _model(hstu={"target_aware": False})
     hist, cand = _tokens()
     out = model(hist, cand, HLEN, NC)
     assert out.shape == (B, 1, D)  # one RO vector per request, broadcast by the consumer

@@ -13,7 +13,7 @@ from gesr_jax.layers.mlpg import MLPG as _MLPG
 
 
 def MLPG(config, dims, num_tasks, *, rngs):  # noqa: N802  (the layer from a GESR config)
-    return _MLPG(config.mlpg_branch_specs(), dims, num_tasks, hidden=config.mlpg_hidden, gate=config.mlpg_gate,
+    return _MLPG(config.mlpg_branch_specs(), dims, num_tasks, hidden=config.mlpg.hidden, gate=config.mlpg.gate,
                  dropout_rate=config.dropout, rngs=rngs)
 from helpers.models import tiny_config
 
@@ -42,7 +42,7 @@ def test_multi_input_dense_equals_dense_on_broadcast_concat():
 
 @pytest.mark.parametrize("gate", ["sigmoid", "lhuc"])
 def test_gated_branch_is_mlp_of_gate_times_mlp_and_z(gate):
-    config = tiny_config(mlpg_branches=("gated:hstu+ro_summary",), mlpg_gate=gate)
+    config = tiny_config(mlpg={"branches": ("gated:hstu+ro_summary",), "gate": gate})
     dims = {"hstu": 8, "ro_summary": 16}
     mlpg = MLPG(config, dims, num_tasks=2, rngs=nnx.Rngs(0))
     z1 = np.asarray(jax.random.normal(jax.random.key(1), (B, C, 8)))
@@ -63,7 +63,7 @@ def test_gated_branch_is_mlp_of_gate_times_mlp_and_z(gate):
 
 
 def test_branches_are_summed():
-    config = tiny_config(mlpg_branches=("gated", "mlp"))
+    config = tiny_config(mlpg={"branches": ("gated", "mlp")})
     dims = {"hstu": 8, "nro_cross": 8, "ro_summary": 16, "ro_profile": 8}
     mlpg = MLPG(config, dims, num_tasks=2, rngs=nnx.Rngs(0))
     values = {k: jax.random.normal(jax.random.key(i), (B, C if k in ("hstu", "nro_cross") else 1, d))
@@ -77,12 +77,12 @@ def test_branches_are_summed():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(mlpg_branches=("mlp",)), "at least one 'gated'"),
-        (dict(mlpg_branches=("gated:nope",)), "unknown input 'nope'"),
-        (dict(mlpg_branches=("fancy",)), "mlpg_branches must be one of"),
-        (dict(mlpg_branches=("gated:hstu",), use_hstu=False), "switched off"),
-        (dict(use_hstu=False, use_ro_cross=False, use_nro_cross=False), "has no input"),
-        (dict(mlpg_gate="tanh"), "mlpg_gate"),
+        (dict(mlpg={"branches": ("mlp",)}), "at least one 'gated'"),
+        (dict(mlpg={"branches": ("gated:nope",)}), "unknown input 'nope'"),
+        (dict(mlpg={"branches": ("fancy",)}), "kind must be one of"),
+        (dict(mlpg={"branches": ("gated:hstu",)}, hstu={"enabled": False}), "switched off"),
+        (dict(hstu={"enabled": False}, cross={"ro": False, "nro": False}), "has no input"),
+        (dict(mlpg={"gate": "tanh"}), "model.mlpg.gate"),
     ],
 )
 def test_bad_branch_config_is_rejected(overrides, message):
@@ -93,13 +93,13 @@ def test_bad_branch_config_is_rejected(overrides, message):
 def test_cli_style_override_of_branches():
     from gesr_jax.config import Config, apply_overrides
 
-    config = apply_overrides(Config(), ["model.mlpg_branches=gated:hstu+hma,mlp", "model.use_hma=true"])
+    config = apply_overrides(Config(), ["model.mlpg.branches=gated:hstu+hma,mlp", "model.hma.enabled=true"])
     assert config.model.mlpg_branch_specs()[0] == ("gated", ("hstu", "hma"))
 
 
 def test_switching_modules_off_one_by_one_is_a_valid_intermediate_config():
     # --set validates after every override; MLPG without inputs is only an error once the model is built.
-    holdable = tiny_config(use_hstu=False, use_ro_cross=False, use_nro_cross=False)
+    holdable = tiny_config(hstu={"enabled": False}, cross={"ro": False, "nro": False})
     holdable.validate()
     with pytest.raises(ValueError, match="has no input"):
         holdable.validate_for_build()

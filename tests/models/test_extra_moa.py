@@ -89,7 +89,7 @@ def test_adding_a_component_leaves_every_other_initial_value_unchanged():
 
 def test_switching_a_builtin_component_off_leaves_the_others_unchanged():
     full = _flat_params(make_model(tiny_config(), seed=3))
-    no_hma = _flat_params(make_model(tiny_config(use_hma=False), seed=3))
+    no_hma = _flat_params(make_model(tiny_config(hma={"enabled": False}), seed=3))
     # Without HMA the interaction MLP reads one input less, so its first kernel changes shape; all else is equal.
     interaction_in = "['towers']['interaction']['mlp']['layers'][0]['kernel'].value"
     assert full[interaction_in].shape != no_hma[interaction_in].shape

@@ -14,22 +14,24 @@ import pytest
 from flax import nnx
 
 from gesr_jax import cli
+from gesr_jax import config as config_lib
 from gesr_jax.data.batch import split_batch
 from gesr_jax.models.genrank.block import DecoderBlock
+from gesr_jax.models.config_sections import DecoderSection
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.model import GenRank
 from gesr_jax.models.genrank.tokens import interleave
 from kernels.hstu_attention import attention_mask, geometric_alibi_slopes
 from helpers.models import SCHEMA, batch_for, candidate_chunks
 
-TINY = GenRankConfig(embed_dim=8, genrank_head_dim=4, genrank_mlp_dim=8, genrank_head_mlp=(8,))
-LAYOUTS = [{}, {"genrank_tokens": "interleaved"}]
+TINY = GenRankConfig(embed_dim=8, decoder=DecoderSection(head_dim=4, mlp_dim=8), head_mlp=(8,))
+LAYOUTS = [{}, {"tokens": {"layout": "interleaved"}}]
 LAYOUT_IDS = ["action", "interleaved"]
 CAND_KEYS = ("cand_item", "cand_category", "cand_creator")
 
 
 def make(seed: int = 0, schema=SCHEMA, **overrides) -> GenRank:
-    return GenRank(dataclasses.replace(TINY, **overrides), schema, rngs=nnx.Rngs(params=seed))
+    return GenRank(config_lib.replace(TINY, **overrides), schema, rngs=nnx.Rngs(params=seed))
 
 
 def _np(logits: dict) -> np.ndarray:
@@ -41,7 +43,7 @@ def _np(logits: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("overrides", LAYOUTS, ids=LAYOUT_IDS)
 def test_permuting_candidates_permutes_logits(overrides):
-    model = make(**overrides, genrank_time_alibi=True)
+    model = make(**overrides, decoder={"time_alibi": True})
     batch = batch_for(seed=1)
     base = _np(model(batch))
     perm_batch = {k: v.copy() for k, v in batch.items()}
@@ -87,7 +89,7 @@ def test_padded_candidate_slots_are_zero_and_history_changes_the_logits():
 def test_extra_history_padding_changes_nothing(overrides):
     # Positions count back from the most recent event and requests from the most recent request, so widening
     # the history arrays with padding slots (serving passes any width) leaves every logit unchanged.
-    model = make(**overrides, genrank_time_alibi=True)
+    model = make(**overrides, decoder={"time_alibi": True})
     batch = batch_for(seed=11)
     batch["history_len"] = np.minimum(batch["history_len"], 4).astype(np.int32)
     for key in [k for k in batch if k.startswith("history_") and k != "history_len"]:
@@ -100,7 +102,7 @@ def test_extra_history_padding_changes_nothing(overrides):
 
 def test_bfloat16_compute_runs_and_stays_close_to_float32():
     batch = batch_for(seed=12)
-    a, b = _np(make()(batch)), _np(make(compute_dtype="bfloat16")(batch))
+    a, b = _np(make()(batch)), _np(make(decoder={"compute_dtype": "bfloat16"})(batch))
     assert b.dtype == np.float32 and np.all(np.isfinite(b))
     np.testing.assert_allclose(b, a, atol=0.05)
 
@@ -109,7 +111,7 @@ def test_bfloat16_compute_runs_and_stays_close_to_float32():
 
 
 def test_last_block_history_outputs_get_no_gradient_and_earlier_ones_only_reach_via_attention():
-    model = make(genrank_layers=2, dropout=0.0)
+    model = make(decoder={"layers": 2}, dropout=0.0)
     batch = {k: jnp.asarray(v) for k, v in batch_for(seed=4).items()}
     width = model.pack_inputs(batch)["tokens"].shape[1]
     probes = [jnp.zeros((3, width, TINY.embed_dim)) for _ in range(2)]
@@ -131,7 +133,7 @@ def test_last_block_history_outputs_get_no_gradient_and_earlier_ones_only_reach_
 
 
 def test_the_last_block_never_computes_history_outputs_and_history_runs_once():
-    model = make(genrank_layers=3)
+    model = make(decoder={"layers": 3})
     request, candidates = split_batch(batch_for(seed=5), SCHEMA)
     with mock.patch.object(DecoderBlock, "history", autospec=True, side_effect=DecoderBlock.history) as hist, \
          mock.patch.object(DecoderBlock, "history_kv", autospec=True, side_effect=DecoderBlock.history_kv) as kv, \
@@ -173,7 +175,7 @@ def _dense_attention(q, k, v, lengths, num_targets, times, alibi, time_slopes):
 
 @pytest.mark.parametrize("overrides", LAYOUTS, ids=LAYOUT_IDS)
 def test_alibi_and_time_bias_match_a_dense_reference(overrides):
-    model = make(genrank_layers=1, genrank_time_alibi=True, **overrides)
+    model = make(decoder={"layers": 1, "time_alibi": True}, **overrides)
     batch = {k: jnp.asarray(v) for k, v in batch_for(seed=6).items()}
     inputs = model.pack_inputs(batch)
     x, lengths, nt, times = inputs["tokens"], inputs["lengths"], inputs["num_targets"], inputs["times"]
@@ -192,7 +194,7 @@ def test_alibi_and_time_bias_match_a_dense_reference(overrides):
 
 @pytest.mark.parametrize("time_alibi", [False, True])
 def test_learnable_slopes_are_params_and_get_gradients_through_the_kernel(time_alibi):
-    model = make(genrank_learnable_slopes=True, genrank_time_alibi=time_alibi)
+    model = make(decoder={"learnable_slopes": True, "time_alibi": time_alibi})
     graphdef, params = nnx.split(model)
     batch = batch_for(seed=7)
 
@@ -204,7 +206,7 @@ def test_learnable_slopes_are_params_and_get_gradients_through_the_kernel(time_a
     names = ["alibi_slopes"] + (["time_slopes"] if time_alibi else [])
     for name in names:
         g = np.asarray(grads[name][...])
-        assert g.shape == (TINY.genrank_heads,) and np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+        assert g.shape == (TINY.decoder.heads,) and np.all(np.isfinite(g)) and np.abs(g).sum() > 0
     fixed_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.split(make())[1])]
     assert fixed_paths and not any("slopes" in p for p in fixed_paths)
 
@@ -241,8 +243,7 @@ def test_interleave_orders_item_then_action_per_event():
 
 def test_interleaved_sequence_on_a_hand_built_example():
     batch = _hand_batch()
-    plain = make(genrank_tokens="interleaved", genrank_use_position_emb=False, genrank_use_request_emb=False,
-                 genrank_use_pre_request_time_emb=False, schema=HAND)
+    plain = make(tokens={"layout": "interleaved", "position": False, "request": False, "time": False}, schema=HAND)
     inputs = plain.pack_inputs(batch)
     t = plain.tokens
     emb = {f: t.tables.tables[f].table[...] for f in ("item", "category", "creator")}
@@ -270,7 +271,7 @@ def test_interleaved_sequence_on_a_hand_built_example():
     want[5, [0, 1, 2, 3, 5]] = 1
     np.testing.assert_array_equal(mask, want)
     # With the context embeddings on, both tokens of an event carry the same per-event context.
-    full = make(genrank_tokens="interleaved", schema=HAND)
+    full = make(tokens={"layout": "interleaved"}, schema=HAND)
     full_inputs, ft = full.pack_inputs(batch), full.tokens
     fe = {f: ft.tables.tables[f].table[...] for f in ("item", "category", "creator")}
     tok = full_inputs["tokens"][0]
@@ -305,8 +306,8 @@ def _score_in_chunks(model, batch, size: int) -> np.ndarray:
 
 
 VARIANTS = [
-    {}, {"genrank_tokens": "interleaved"}, {"genrank_time_alibi": True, "genrank_learnable_slopes": True},
-    {"genrank_attention": "hstu", "genrank_mlp": "gelu", "genrank_alibi": False},
+    {}, {"tokens": {"layout": "interleaved"}}, {"decoder": {"time_alibi": True, "learnable_slopes": True}},
+    {"decoder": {"attention": "hstu", "mlp": "gelu", "alibi": False}},
 ]  # fmt: skip
 
 
@@ -340,8 +341,8 @@ TINY_SETS = [
     "train.checkpoint_every=5", "train.log_every=5", "train.warmup_steps=1", "data.history_len=4",
     "data.num_positives=2", "data.num_negatives=4", "data.min_history=2", "data.synthetic.num_users=60",
     "data.synthetic.num_items=200", "data.synthetic.num_creators=20", "data.synthetic.num_categories=6",
-    "data.synthetic.requests_per_user=4", "model.embed_dim=8", "model.genrank_head_dim=4",
-    "model.genrank_mlp_dim=8", "model.genrank_head_mlp=8",
+    "data.synthetic.requests_per_user=4", "model.embed_dim=8", "model.decoder.head_dim=4",
+    "model.decoder.mlp_dim=8", "model.head_mlp=8",
 ]  # fmt: skip
 
 

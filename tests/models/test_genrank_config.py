@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import subprocess
 import sys
@@ -38,15 +37,18 @@ def test_the_package_and_its_config_import_no_jax():
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("genrank_tokens", "pairs"), ("genrank_attention", "relu"), ("genrank_mlp", "relu"), ("genrank_layers", 0),
-        ("genrank_heads", 0), ("genrank_session_gap", -1), ("genrank_time_bucket_width", 0.0),
-        ("genrank_num_requests", 0), ("dropout", 1.0), ("genrank_head_mlp", (0,)), ("candidate_fields", ()),
-        ("history_fields", ("action",)), ("compute_dtype", "float16"), ("attention_impl", "cuda"),
+        ("tokens.layout", "pairs"), ("decoder.attention", "relu"), ("decoder.mlp", "relu"), ("decoder.layers", 0),
+        ("decoder.heads", 0), ("tokens.session_gap", -1), ("tokens.time_bucket_width", 0.0),
+        ("tokens.num_requests", 0), ("dropout", 1.0), ("head_mlp", (0,)), ("candidate_fields", ()),
+        ("history_fields", ("action",)), ("decoder.compute_dtype", "float16"), ("decoder.attention_impl", "cuda"),
+        ("embedding_sharding", "diagonal"),
     ],
 )  # fmt: skip
 def test_validate_names_the_bad_field(field, value):
+    section, _, name = field.rpartition(".")
+    change = {section: {name: value}} if section else {name: value}
     with pytest.raises(ValueError, match=f"model.{field}"):
-        dataclasses.replace(GenRankConfig(), **{field: value}).validate()
+        config_lib.replace(GenRankConfig(), **change).validate()
 
 
 def test_candidate_fields_cannot_hold_the_action():
@@ -78,10 +80,12 @@ def test_presets_mirror_the_base_data_and_training_settings():
 
 
 def test_overrides_and_conversion_from_a_gesr_preset():
-    cfg = config_lib.load_config("synthetic_genrank", ["model.genrank_tokens=interleaved", "model.genrank_mlp=gelu"])
-    assert cfg.model.interleaved and cfg.model.genrank_mlp == "gelu"
-    with pytest.raises(config_lib.ConfigError, match="model.genrank_attention"):
-        config_lib.load_config("synthetic_genrank", ["model.genrank_attention=dot"])
+    cfg = config_lib.load_config("synthetic_genrank", ["model.tokens.layout=interleaved", "model.decoder.mlp=gelu"])
+    assert cfg.model.interleaved and cfg.model.decoder.mlp == "gelu"
+    with pytest.raises(config_lib.ConfigError, match="model.decoder.attention"):
+        config_lib.load_config("synthetic_genrank", ["model.decoder.attention=dot"])
+    with pytest.raises(config_lib.ConfigError, match="'model.genrank_heads' moved to 'model.decoder.heads'"):
+        config_lib.load_config("synthetic_genrank", ["model.genrank_heads=4"])
     converted = config_lib.load_config("synthetic_tiny", ["model.kind=genrank"])
     assert isinstance(converted.model, GenRankConfig) and converted.model.embed_dim == 16
     assert "action" in converted.model.history_fields  # GESR's field list is accepted; phi(a) is always added
@@ -111,6 +115,22 @@ def test_time_bucket_is_log_spaced_with_zero_for_no_previous_request():
 def test_a_genrank_config_round_trips_through_json():
     import json
 
-    cfg = config_lib.load_config("ml1m_genrank_interleaved", ["model.genrank_head_mlp=16,8"])
+    cfg = config_lib.load_config("ml1m_genrank_interleaved", ["model.head_mlp=16,8"])
     back = config_lib.from_dict(config_lib.Config, json.loads(json.dumps(config_lib.to_dict(cfg))))
-    assert back == cfg and type(back.model) is GenRankConfig and back.model.genrank_head_mlp == (16, 8)
+    assert back == cfg and type(back.model) is GenRankConfig and back.model.head_mlp == (16, 8)
+
+
+def test_a_flat_genrank_config_json_from_before_the_sections_still_loads():
+    """Workdirs written before the typed sections hold flat genrank_* fields; each moves to its section."""
+    cfg = config_lib.load_config("synthetic_genrank", ["model.tokens.layout=interleaved", "model.decoder.heads=4",
+                                                       "model.head_mlp=16", "model.decoder.attention_impl=xla"])
+    data = config_lib.to_dict(cfg)
+    model = {k: v for k, v in data["model"].items() if k not in ("tokens", "decoder", "head_mlp")}
+    model |= {"genrank_tokens": "interleaved", "genrank_use_position_emb": True, "genrank_use_request_emb": True,
+              "genrank_use_pre_request_time_emb": True, "genrank_session_gap": 1800, "genrank_num_requests": 16,
+              "genrank_num_time_buckets": 32, "genrank_time_bucket_width": 0.301, "genrank_layers": 2,
+              "genrank_heads": 4, "genrank_head_dim": 16, "genrank_mlp": "swiglu", "genrank_mlp_dim": 64,
+              "genrank_attention": "softmax", "genrank_hstu_normalizer": 64.0, "genrank_alibi": True,
+              "genrank_time_alibi": False, "genrank_learnable_slopes": False, "genrank_head_mlp": [16],
+              "attention_impl": "xla", "compute_dtype": "float32"}  # fmt: skip
+    assert config_lib.from_dict(config_lib.Config, {**data, "model": model}) == cfg

@@ -14,18 +14,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "serving"))
 from serving_helpers import SCHEMA, consistent_batch, item_table  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
+from gesr_jax import config as config_lib  # noqa: E402
+from gesr_jax.models.config_sections import DecoderSection  # noqa: E402
 from gesr_jax.models.genrank.config import GenRankConfig  # noqa: E402
 from gesr_jax.models.genrank.model import GenRank  # noqa: E402
 from gesr_jax.serving import Buckets, Scorer  # noqa: E402
 from gesr_jax.serving.requests import requests_from_batch  # noqa: E402
 
 TABLE = item_table()
-TINY = GenRankConfig(embed_dim=8, genrank_head_dim=4, genrank_mlp_dim=8, genrank_head_mlp=(8,))
+TINY = GenRankConfig(embed_dim=8, decoder=DecoderSection(head_dim=4, mlp_dim=8), head_mlp=(8,))
 
 
 @pytest.mark.parametrize("tokens", ["action", "interleaved"])
 def test_scorer_equals_apply_and_has_no_item_cache(tokens):
-    model = GenRank(GenRankConfig(**{**TINY.__dict__, "genrank_tokens": tokens}), SCHEMA, rngs=nnx.Rngs(params=0))
+    model = GenRank(config_lib.replace(TINY, tokens={"layout": tokens}), SCHEMA, rngs=nnx.Rngs(params=0))
     graphdef, params = nnx.split(model)
     batch = consistent_batch(SCHEMA, TABLE, batch_size=3, seed=4)
     scorer = Scorer(graphdef, params, SCHEMA, TABLE, buckets=Buckets((2,), (7,)))

@@ -134,7 +134,7 @@ def test_every_parameter_gets_a_nonzero_gradient(full):
 
 def test_without_mlpg_the_attention_modules_still_train():
     # Its inputs move into the main interaction; nothing is computed and then dropped.
-    model = make_model(tiny_config(use_mlpg=False))
+    model = make_model(tiny_config(mlpg={"enabled": False}))
     graphdef, params = nnx.split(model)
     grads = jax.grad(lambda p, b: _loss(graphdef, p, b))(params, batch_for(batch_size=4, seed=5))
     for part in ("hstu", "ro_cross", "nro_cross"):
@@ -180,7 +180,8 @@ def _top_keys(model) -> set[str]:
 def test_all_switches_off_is_exactly_the_two_tower_model():
     model = make_model(TINY.moa_off())
     assert _top_keys(model) == {"towers"}
-    off = dict(use_hma=False, use_hstu=False, use_ro_cross=False, use_nro_cross=False, use_mlpg=False)
+    off = dict(hma={"enabled": False}, hstu={"enabled": False}, cross={"ro": False, "nro": False},
+               mlpg={"enabled": False})  # fmt: skip
     baseline = make_model(tiny_config(**off))
     same = jax.tree.map(lambda a, b: np.array_equal(a, b), nnx.state(model), nnx.state(baseline))
     assert all(jax.tree.leaves(same))
@@ -200,15 +201,16 @@ def test_all_switches_off_is_exactly_the_two_tower_model():
 @pytest.mark.parametrize(
     ("switch", "removed"),
     [
-        ("use_hma", {"hma"}),
-        ("use_hstu", {"hstu"}),
-        ("use_ro_cross", {"ro_cross"}),
-        ("use_nro_cross", {"nro_cross"}),
-        ("use_mlpg", {"mlpg"}),
+        (("hma", "enabled"), {"hma"}),
+        (("hstu", "enabled"), {"hstu"}),
+        (("cross", "ro"), {"ro_cross"}),
+        (("cross", "nro"), {"nro_cross"}),
+        (("mlpg", "enabled"), {"mlpg"}),
     ],
 )
 def test_each_switch_removes_its_module(switch, removed):
-    model = make_model(tiny_config(**{switch: False}))
+    section, field = switch
+    model = make_model(tiny_config(**{section: {field: False}}))
     assert _top_keys(model) == ({"towers"} | MOA_KEYS) - removed
     run, params = jitted(model)
     out = _logits(run(params, batch_for()))
@@ -216,7 +218,7 @@ def test_each_switch_removes_its_module(switch, removed):
 
 
 def test_without_target_awareness_hstu_sees_no_candidate(full):
-    model = make_model(tiny_config(target_aware=False, use_nro_cross=False, use_hma=False))
+    model = make_model(tiny_config(hstu={"target_aware": False}, cross={"nro": False}, hma={"enabled": False}))
     batch = {k: jnp.asarray(v) for k, v in batch_for(seed=7).items()}
     tokens = model.tokens
     hstu = model.moa["hstu"](tokens.history(batch), tokens.candidates(batch), batch["history_len"], batch["num_candidates"])
@@ -231,9 +233,9 @@ def test_config_naming_a_missing_field_fails_with_the_key_and_choices():
         make_model(tiny_config(history_fields=("item", "genre")))
     with pytest.raises(ValueError, match=r"model.candidate_fields names 'director'"):
         make_model(tiny_config(candidate_fields=("director",)))
-    with pytest.raises(ValueError, match=r"model.nro_query_fields names 'year'"):
-        make_model(tiny_config(nro_query_fields=("year",)))
-    make_model(tiny_config(use_hma=False, hma_pairs=(("genre", "genre"),)))  # unused pairs are not checked
+    with pytest.raises(ValueError, match=r"model.cross.nro_query_fields names 'year'"):
+        make_model(tiny_config(cross={"nro_query_fields": ("year",)}))
+    make_model(tiny_config(hma={"enabled": False, "pairs": (("genre", "genre"),)}))  # unused pairs are not checked
 
 
 def test_item_cache_gives_the_same_logits(full):
@@ -275,13 +277,13 @@ def test_no_history_tensor_is_materialised_per_candidate():
         num_actions=3, history_len=n, num_candidates=c,
     )
     # Dropout and stochastic length on, so the train-mode graph holds their extra ops too.
-    model = make_model(tiny_config(dropout=0.1, stochastic_length=True), schema=schema)
+    model = make_model(tiny_config(dropout=0.1, stochastic_length={"enabled": True}), schema=schema)
     graphdef, params = nnx.split(model)
     batch = random_batch(schema, b, 0)
     for train in (False, True):
         fn = lambda p, bt, k: _loss(graphdef, p, bt, key=k, train=train)  # noqa: E731
         jaxpr = jax.make_jaxpr(jax.grad(fn))(params, batch, jax.random.key(0)).jaxpr
-        assert TINY.cross_heads == TINY.hstu_heads == 2  # distinct from b, n, c, so shapes are unambiguous
+        assert TINY.cross.heads == TINY.hstu.heads == 2  # distinct from b, n, c, so shapes are unambiguous
         for shape, dtype, primitive in _all_shapes(jaxpr, with_origin=True):
             assert b * c not in shape or n not in shape, f"[B*C, N, ...]-like intermediate {shape}"
             if c in shape and n in shape:
@@ -293,7 +295,7 @@ def test_no_history_tensor_is_materialised_per_candidate():
 
 
 def test_train_mode_dropout_and_stochastic_length_need_and_use_the_key():
-    model = make_model(tiny_config(dropout=0.2, stochastic_length=True))
+    model = make_model(tiny_config(dropout=0.2, stochastic_length={"enabled": True}))
     graphdef, params = nnx.split(model)
     batch = random_batch(SCHEMA, 3, 9)
     with pytest.raises(ValueError, match="needs a PRNG key"):
@@ -307,7 +309,7 @@ def test_train_mode_dropout_and_stochastic_length_need_and_use_the_key():
 
 def test_bfloat16_hstu_stack_tracks_float32(full):
     _, run, params = full
-    model = make_model(tiny_config(compute_dtype="bfloat16"))
+    model = make_model(tiny_config(hstu={"compute_dtype": "bfloat16"}))
     graphdef, params16 = nnx.split(model)
     batch = batch_for(seed=10)
     out16 = _logits(jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))(params16, batch))

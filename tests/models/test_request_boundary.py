@@ -34,7 +34,7 @@ def _score_in_chunks(model, batch, size: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"target_aware": False}, {"use_mlpg": False}, {"use_hma": False, "use_hstu": False}],
+    [{}, {"hstu": {"target_aware": False}}, {"mlpg": {"enabled": False}}, {"hma": {"enabled": False}, "hstu": {"enabled": False}}],
     ids=["all_on", "no_target_aware", "no_mlpg", "cross_only"],
 )
 @pytest.mark.parametrize("size", [1, 3, 4])
@@ -65,11 +65,11 @@ def test_history_side_runs_once_per_request_however_many_chunks():
     with mock.patch.object(HSTULayer, "history", autospec=True, side_effect=HSTULayer.history) as history, \
          mock.patch.object(HSTULayer, "history_kv", autospec=True, side_effect=HSTULayer.history_kv) as kv:
         state = model.encode_request(request)
-        assert (history.call_count, kv.call_count) == (TINY.hstu_layers - 1, 1)
+        assert (history.call_count, kv.call_count) == (TINY.hstu.layers - 1, 1)
         for _, part in _chunks(candidates, 1):
             model.score(state, part)
         # Four chunks later, no history layer has run again.
-        assert (history.call_count, kv.call_count) == (TINY.hstu_layers - 1, 1)
+        assert (history.call_count, kv.call_count) == (TINY.hstu.layers - 1, 1)
 
 
 def test_candidate_rows_of_the_cached_path_equal_the_one_pass_sequence():
@@ -101,7 +101,7 @@ def test_gesr_with_every_moa_switch_off_equals_the_two_tower_model():
 
 def test_full_sequence_scoring_equals_the_cached_path_with_the_same_params():
     cached_model = make_model(TINY)
-    full_model = make_model(tiny_config(hstu_scoring="full"))
+    full_model = make_model(tiny_config(hstu={"scoring": "full"}))
     batch = batch_for(batch_size=3, seed=8)
     a, b = cached_model(batch), full_model(batch)
     for task in SCHEMA.tasks:

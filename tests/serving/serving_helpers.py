@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from gesr_jax.data.batch import BatchSchema, random_batch
+from gesr_jax.models.config_sections import CrossSection, HMASection, HSTUSection, MLPGSection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.models.gesr.model import GESR
 from gesr_jax.models.two_tower.config import TwoTowerConfig
@@ -19,9 +20,9 @@ SCHEMA = BatchSchema(
 )  # fmt: skip
 
 TINY = GESRConfig(
-    embed_dim=8, use_user_id=True, tower_mlp=(16, 8), interaction_mlp=(8,), hma_max_count=3, hma_dim=4,
-    hma_mlp=(8,), hstu_layers=2, hstu_heads=2, hstu_qk_dim=4, hstu_v_dim=4, hstu_normalizer=8.0, ro_num_seeds=2,
-    cross_heads=2, cross_head_dim=4, mlpg_hidden=8,
+    embed_dim=8, use_user_id=True, tower_mlp=(16, 8), interaction_mlp=(8,),
+    hma=HMASection(max_count=3, dim=4, mlp=(8,)), hstu=HSTUSection(layers=2, heads=2, qk_dim=4, v_dim=4, normalizer=8.0),
+    cross=CrossSection(num_seeds=2, heads=2, head_dim=4), mlpg=MLPGSection(hidden=8),
 )  # fmt: skip
 
 

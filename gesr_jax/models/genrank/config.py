@@ -1,16 +1,19 @@
 """GenRankConfig (``model.kind = "genrank"``): Xiaohongshu's generative ranker (spec §3, arXiv 2505.04180).
 
-Kept free of JAX (reading a config stays cheap). Choices the paper leaves open are fields here, the spec's
+Kept free of JAX (reading a config stays cheap). The decoder and the tokens are typed sections
+(``gesr_jax/models/config_sections.py``): ``model.decoder`` shares its execution fields (``attention_impl``,
+``compute_dtype``, ``normalizer``, ``layers``, ``heads``) with GESR's ``model.hstu``, and ``model.tokens`` shares
+its position / time fields with GESR's ``model.context``. Choices the paper leaves open are fields, the spec's
 proposal as the default, each marked UNCONFIRMED:
 
-* ``genrank_attention`` = "softmax" (ALiBi "fused into FlashAttention" implies softmax; "hstu" = HSTU's
-  pointwise SiLU, divided by ``genrank_hstu_normalizer``) -- UNCONFIRMED;
-* ALiBi distance in positions (``genrank_alibi``, on) and/or in time (``genrank_time_alibi``, off), slopes
-  2^(-8h/H) (``geometric_alibi_slopes``), fixed or learnable (``genrank_learnable_slopes``), one set shared by
+* ``decoder.attention`` = "softmax" (ALiBi "fused into FlashAttention" implies softmax; "hstu" = HSTU's
+  pointwise SiLU, divided by ``decoder.normalizer``) -- UNCONFIRMED;
+* ALiBi distance in positions (``decoder.alibi``, on) and/or in time (``decoder.time_alibi``, off), slopes
+  2^(-8h/H) (``geometric_alibi_slopes``), fixed or learnable (``decoder.learnable_slopes``), one set shared by
   every layer -- UNCONFIRMED;
 * the request (session) of a history event is not in the batch: a new request starts where the gap to the
-  previous event exceeds ``genrank_session_gap`` seconds -- UNCONFIRMED;
-* the pre-request time bucket 1 + floor(ln(max(dt, 1)) / ``genrank_time_bucket_width``) -- UNCONFIRMED;
+  previous event exceeds ``tokens.session_gap`` seconds -- UNCONFIRMED;
+* the pre-request time bucket 1 + floor(ln(max(dt, 1)) / ``tokens.time_bucket_width``) -- UNCONFIRMED;
 * the interleaved baseline's candidates contribute one (item) token each -- UNCONFIRMED (model.py docstring);
 * SwiGLU MLP in the decoder blocks, an MLP multi-task head on the candidate outputs -- UNCONFIRMED.
 
@@ -24,13 +27,24 @@ name against the batch schema when it is built.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
+from gesr_jax.models import config_sections as sections
 from gesr_jax.models.config_base import ModelConfigBase
 
-TOKEN_LAYOUTS = ("action", "interleaved")
-ATTENTION_KINDS = ("softmax", "hstu")
-MLP_KINDS = ("swiglu", "gelu")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Where each field of the flat GenRank config (workdirs written before the sections) lives now.
+MOVED_FIELDS = {
+    "genrank_tokens": "tokens.layout", "genrank_use_position_emb": "tokens.position",
+    "genrank_use_request_emb": "tokens.request", "genrank_use_pre_request_time_emb": "tokens.time",
+    "genrank_session_gap": "tokens.session_gap", "genrank_num_requests": "tokens.num_requests",
+    "genrank_num_time_buckets": "tokens.num_time_buckets", "genrank_time_bucket_width": "tokens.time_bucket_width",
+    "genrank_layers": "decoder.layers", "genrank_heads": "decoder.heads", "genrank_head_dim": "decoder.head_dim",
+    "genrank_mlp": "decoder.mlp", "genrank_mlp_dim": "decoder.mlp_dim", "genrank_attention": "decoder.attention",
+    "genrank_hstu_normalizer": "decoder.normalizer", "genrank_alibi": "decoder.alibi",
+    "genrank_time_alibi": "decoder.time_alibi", "genrank_learnable_slopes": "decoder.learnable_slopes",
+    "genrank_head_mlp": "head_mlp", "attention_impl": "decoder.attention_impl", "compute_dtype": "decoder.compute_dtype",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,35 +54,16 @@ class GenRankConfig(ModelConfigBase):
     history_fields: tuple[str, ...] = ("item", "category", "creator")  # item fields summed into phi(x) of history
     candidate_fields: tuple[str, ...] = ("item", "category", "creator")  # item fields summed into phi(x) of a candidate
     dropout: float = 0.1  # dropout on attention/MLP residual branches and head hidden layers (train=True only)
-    # --- tokens ---
-    genrank_tokens: str = "action"  # "action": one token per event (GenRank); "interleaved": item then action token
-    genrank_use_position_emb: bool = True  # E_pos: index counted back from the most recent event; candidates share 0
-    genrank_use_request_emb: bool = True  # E_req_idx: request (session) counted back; candidates = 0, the current one
-    genrank_use_pre_request_time_emb: bool = True  # E_pre_req_time: log bucket of the gap to the previous request
-    genrank_session_gap: int = 1800  # seconds; a gap above this starts a new request (UNCONFIRMED)
-    genrank_num_requests: int = 16  # request-index table rows incl. 0 (candidates); older requests share the last
-    genrank_num_time_buckets: int = 32  # pre-request-time buckets incl. 0 (no previous request); larger clip
-    genrank_time_bucket_width: float = 0.301  # bucket = 1 + floor(ln(max(dt, 1)) / width) (UNCONFIRMED)
-    # --- decoder ---
-    genrank_layers: int = 2  # decoder blocks L (paper: 3 at industrial scale)
-    genrank_heads: int = 2  # attention heads H (paper: 8)
-    genrank_head_dim: int = 16  # per-head query/key/value width
-    genrank_mlp: str = "swiglu"  # block MLP: "swiglu" or "gelu" (UNCONFIRMED)
-    genrank_mlp_dim: int = 64  # block MLP hidden width
-    genrank_attention: str = "softmax"  # "softmax" or "hstu" (pointwise SiLU) score function (UNCONFIRMED)
-    genrank_hstu_normalizer: float = 64.0  # with genrank_attention="hstu": fixed divisor of the SiLU weights
-    genrank_alibi: bool = True  # ALiBi over (collapsed) token positions
-    genrank_time_alibi: bool = False  # ALiBi over time: -slope * log1p(|t_i - t_j|) in seconds
-    genrank_learnable_slopes: bool = False  # slopes are nnx.Params (init geometric, unconstrained) instead of fixed
-    # --- head ---
-    genrank_head_mlp: tuple[int, ...] = (32,)  # hidden widths of the multi-task head (then one logit per task)
-    # --- execution ---
-    attention_impl: str | None = None  # kernels.hstu_attention implementation; None = best for the platform
-    compute_dtype: str = "float32"  # activation dtype of the decoder ("bfloat16" on accelerators)
+    tokens: sections.GenRankTokensSection = sections.GenRankTokensSection()  # token layout and context embeddings
+    decoder: sections.DecoderSection = sections.DecoderSection()  # the causal decoder blocks
+    head_mlp: tuple[int, ...] = (32,)  # hidden widths of the multi-task head (then one logit per task)
+
+    # flat field of an older config.json -> its path now (config.from_dict moves them; --set names the new path)
+    moved_fields: ClassVar[dict[str, str]] = MOVED_FIELDS
 
     @property
     def interleaved(self) -> bool:
-        return self.genrank_tokens == "interleaved"
+        return self.tokens.layout == "interleaved"
 
     @property
     def item_history_fields(self) -> tuple[str, ...]:
@@ -78,30 +73,12 @@ class GenRankConfig(ModelConfigBase):
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field (schema-dependent names are checked by the model)."""
         super().validate()
-        positive = (
-            "embed_dim", "genrank_num_requests", "genrank_num_time_buckets", "genrank_layers", "genrank_heads",
-            "genrank_head_dim", "genrank_mlp_dim",
-        )  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.genrank_session_gap < 0:
-            raise ValueError(f"model.genrank_session_gap must be >= 0 seconds, got {self.genrank_session_gap}")
-        for name in ("genrank_time_bucket_width", "genrank_hstu_normalizer"):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"model.{name} must be finite and > 0, got {getattr(self, name)}")
+        if self.embed_dim < 1:
+            raise ValueError(f"model.embed_dim must be >= 1, got {self.embed_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if any(w < 1 for w in self.genrank_head_mlp):
-            raise ValueError(f"model.genrank_head_mlp widths must be >= 1, got {self.genrank_head_mlp}")
-        _one_of("genrank_tokens", self.genrank_tokens, TOKEN_LAYOUTS)
-        _one_of("genrank_attention", self.genrank_attention, ATTENTION_KINDS)
-        _one_of("genrank_mlp", self.genrank_mlp, MLP_KINDS)
-        _one_of("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        if self.attention_impl is not None:
-            from kernels.hstu_attention import IMPLEMENTATIONS
-
-            _one_of("attention_impl", self.attention_impl, (None, *IMPLEMENTATIONS))
+        if any(w < 1 for w in self.head_mlp):
+            raise ValueError(f"model.head_mlp widths must be >= 1, got {self.head_mlp}")
         if not self.item_history_fields:
             raise ValueError("model.history_fields needs at least one item field (e.g. 'item')")
         if not self.candidate_fields:
@@ -112,8 +89,3 @@ class GenRankConfig(ModelConfigBase):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"model.{name} names a field twice: {values}")
-
-
-def _one_of(name: str, value: object, options: tuple[object, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"model.{name} must be one of {list(options)}, got {value!r}")

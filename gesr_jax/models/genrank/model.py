@@ -1,7 +1,7 @@
 """GenRank (spec §3): a causal transformer decoder with a candidate mask over action-oriented tokens.
 
 Tokens (tokens.py): one per history event, phi(x) + phi(a) + context, and one per candidate, phi(x) + M +
-context, where M is a learned "mask action"; the interleaved baseline (``model.genrank_tokens="interleaved"``)
+context, where M is a learned "mask action"; the interleaved baseline (``model.tokens.layout="interleaved"``)
 has two history tokens per event instead. L pre-norm decoder blocks (block.py) attend with the kernels'
 target-aware mask: history causal, each candidate sees the whole history and itself, never another candidate;
 softmax by default, ALiBi over positions (on) and time (off). A final LayerNorm and a multi-task MLP head read
@@ -87,25 +87,26 @@ class GenRank(RankingModel):
         config.validate_for_build()
         check_fields(config, schema)
         self.config, self.schema = config, schema
-        d, h = config.embed_dim, config.genrank_heads
+        d, dec = config.embed_dim, config.decoder
+        h = dec.heads
         base = rngs.params()  # each part's initial values come from its name (layers/core.named_rngs)
         self.tokens = GenRankTokens(config, schema, rngs=named_rngs(base, "tokens"))
-        score_fn = "softmax" if config.genrank_attention == "softmax" else "silu"
+        score_fn = "softmax" if dec.attention == "softmax" else "silu"
         self.blocks = nnx.List([
             DecoderBlock(
-                d, heads=h, head_dim=config.genrank_head_dim, mlp=config.genrank_mlp, mlp_dim=config.genrank_mlp_dim,
-                score_fn=score_fn, normalizer=config.genrank_hstu_normalizer, implementation=config.attention_impl,
+                d, heads=h, head_dim=dec.head_dim, mlp=dec.mlp, mlp_dim=dec.mlp_dim, score_fn=score_fn,
+                normalizer=dec.normalizer, implementation=dec.attention_impl,
                 dropout_rate=config.dropout, rngs=named_rngs(base, f"blocks/{i}"),
             )
-            for i in range(config.genrank_layers)
+            for i in range(dec.layers)
         ])  # fmt: skip
         self.norm_out = LayerNorm(d, rngs=named_rngs(base, "norm_out"))
-        self.head = MLP(d, (*config.genrank_head_mlp, len(schema.tasks)), rngs=named_rngs(base, "head"),
+        self.head = MLP(d, (*config.head_mlp, len(schema.tasks)), rngs=named_rngs(base, "head"),
                         in_name="embed", dropout_rate=config.dropout)  # fmt: skip
-        learn = config.genrank_learnable_slopes
-        self.alibi_slopes = _slope_param(h) if learn and config.genrank_alibi else None
-        self.time_slopes = _slope_param(h) if learn and config.genrank_time_alibi else None
-        self.dtype = jnp.dtype(config.compute_dtype)
+        learn = dec.learnable_slopes
+        self.alibi_slopes = _slope_param(h) if learn and dec.alibi else None
+        self.time_slopes = _slope_param(h) if learn and dec.time_alibi else None
+        self.dtype = jnp.dtype(dec.compute_dtype)
         self.request_keys = self.tokens.needed_request_keys()
         self.candidate_keys = self.tokens.needed_candidate_keys()
 
@@ -113,11 +114,12 @@ class GenRank(RankingModel):
 
     def slopes(self) -> tuple[jax.Array | None, jax.Array | None]:
         """(position ALiBi slopes [H], time slopes [H]); None where that bias is off."""
-        cfg, h = self.config, self.config.genrank_heads
+        dec = self.config.decoder
+        h = dec.heads
         alibi = time = None
-        if cfg.genrank_alibi:
+        if dec.alibi:
             alibi = self.alibi_slopes[...] if self.alibi_slopes is not None else geometric_alibi_slopes(h)
-        if cfg.genrank_time_alibi:
+        if dec.time_alibi:
             time = self.time_slopes[...] if self.time_slopes is not None else geometric_alibi_slopes(h)
         return alibi, time
 
@@ -156,7 +158,7 @@ class GenRank(RankingModel):
             x = jnp.where(valid, x, 0.0).astype(self.dtype)
             cache.append(kv)
         state = {"kv": cache, "history_len": hlen, "cand_ctx": cand_ctx}
-        if self.config.genrank_time_alibi:
+        if self.config.decoder.time_alibi:
             state |= {"history_time": times, "request_time": request["request_time"].astype(jnp.int32)}
         return state
 
@@ -169,7 +171,7 @@ class GenRank(RankingModel):
         x = self.tokens.candidates(candidates, state["cand_ctx"])
         valid = _rows_valid(c, nc)
         cand_times = None
-        if self.config.genrank_time_alibi:
+        if self.config.decoder.time_alibi:
             cand_times = jnp.broadcast_to(state["request_time"][:, None], (x.shape[0], c))
         bias = self.bias_args(cand_times, state.get("history_time"))
         x = x.astype(self.dtype)
@@ -218,7 +220,7 @@ class GenRank(RankingModel):
         inputs = self.pack_inputs(batch)
         lengths, nc, hlen = inputs["lengths"], inputs["num_targets"], inputs["history_len"]
         valid = _rows_valid(inputs["tokens"].shape[1], lengths)
-        bias = self.bias_args(inputs["times"] if self.config.genrank_time_alibi else None)
+        bias = self.bias_args(inputs["times"] if self.config.decoder.time_alibi else None)
         x = inputs["tokens"].astype(self.dtype)
         for i, block in enumerate(self.blocks):
             x = jnp.where(valid, block.full(x, lengths, nc, key=fold(key, i), **bias), 0.0).astype(self.dtype)

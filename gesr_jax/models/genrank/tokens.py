@@ -1,6 +1,6 @@
 """GenRank input tokens (spec §3.3): e = phi(x) + phi(a or M) + E_pos + E_req_idx + E_pre_req_time.
 
-Action-oriented layout (``model.genrank_tokens = "action"``, the paper's model), one token per event:
+Action-oriented layout (``model.tokens.layout = "action"``, the paper's model), one token per event:
 
 * history event i: phi(x_i) + phi(a_i) + ctx_i, with phi(x) the sum of ``model.history_fields`` embeddings
   (item id and side features) and phi(a) the action embedding;
@@ -17,11 +17,11 @@ The per-event context ctx (each term has a switch):
   shifts it; all candidates share index 0. Both tokens of an interleaved event share their event's index.
 * E_req_idx: the request the event came from. The batch has no request id per event, so it is derived from
   ``history_time`` (:func:`sessions`): a new request starts at the first event and wherever the gap to the
-  previous event exceeds ``model.genrank_session_gap`` seconds (UNCONFIRMED). Requests are counted back from the
+  previous event exceeds ``model.tokens.session_gap`` seconds (UNCONFIRMED). Requests are counted back from the
   most recent history request (= 1); candidates get 0, the current request; indices clip to the table's last
-  row (``model.genrank_num_requests`` - 1).
+  row (``model.tokens.num_requests`` - 1).
 * E_pre_req_time: the gap dt between the event's request start and the previous request's start, bucketed as
-  1 + floor(ln(max(dt, 1)) / ``model.genrank_time_bucket_width``) clipped to [1, num_buckets - 1]; bucket 0 =
+  1 + floor(ln(max(dt, 1)) / ``model.tokens.time_bucket_width``) clipped to [1, num_buckets - 1]; bucket 0 =
   no previous request visible (the oldest request in the window, or an empty history for candidates). For the
   candidates dt = request_time - start of the most recent history request. (Bucketing UNCONFIRMED; width 0.301
   is HSTU's rab bucket width.)
@@ -115,15 +115,14 @@ class GenRankTokens(nnx.Module):
         self.interleaved = config.interleaved
         self.mask_action = None if self.interleaved else make_param(rngs, embed_init, (d,), ("embed",))
         self.max_position = schema.history_len
-        self.position = Embed(schema.history_len + 1, d, rngs=rngs) if config.genrank_use_position_emb else None
-        self.num_requests = config.genrank_num_requests
-        self.request = Embed(config.genrank_num_requests, d, rngs=rngs) if config.genrank_use_request_emb else None
-        self.num_buckets = config.genrank_num_time_buckets
-        self.bucket_width = config.genrank_time_bucket_width
-        self.pre_time = (
-            Embed(config.genrank_num_time_buckets, d, rngs=rngs) if config.genrank_use_pre_request_time_emb else None
-        )
-        self.session_gap = int(config.genrank_session_gap)
+        tokens = config.tokens
+        self.position = Embed(schema.history_len + 1, d, rngs=rngs) if tokens.position else None
+        self.num_requests = tokens.num_requests
+        self.request = Embed(tokens.num_requests, d, rngs=rngs) if tokens.request else None
+        self.num_buckets = tokens.num_time_buckets
+        self.bucket_width = tokens.time_bucket_width
+        self.pre_time = Embed(tokens.num_time_buckets, d, rngs=rngs) if tokens.time else None
+        self.session_gap = int(tokens.session_gap)
 
     def needed_request_keys(self) -> tuple[str, ...]:
         keys = [f"history_{f}" for f in self.history_fields]

@@ -5,7 +5,7 @@ One row per component. ``stage`` says where its work happens: "ro" components ru
 request-only work in ``encode_request`` and finish per candidate chunk in ``score`` (outputs [B, C, w]).
 ``route`` says where the outputs go (spec §1.9, read off the paper's figure; UNCONFIRMED): "main" joins the
 two-tower interaction (the main logit), "mlpg" feeds the MLPG branches (or the main interaction when
-``model.use_mlpg=false``). A component's initial values and dropout stream come from its name (``moa/<name>``, layers/core.named_rngs),
+``model.mlpg.enabled=false``). A component's initial values and dropout stream come from its name (``moa/<name>``, layers/core.named_rngs),
 so the unique name is all a row needs: adding or removing a component never changes another one's values.
 
 The module of a row is named as "module:Class" and imported only when a model is built, so this table (and
@@ -42,7 +42,7 @@ class Component:
         return self.enabled(config) if self.enabled is not None else self.name in config.extra_moa
 
     def module_class(self) -> type:
-        if isinstance(self.module, str):
+        if isinstance(self.module, str):  # named: module classes import JAX, this table is read by config checks
             path, _, attr = self.module.partition(":")
             return getattr(importlib.import_module(path), attr)
         return self.module
@@ -52,15 +52,15 @@ _MOA = "gesr_jax.models.gesr.moa"
 
 MOA_COMPONENTS: list[Component] = [
     Component("hma", f"{_MOA}:HMAComponent", "nro", "main",
-              lambda c: {"hma": c.hma_mlp[-1]}, lambda c: c.use_hma),
+              lambda c: {"hma": c.hma.mlp[-1]}, lambda c: c.hma.enabled),
     Component("hstu", f"{_MOA}:HSTUComponent", "nro", "mlpg",
-              lambda c: {"hstu": c.embed_dim}, lambda c: c.use_hstu),
+              lambda c: {"hstu": c.embed_dim}, lambda c: c.hstu.enabled),
     Component("ro_cross", f"{_MOA}:ROCrossComponent", "ro", "mlpg",
-              lambda c: {"ro_summary": c.ro_num_seeds * c.embed_dim,
-                         **({"ro_profile": c.embed_dim} if c.ro_profile_query else {})},
-              lambda c: c.use_ro_cross),
+              lambda c: {"ro_summary": c.cross.num_seeds * c.embed_dim,
+                         **({"ro_profile": c.embed_dim} if c.cross.profile_query else {})},
+              lambda c: c.cross.ro),
     Component("nro_cross", f"{_MOA}:NROCrossComponent", "nro", "mlpg",
-              lambda c: {"nro_cross": c.embed_dim}, lambda c: c.use_nro_cross),
+              lambda c: {"nro_cross": c.embed_dim}, lambda c: c.cross.nro),
 ]  # fmt: skip
 
 

@@ -21,8 +21,7 @@ from flax import nnx
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.layers.cross_attention import NROCrossAttention, ROCrossAttention
 from gesr_jax.layers.hard_matching import HardMatching
-from gesr_jax.layers.hstu import TargetAwareHSTU
-from gesr_jax.layers.sequence import unpack_candidates
+from gesr_jax.layers.hstu import TargetAwareHSTU, unpack_candidates
 from gesr_jax.models.gesr.config import GESRConfig
 
 
@@ -56,8 +55,9 @@ class HMAComponent(HardMatching):
 
     @classmethod
     def from_config(cls, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs) -> HMAComponent:
-        return cls(config.hma_pairs, max_count=config.hma_max_count, dim=config.hma_dim, mlp_widths=config.hma_mlp,
-                   dropout_rate=config.dropout, rngs=rngs)  # fmt: skip
+        hma = config.hma
+        return cls(hma.pairs, max_count=hma.max_count, dim=hma.dim, mlp_widths=hma.mlp, dropout_rate=config.dropout,
+                   rngs=rngs)  # fmt: skip
 
     def encode_request(self, ctx: RequestContext, *, key: jax.Array | None = None) -> dict[str, jax.Array]:
         return HardMatching.encode(self, ctx.request)
@@ -71,13 +71,14 @@ class HSTUComponent(TargetAwareHSTU):
 
     @classmethod
     def from_config(cls, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs) -> HSTUComponent:
+        hstu = config.hstu
         module = cls(
-            config.embed_dim, target_aware=config.target_aware, num_layers=config.hstu_layers,
-            compute_dtype=config.compute_dtype, heads=config.hstu_heads, qk_dim=config.hstu_qk_dim,
-            v_dim=config.hstu_v_dim, normalizer=config.hstu_normalizer, alpha=config.hstu_alpha,
-            attention_impl=config.attention_impl, dropout_rate=config.dropout, rngs=rngs,
+            config.embed_dim, target_aware=hstu.is_target_aware, num_layers=hstu.layers,
+            compute_dtype=hstu.compute_dtype, heads=hstu.heads, qk_dim=hstu.qk_dim, v_dim=hstu.v_dim,
+            normalizer=hstu.normalizer, alpha=hstu.alpha, attention_impl=hstu.attention_impl,
+            dropout_rate=config.dropout, rngs=rngs,
         )  # fmt: skip
-        module.full_sequence = config.hstu_scoring == "full" and config.target_aware
+        module.full_sequence = hstu.scoring == "full" and hstu.is_target_aware
         return module
 
     def encode_request(self, ctx: RequestContext, *, key: jax.Array | None = None) -> dict[str, Any]:
@@ -98,16 +99,17 @@ class ROCrossComponent(ROCrossAttention):
 
     @classmethod
     def from_config(cls, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs) -> ROCrossComponent:
+        cross = config.cross
         return cls(
-            config.embed_dim, num_seeds=config.ro_num_seeds, profile_query=config.ro_profile_query,
-            dropout_rate=config.dropout, heads=config.cross_heads, head_dim=config.cross_head_dim,
-            kind=config.cross_attention, normalizer=config.hstu_normalizer, rngs=rngs,
+            config.embed_dim, num_seeds=cross.num_seeds, profile_query=cross.profile_query,
+            dropout_rate=config.dropout, heads=cross.heads, head_dim=cross.head_dim,
+            kind=cross.kind, normalizer=config.hstu.normalizer, rngs=rngs,
         )  # fmt: skip
 
     def encode_request(self, ctx: RequestContext, *, key: jax.Array | None = None) -> dict[str, jax.Array]:
         if self.profile_query and ctx.profile is None:
             raise ValueError(
-                "model.ro_profile_query=true needs user profile embeddings, but this model has none "
+                "model.cross.profile_query=true needs user profile embeddings, but this model has none "
                 "(no user features and model.use_user_id=false)"
             )
         summary, prof = ROCrossAttention.__call__(self, ctx.history, ctx.history_valid, ctx.profile, key=key)
@@ -122,8 +124,9 @@ class NROCrossComponent(NROCrossAttention):
 
     @classmethod
     def from_config(cls, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs) -> NROCrossComponent:
-        return cls(config.embed_dim, heads=config.cross_heads, head_dim=config.cross_head_dim,
-                   kind=config.cross_attention, normalizer=config.hstu_normalizer, rngs=rngs)  # fmt: skip
+        cross = config.cross
+        return cls(config.embed_dim, heads=cross.heads, head_dim=cross.head_dim, kind=cross.kind,
+                   normalizer=config.hstu.normalizer, rngs=rngs)  # fmt: skip
 
     def encode_request(self, ctx: RequestContext, *, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         return NROCrossAttention.encode(self, ctx.history)

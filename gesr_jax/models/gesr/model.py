@@ -7,10 +7,11 @@ HSTU history K/V of every layer, the RO cross-attention outputs, the NRO cross-a
 ``score`` (NRO stage, per candidate chunk): item tower (or the cached item-tower table), candidate tokens,
 every "nro" component's per-candidate part, then the logits:
 main = interaction(u, i, [main-route outputs, unified item]); amplified = MLPG(MLPG-route outputs; with
-``model.use_mlpg=false`` they join the main interaction instead); final = main + amplified, per task.
+``model.mlpg.enabled=false`` they join the main interaction instead); final = main + amplified, per task.
 Logits at padded candidate slots are 0.
 
-Routing follows spec §1.9 (UNCONFIRMED). Each ``model.use_*`` switch removes its module and parameters;
+Routing follows spec §1.9 (UNCONFIRMED). Each MoA switch (``model.hma.enabled``, ``model.hstu.enabled``,
+``model.cross.ro`` / ``nro``, ``model.mlpg.enabled``) removes its module and parameters;
 with all of them off the model is exactly the two-tower baseline (same modules, same order, same logits).
 """
 
@@ -52,7 +53,7 @@ class GESR(RankingModel):
         self.main_inputs = tuple(
             [n for c in main for n in c.outputs(config)]
             + ([components.UNIFIED_ITEM] if config.uses_tokens else [])
-            + ([] if config.use_mlpg else late_outputs)
+            + ([] if config.mlpg.enabled else late_outputs)
         )
         # Every part's initial values come from its name (layers/core.named_rngs), never from build order,
         # so switching a component on or off leaves the others' values unchanged.
@@ -64,16 +65,16 @@ class GESR(RankingModel):
         self.tokens = TokenEmbedder(config, schema, rngs=named_rngs(base, "tokens")) if config.uses_tokens else None
         extra_dim = sum(widths[n] for n in self.main_inputs)
         self.towers = TwoTower(config, schema, extra_dim, len(schema.tasks), rngs=named_rngs(base, "towers"))
-        if config.use_ro_cross and config.ro_profile_query and not self.towers.user.profile_fields():
+        if config.cross.ro and config.cross.profile_query and not self.towers.user.profile_fields():
             raise ValueError(
-                "model.ro_profile_query=true needs user profile embeddings, but this model has none "
+                "model.cross.profile_query=true needs user profile embeddings, but this model has none "
                 "(no user features and model.use_user_id=false)"
             )
         self.moa = nnx.Dict(built)
         self.mlpg = (
-            MLPG(config.mlpg_branch_specs(), widths, len(schema.tasks), hidden=config.mlpg_hidden,
-                 gate=config.mlpg_gate, dropout_rate=config.dropout, rngs=named_rngs(base, "mlpg"))
-            if config.use_mlpg else None
+            MLPG(config.mlpg_branch_specs(), widths, len(schema.tasks), hidden=config.mlpg.hidden,
+                 gate=config.mlpg.gate, dropout_rate=config.dropout, rngs=named_rngs(base, "mlpg"))
+            if config.mlpg.enabled else None
         )  # fmt: skip
         keys = self._needed_keys()
         groups = batch_groups(schema)
@@ -105,13 +106,14 @@ class GESR(RankingModel):
     def encode_request(self, request: Batch, *, key: jax.Array | None = None, train: bool = False) -> dict:
         """The request state: {"user", "history_len", "history_valid", "moa": {component: cache}}."""
         cfg = self.config
-        if train and key is None and (cfg.dropout > 0 or cfg.stochastic_length):
-            raise ValueError("train=True with model.dropout > 0 or model.stochastic_length needs a PRNG key")
+        sl = cfg.stochastic_length
+        if train and key is None and (cfg.dropout > 0 or sl.enabled):
+            raise ValueError("train=True with model.dropout > 0 or model.stochastic_length.enabled needs a PRNG key")
         _, n = check_part(request, self.request_keys, self.schema, REQUEST)
         key = key if train else None
         request = {k: jnp.asarray(v) for k, v in request.items()}
-        if key is not None and cfg.stochastic_length:
-            request = stochastic_length(request, fold(key, "stochastic_length"), alpha=cfg.sl_alpha, sampling=cfg.sl_sampling)
+        if key is not None and sl.enabled:
+            request = stochastic_length(request, fold(key, "stochastic_length"), alpha=sl.alpha, sampling=sl.sampling)
         hlen = request["history_len"]
         ctx = RequestContext(
             request=request,
@@ -161,7 +163,7 @@ class GESR(RankingModel):
     def hstu_sequence(self, batch: Batch) -> jax.Array:
         """The HSTU stack's one-pass packed output (eval mode), for inspection and the causality tests."""
         if "hstu" not in self.moa or self.tokens is None:
-            raise ValueError("hstu_sequence needs model.use_hstu=true")
+            raise ValueError("hstu_sequence needs model.hstu.enabled=true")
         return self.moa["hstu"].sequence(
             self.tokens.history(batch), self.tokens.candidates(batch), batch["history_len"], batch["num_candidates"]
         )

@@ -20,13 +20,13 @@ from flax import nnx
 
 from gesr_jax.data.batch import REQUEST, BatchSchema, batch_layout
 from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
-from gesr_jax.models.gesr.config import GESRConfig as ModelConfig
+from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.models.two_tower.towers import item_field_names
 
 Batch = Mapping[str, jax.Array]
 
 
-def check_fields(config: ModelConfig, schema: BatchSchema) -> None:
+def check_fields(config: GESRConfig, schema: BatchSchema) -> None:
     """Raise ``ValueError`` naming the config key when it names a field this dataset does not have."""
     items = item_field_names(schema)
     available_hist = (*items, "action")
@@ -41,12 +41,12 @@ def check_fields(config: ModelConfig, schema: BatchSchema) -> None:
     if config.uses_tokens:
         check("history_fields", config.history_fields, available_hist)
         check("candidate_fields", config.candidate_fields, items)
-    if config.use_nro_cross:
-        check("nro_query_fields" if config.nro_query_fields else "candidate_fields", config.query_fields, items)
-    if config.use_hma:
-        for hist, cand in config.hma_pairs:
-            check("hma_pairs", (hist,), items)
-            check("hma_pairs", (cand,), items)
+    if config.cross.nro:
+        check("cross.nro_query_fields" if config.cross.nro_query_fields else "candidate_fields", config.query_fields, items)
+    if config.hma.enabled:
+        for hist, cand in config.hma.pairs:
+            check("hma.pairs", (hist,), items)
+            check("hma.pairs", (cand,), items)
 
 
 def history_key(field: str) -> str:
@@ -92,21 +92,22 @@ def valid_mask(lengths: jax.Array, width: int) -> jax.Array:
 class TokenEmbedder(nnx.Module):
     """History and candidate tokens for HSTU and cross attention (all parameters are MoA parameters)."""
 
-    def __init__(self, config: ModelConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
+    def __init__(self, config: GESRConfig, schema: BatchSchema, *, rngs: nnx.Rngs):
         d = config.embed_dim
         self.history_fields = tuple(config.history_fields)
         self.candidate_fields = tuple(config.candidate_fields)
-        self.query_fields = tuple(config.query_fields) if config.use_nro_cross else ()
+        self.query_fields = tuple(config.query_fields) if config.cross.nro else ()
         fields = dict.fromkeys((*self.history_fields, *self.candidate_fields, *self.query_fields))
         self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
         uses_action = "action" in self.history_fields
         self.mask_action = make_param(rngs, embed_init, (d,), ("embed",)) if uses_action else None
         # Position 0 is the shared candidate position; history positions are 1..N (1 = most recent).
         self.max_position = schema.history_len
-        self.position = Embed(schema.history_len + 1, d, rngs=rngs) if config.use_position_emb else None
-        self.time = Embed(config.num_time_buckets, d, rngs=rngs) if config.use_time_emb else None
-        self.num_time_buckets = config.num_time_buckets
-        self.time_bucket_width = config.time_bucket_width
+        context = config.context
+        self.position = Embed(schema.history_len + 1, d, rngs=rngs) if context.position else None
+        self.time = Embed(context.num_time_buckets, d, rngs=rngs) if context.time else None
+        self.num_time_buckets = context.num_time_buckets
+        self.time_bucket_width = context.time_bucket_width
 
     def history(self, batch: Batch) -> jax.Array:
         """History tokens [B, N, D]; padded slots are zero."""
