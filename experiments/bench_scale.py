@@ -1,4 +1,4 @@
-"""Scale benchmarks of the data path (issue 21): MovieLens ingest, and synthetic logs written straight to prepared files.
+"""Scale benchmarks of the data path (issue 21): MovieLens ingest; synthetic logs written straight to prepared files.
 
 Usage (figures go to experiments/results/scale_cpu.md with the machine named; never into unit tests)::
 
@@ -7,11 +7,11 @@ Usage (figures go to experiments/results/scale_cpu.md with the machine named; ne
 
 ``ingest`` writes a synthetic ``ratings.csv`` in the official ml-32m format (``userId,movieId,rating,timestamp``,
 half stars, rows by user then movie) plus a ``movies.csv``, then loads it with ``load_interactions`` in a fresh
-process per variant: today's package and, with ``--old-src``, a checkout of an older commit (the line-level
-reader). Rounds interleave the variants; each reports wall and CPU seconds and peak RSS (``ru_maxrss``).
+process per variant: today's package and, with ``--old-src``, a checkout of an older commit (its regex +
+``np.loadtxt`` reader). Rounds interleave the variants; each reports wall and CPU seconds and peak RSS (``ru_maxrss``).
 ``scale`` writes synthetic logs straight to prepared folders (gesr_jax/data/synthetic_log.py), then
-reads train batches from the files and from an in-memory copy, and trains ml32m_base's model (the CSV-family GESR) from both. The scratch folder is
-deleted afterwards unless ``--keep``.
+reads train batches from the files and from an in-memory copy, and trains ml32m_base's model (the
+CSV-family GESR) from both. The scratch folder is deleted afterwards unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def run_ingest(args: argparse.Namespace) -> dict:
     info["generate_s"] = time.perf_counter() - t0
     variants = {"vectorised (this tree)": REPO}
     if args.old_src:
-        variants["line-level (old commit)"] = pathlib.Path(args.old_src)
+        variants["regex + loadtxt (old commit)"] = pathlib.Path(args.old_src)
     rounds = []
     for _ in range(args.rounds):  # interleave the variants round by round
         rounds.append({name: time_load(src, root, args.timeout) for name, src in variants.items()})
@@ -166,7 +166,8 @@ if mode == "pipeline":
     for _ in range(batches):
         next(it)
     wall = time.perf_counter() - t0
-    out |= {"requests_per_s": 512 * batches / wall, "cpu_s_per_1k_requests": (time.process_time() - c0) / batches / 0.512}
+    cpu = time.process_time() - c0
+    out |= {"requests_per_s": 512 * batches / wall, "cpu_s_per_1k_requests": cpu / batches / 0.512}
 else:
     import tempfile
     from gesr_jax.config import load_config
