@@ -12,7 +12,8 @@ protocol for blocks of P events from the end with at least ``min_history`` earli
 same-second ties here, so ``history_end`` is the block's first event). Negatives are Q draws from the
 same power law that are not among the request's positives; unlike the MovieLens protocol they are not
 checked against the user's whole history, which would need a per-user set -- this log measures cost,
-not model quality. Item feature: ``genre`` = ``2 + item % 18``.
+not model quality. Item features (ml100k_base's and ml32m_base's models fit them): ``genre`` = ``2 + item % 18`` and
+``year`` = ``2 + (7 item) % 16``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
 from gesr_jax.data.event_log import HISTORY_END, SPLIT_NAMES, stored_keys
 
-NUM_GENRES = 18
+NUM_GENRES, NUM_YEARS = 18, 16
 
 
 def sizes(events: int, seed: int = 0, num_items: int | None = None) -> tuple[np.ndarray, int]:
@@ -58,7 +59,8 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
     blocks = np.where(counts >= dc.min_history + p, (counts - dc.min_history) // p, 0)
     schema = BatchSchema(
         num_users=int(counts.size), num_items=num_items, user_features=(),
-        item_features=(("genre", NUM_GENRES + 2),), num_actions=6, history_len=n_hist, num_candidates=p + q,
+        item_features=(("genre", NUM_GENRES + 2), ("year", NUM_YEARS + 2)), num_actions=6, history_len=n_hist,
+        num_candidates=p + q,
     )  # fmt: skip
     # Split of each user's k-th request (k = 0 oldest): the last is test, the one before valid.
     per_split = {"train": int(np.maximum(blocks - 2, 0).sum()), "valid": int((blocks >= 2).sum()),
@@ -75,7 +77,10 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
     column("log/action", np.uint8, (events,))
     column("log/time", np.int32, (events,))
     column("item_table/genre", np.int32, (num_items + 1,))
-    columns["item_table/genre"][:] = np.r_[0, 2 + np.arange(1, num_items + 1) % NUM_GENRES]
+    column("item_table/year", np.int32, (num_items + 1,))
+    ids = np.arange(1, num_items + 1)
+    columns["item_table/genre"][:] = np.r_[0, 2 + ids % NUM_GENRES]
+    columns["item_table/year"][:] = np.r_[0, 2 + (7 * ids) % NUM_YEARS]
     dtypes = {"cand_item": np.int32, "label_consume": np.float32, "label_engage": np.float32, HISTORY_END: np.int64}
     for split, rows in per_split.items():
         for key in [*stored_keys(schema), HISTORY_END]:
@@ -104,7 +109,8 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
 
 
 def _write_chunk(rng: np.random.Generator, columns: dict[str, np.ndarray], filled: dict[str, int], counts: np.ndarray,
-                 blocks: np.ndarray, first_user: int, first_event: int, num_items: int, dc: DataConfig) -> None:  # fmt: skip
+                 blocks: np.ndarray, first_user: int, first_event: int, num_items: int,
+                 dc: DataConfig) -> None:  # fmt: skip
     p, q = dc.num_positives, dc.num_negatives
     e = int(counts.sum())
     user_start = np.cumsum(counts) - counts  # within the chunk
