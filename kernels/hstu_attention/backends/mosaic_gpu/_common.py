@@ -40,19 +40,28 @@ FULL, MASKED, DIAGONAL = "full", "masked", "diagonal"
 SMEM_BUDGET = 227 * 1024 - 1024
 
 
-def smem_bytes(dqk: int, dv: int, blocks, itemsize: int) -> dict[str, int]:
+def smem_bytes(dqk: int, dv: int, blocks, itemsize: int, score=None) -> dict[str, int]:
     """Shared memory of each kernel's tiles for (padded) head dims and tiles, as its scratch list allocates it.
 
     forward: resident Q (and O when Dqk != Dv) per compute warpgroup + the K/V ring; dq: resident Q, dO + the
-    K/V ring; dk/dv: resident K, V + the Q/dO ring. Tests check this against Mosaic GPU's own limit.
+    K/V ring; dk/dv: resident K, V + the Q/dO ring. `score` (a `scores.ScoreSpec`; None = silu without bias) adds
+    the 4-byte vectors: timestamps (resident and ring), LSE / delta, slope-gradient row sums. Tests check the
+    bias-free sizes against Mosaic GPU's own limit.
     """
     resident = COMPUTE_WGS * WG_TILE
-    return {
-        "forward": itemsize * (resident * (dqk + (dv if dqk != dv else 0))
-                               + MAX_CONCURRENT_STEPS * blocks.block_k * (dqk + dv)),
-        "dq": itemsize * (resident * (dqk + dv) + MAX_CONCURRENT_STEPS * blocks.block_k * (dqk + dv)),
-        "dkdv": itemsize * (resident * (dqk + dv) + MAX_CONCURRENT_STEPS * blocks.block_q_bwd * (dqk + dv)),
+    steps = MAX_CONCURRENT_STEPS
+    sizes = {
+        "forward": itemsize * (resident * (dqk + (dv if dqk != dv else 0)) + steps * blocks.block_k * (dqk + dv)),
+        "dq": itemsize * (resident * (dqk + dv) + steps * blocks.block_k * (dqk + dv)),
+        "dkdv": itemsize * (resident * (dqk + dv) + steps * blocks.block_q_bwd * (dqk + dv)),
     }
+    if score is not None:
+        sm, time_on = int(score.softmax), int(score.time)
+        sizes["forward"] += 4 * (time_on * (resident + steps * blocks.block_k) + sm * resident)
+        sizes["dq"] += 4 * (time_on * (resident + steps * blocks.block_k) + 2 * sm * resident
+                            + (int(score.alibi) + time_on) * resident)
+        sizes["dkdv"] += 4 * (time_on * (resident + steps * blocks.block_q_bwd) + 2 * sm * steps * blocks.block_q_bwd)
+    return sizes
 
 
 def transforms(dtype) -> tuple:
@@ -325,14 +334,15 @@ def check_blocks(name: str, blocks: BlockSizes) -> None:
         raise NotImplementedError(f"{name}: block_k and block_q_bwd must be multiples of 64, got {blocks}")
 
 
-def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, shrink: bool) -> BlockSizes:
+def fit_shared_memory(blocks: BlockSizes, dqk: int, dv: int, itemsize: int, *, shrink: bool,
+                      score=None) -> BlockSizes:
     """`blocks`, with the streamed tiles shrunk to 64 when `shrink` and the kernels would overflow shared memory.
 
     Raises NotImplementedError (so implementation=None falls back) when the tiles still do not fit.
     """
-    if shrink and max(smem_bytes(dqk, dv, blocks, itemsize).values()) > SMEM_BUDGET:
+    if shrink and max(smem_bytes(dqk, dv, blocks, itemsize, score).values()) > SMEM_BUDGET:
         blocks = dataclasses.replace(blocks, block_k=64, block_q_bwd=64)
-    needs = smem_bytes(dqk, dv, blocks, itemsize)
+    needs = smem_bytes(dqk, dv, blocks, itemsize, score)
     over = {kernel: size for kernel, size in needs.items() if size > SMEM_BUDGET}
     if over:
         raise NotImplementedError(

@@ -65,7 +65,8 @@ def attention_cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries, *, se
     blocks = block_sizes if block_sizes is not None else default_blocks
     check_blocks(NAME, blocks)
     dqk_p, dv_p = common.round_up(q.shape[-1], 64), common.round_up(v.shape[-1], 64)
-    blocks = fit_shared_memory(blocks, dqk_p, dv_p, jnp.dtype(q.dtype).itemsize, shrink=block_sizes is None)
+    blocks = fit_shared_memory(blocks, dqk_p, dv_p, jnp.dtype(q.dtype).itemsize, shrink=block_sizes is None,
+                               score=spec)
     params = KernelParams(normalizer, alpha, MaskSpec(contextual_len, max_attn_len), blocks, interpret, spec)
     multiple = max(COMPUTE_WGS * WG_TILE, blocks.block_k, blocks.block_q_bwd)
     rows, n = q.shape[1], k_prefix.shape[1]
