@@ -21,7 +21,8 @@ from flax import nnx
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.layers.cross_attention import NROCrossAttention, ROCrossAttention
 from gesr_jax.layers.hard_matching import HardMatching
-from gesr_jax.layers.hstu import TargetAwareHSTU, unpack_candidates
+from gesr_jax.layers.hstu import TargetAwareHSTU
+from gesr_jax.layers.sequence import unpack_candidates
 from gesr_jax.models.gesr.config import GESRConfig
 
 
