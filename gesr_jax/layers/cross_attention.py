@@ -5,13 +5,13 @@ are the spec's proposals (UNCONFIRMED):
 
 * RO cross attention (once per request): k learnable query seeds, Set-Transformer PMA
   style, ``H = S + W_o MHA(S W_q, U W_k, U W_v)`` then ``H + FFN(LN(H))``; its
-  flattened output is the "User History Summarization". With ``model.ro_profile_query``
+  flattened output is the "User History Summarization". With ``model.cross.profile_query``
   one more query, the sum-pooled user profile embedding, gives the "User Profile Embs".
 * NRO cross attention (per candidate): ``q_c`` = sum-pooled candidate query features,
   ``a_c = W_o MHA(q_c W_q, U W_k, U W_v)``, gate ``g_c = sigmoid(W_g [q_c ; a_c] + b)``,
   output ``g_c * a_c + (1 - g_c) * q_c``.
 
-Attention is softmax (``model.cross_attention="softmax"``) or HSTU-style pointwise SiLU
+Attention is softmax (``model.cross.kind="softmax"``) or HSTU-style pointwise SiLU
 divided by the fixed normaliser ("silu"); the paper does not say which. In both blocks
 the history keys/values ``U W_k``, ``U W_v`` are computed once per request, [B, N, H, dh],
 and every query attends to them through an einsum: no history tensor is repeated per
@@ -46,7 +46,7 @@ def attend(
     elif kind == "silu":
         weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
     else:
-        raise ValueError(f"model.cross_attention must be 'softmax' or 'silu', got {kind!r}")
+        raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
     return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
 
 

@@ -1,6 +1,6 @@
 """Multi-Logit Parameterized Gating (MLPG, spec §1.10): K parallel logit branches over MoA outputs.
 
-A branch reads its own list of MoA outputs ``z = [z_1, ..., z_m]`` (``model.mlpg_branches``)
+A branch reads its own list of MoA outputs ``z = [z_1, ..., z_m]`` (``model.mlpg.branches``)
 and produces one logit per task:
 
 * "gated" (parameterized gating): ``Logit(z) = MLP([Gate(z) * MLP(z), z])`` with
@@ -83,7 +83,7 @@ class MLPG(nnx.Module):
         ``branch_args``: ``hidden``, ``gate``, ``dropout_rate`` of :class:`MLPGBranch`."""
         missing = sorted({name for _, inputs in specs for name in inputs} - set(dims))
         if missing:
-            raise ValueError(f"model.mlpg_branches reads {missing}, which this model does not compute")
+            raise ValueError(f"model.mlpg.branches reads {missing}, which this model does not compute")
         base = rngs.params()  # branch i draws from stream i, whatever the other branches read
         self.branches = nnx.List([
             MLPGBranch(kind, inputs, dims, num_tasks, rngs=named_rngs(base, i), **branch_args)

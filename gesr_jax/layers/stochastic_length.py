@@ -8,7 +8,7 @@ request with n valid events, let ``L = floor(N ** (alpha / 2))``:
 * otherwise keep a subsequence of L events, in chronological order.
 
 Expected attention cost becomes O(N^alpha d). Which L events survive is
-``model.sl_sampling``: "recency" (sampling without replacement with weight 1/r for the
+``model.stochastic_length.sampling``: "recency" (sampling without replacement with weight 1/r for the
 r-th most recent event: our reading of the paper's recency-weighted sampling, whose
 exact weights are UNCONFIRMED), "uniform", or "recent" (the L most recent). Kept events
 are compacted to the left and the rest zeroed, so the result obeys the batch layout.
@@ -40,7 +40,7 @@ def stochastic_length(
     the history arrays, which move together; per-request arrays are kept.
     """
     if sampling not in ("recency", "uniform", "recent"):
-        raise ValueError(f"model.sl_sampling must be 'recency', 'uniform' or 'recent', got {sampling!r}")
+        raise ValueError(f"model.stochastic_length.sampling must be 'recency', 'uniform' or 'recent', got {sampling!r}")
     out = dict(batch)
     b, n_cap = batch["history_item"].shape
     keep = kept_length(n_cap, alpha)
