@@ -5,8 +5,7 @@ of them imports JAX.
 
 * :class:`WorkdirLock` -- ``<workdir>/.lock``, held for the whole run; a second run fails at once.
 * :func:`atomic_write_text` / :func:`atomic_write_json` -- readers never see a half-written file.
-* :func:`check_writable` -- a read-only or full folder is reported before any work starts.
-* :func:`free_space_warning` -- a warning when a folder cannot hold two checkpoints.
+* :func:`check_writable` / :func:`free_space_warning` -- a read-only or full folder is reported before any work.
 * :func:`data_fingerprint` / :func:`check_data_fingerprint` -- a resume on different data is refused.
 
 A busy workdir or changed data is a :class:`WorkdirError` (a usage error, exit status 2); a file or
@@ -313,22 +312,25 @@ def check_writable(folder: str | os.PathLike[str], *, what: str = "workdir", min
 
 def describe_os_error(err: OSError) -> str:
     """``No space left on device [ENOSPC]``: the OS reason and its errno name."""
-    reason = err.strerror or str(err)
-    return f"{reason} [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else reason
+    code = f" [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else ""
+    return f"{err.strerror or err}{code}"
 
 
-def free_space_warning(folder: str | os.PathLike[str], checkpoint_bytes: int) -> str | None:
-    """A message when ``folder`` cannot hold two checkpoints of ``checkpoint_bytes`` each, else None.
-
-    Two, because a new step is written beside the previous one before the older is deleted.
-    """
+def free_space_warning(folder: str | os.PathLike[str], checkpoint_bytes: int, source: str = "estimated") -> str | None:
+    """A message when ``folder`` cannot hold two more checkpoints of ``checkpoint_bytes`` (``source`` says how
+    that size was found), else None. Two: a new step is written beside the previous one before it is deleted."""
     free = shutil.disk_usage(folder).free
     if free >= 2 * checkpoint_bytes:
         return None
     return (
-        f"{folder} has {free / 2**20:.1f} MiB free, less than two checkpoints ({2 * checkpoint_bytes / 2**20:.1f} "
-        "MiB): a checkpoint save may fail with 'No space left on device'"
+        f"{folder} has {free / 2**20:.1f} MiB free, less than two checkpoints of {checkpoint_bytes / 2**20:.1f} MiB "
+        f"({source}): a checkpoint save may fail with 'No space left on device'"
     )
+
+
+def disk_bytes(folder: str | os.PathLike[str]) -> int:
+    """The bytes the files under ``folder`` take on disk (allocated blocks, as ``du``)."""
+    return sum(p.lstat().st_blocks * 512 for p in pathlib.Path(folder).rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -38,7 +38,7 @@ from gesr_jax.train.checkpoint_errors import CheckpointWarning
 from gesr_jax.train.checksums import all_finite
 from gesr_jax.train.evaluators import NonFinitePredictionsError
 from gesr_jax.train.setup import Setup
-from gesr_jax.workdir_files import RunIOError, atomic_write_text
+from gesr_jax.workdir_files import RunIOError, WorkdirWarning, atomic_write_text, disk_bytes, free_space_warning
 
 
 class TrainingDivergedError(RuntimeError):
@@ -153,7 +153,20 @@ class LoopContext:
         meta = {"log_window": self.window, "hooks": self.hook_state, "stop_reason": self.stop_reason}
         with self.phase(f"saving checkpoint {self.step}"):
             self.checkpoints.save(self.step, self.params, self.opt_state, self.data_iter, jsonable(meta))
+        if self.last_saved is None:  # this run's first step on disk: the real size, for the free-space check
+            self.check_free_space(self.step)
         self.last_saved = self.step
+
+    def check_free_space(self, step: int) -> None:
+        """Warn when the checkpoint folder cannot hold two more steps the size ``step`` takes on disk
+        (Orbax's files take more than the arrays' bytes, which the check before training used)."""
+        if not distributed.is_primary():
+            return
+        self.checkpoints.wait()
+        size = disk_bytes(self.checkpoints.directory / str(step))
+        message = free_space_warning(self.checkpoints.directory, size, f"measured on step {step}")
+        if message is not None:
+            warnings.warn(message, WorkdirWarning, stacklevel=2)
 
     def restore_latest(self, *, strict: bool = False) -> int | None:
         """Resume from the newest intact checkpoint (corrupt newer ones are quarantined); its step or None."""
@@ -172,6 +185,7 @@ class LoopContext:
         self.hook_state = dict(meta.get("hooks", {}))
         self.stop_reason = meta.get("stop_reason")
         self.resume_step = self.last_saved = restored.step
+        self.check_free_space(restored.step)
         return restored.step
 
 

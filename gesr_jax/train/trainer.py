@@ -213,7 +213,7 @@ def warn_free_space(run: Workdir, built: setup_lib.Setup, reporter: reporting.Re
     """A warning when the checkpoint folder's filesystem cannot hold two checkpoints of this run."""
     leaves = jax.tree.leaves((built.params, built.opt_state))
     size = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
-    message = workdir_files.free_space_warning(run.path, size)
+    message = workdir_files.free_space_warning(run.path, size, "the arrays' bytes; on disk it is more")
     if message is not None and distributed.is_primary():
         warnings.warn(message, workdir_files.WorkdirWarning, stacklevel=3)
         reporter.line(f"warning: {message}")

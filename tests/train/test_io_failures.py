@@ -211,8 +211,11 @@ def test_a_corrupt_params_file_logs_no_tracebacks_only_the_fallback_warning(fini
 def test_too_little_space_for_two_checkpoints_is_a_warning(tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(workdir_files.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
-    with pytest.warns(workdir_files.WorkdirWarning, match=r"less than two checkpoints"):
+    with pytest.warns(workdir_files.WorkdirWarning, match=r"less than two checkpoints") as warned:
         trainer.train_and_evaluate(fx.tiny_config(num_steps=2), tmp_path, model_api=fx.linear_api(), splits=SPLITS)
+    messages = [str(w.message) for w in warned if "less than two checkpoints" in str(w.message)]
+    assert "the arrays' bytes" in messages[0] and "measured on step 2" in messages[1]  # before training, after a save
+    assert workdir_files.disk_bytes(tmp_path / "checkpoints" / "2") > 0
     assert workdir_files.free_space_warning(tmp_path, 10**6) is not None
     monkeypatch.undo()
     assert workdir_files.free_space_warning(tmp_path, 1) is None
