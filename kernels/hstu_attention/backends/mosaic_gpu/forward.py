@@ -199,15 +199,23 @@ def forward(q, k, v, lengths, hist, alibi, ts, tslopes, params: KernelParams, mo
                 p16 = p.astype(dtype)
                 wait_v_and_turn(slot)
 
+                if staging is None:
+                    # Compiled: accumulate P @ V into the rescaled carry in place, as FA3 does (one register tile).
+                    def pv_in_place(acc_ref):
+                        mma_from_registers(acc_ref, p16, v_ring.at[slot], None)
+                        release_v(s, slot)
+
+                    return pl.run_state(pv_in_place)(plgpu.ACC.init(acc)), m_new, l_i
+
+                # Interpreted: the GPU interpreter does not model pl.run_state, so P @ V goes to a fresh
+                # accumulator that is added to the carry (same sum; the compiled path is checked on a GPU by
+                # `experiments/gpu_check.py`, which runs these tests compiled).
                 def pv(pv_ref):
                     mma_from_registers(pv_ref, p16, v_ring.at[slot], staging)
                     release_v(s, slot)
                     return pv_ref[...]
 
-                # P @ V goes to a fresh accumulator added to the rescaled carry. (FA3 accumulates in place with
-                # pl.run_state, which the GPU interpreter does not model; this keeps one tested code path.)
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
-                return acc, m_new, l_i
+                return acc + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32)), m_new, l_i
 
             out_rows = iota((bq, dv), 0) + row0
             if softmax:
