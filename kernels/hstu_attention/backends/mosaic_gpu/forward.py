@@ -1,4 +1,4 @@
-"""Forward kernel of the full-sequence Mosaic GPU backend (Hopper, sm_90): TMA, mbarriers, wgmma.
+"""Forward kernel of the Mosaic GPU backend (Hopper, sm_90), both modes: TMA, mbarriers, wgmma.
 
 Warp specialised like jax's FlashAttention-3 (`ops/gpu/attention_mgpu.py`): a CTA runs two compute warpgroups,
 each owning 64 resident rows of Q in shared memory, and one memory warpgroup that streams K and V (and, with the
@@ -8,6 +8,8 @@ warpgroups ping-pong on a `turn` barrier so one's Q K^T wgmma overlaps the other
 
 The stream is not the whole sequence: from lengths and num_targets each CTA computes the key blocks it needs
 (`_common.row_schedule`): mask-free steps, masked steps, then at most a couple of candidate-diagonal steps.
+In the cached mode the main steps are the cached prefix's blocks and the diagonal steps stream the rows' own
+key blocks for the self term (`_common.cached_row_schedule`).
 
 Scores: silu (accumulated unnormalised, scaled by 1/normalizer once at the end) or softmax (online, running
 max / sum per row in registers; the row log-sum-exp is a second output for the backward; a row with no valid
