@@ -155,12 +155,6 @@ def batch_spec(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[in
     return {f.key: (f.shape(batch_size, n, c), f.dtype) for f in schema.fields()}
 
 
-def batch_layout(schema: BatchSchema, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-    """(shape, dtype, group) of every key; read by ``models/gesr/tokens.py`` until its check_part is this one."""
-    n, c = schema.history_len, schema.num_candidates
-    return {f.key: (f.shape(batch_size, n, c), f.dtype, f.group) for f in schema.fields()}
-
-
 def batch_groups(schema: BatchSchema) -> dict[str, str]:
     """Group (REQUEST, CANDIDATES, TARGETS) of every batch key of ``schema``."""
     return {f.key: f.group for f in schema.fields()}

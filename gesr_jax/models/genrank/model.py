@@ -46,38 +46,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, split_batch
+from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, check_part, lengths_mask, split_batch
 from gesr_jax.layers.core import MLP, LayerNorm, fold, named_rngs
+from gesr_jax.layers.sequence import encode_prefix, pack, run_packed, score_against_prefix, unpack_candidates
 from gesr_jax.models.base import Batch, RankingModel
 from gesr_jax.models.genrank.block import DecoderBlock
 from gesr_jax.models.genrank.config import GenRankConfig
 from gesr_jax.models.genrank.tokens import GenRankTokens, check_fields
-from gesr_jax.models.gesr.tokens import check_part
 from kernels.hstu_attention import geometric_alibi_slopes
-
-def pack(history: jax.Array, candidates: jax.Array, history_len: jax.Array, num_candidates: jax.Array) -> jax.Array:
-    """[B, N, ...] and [B, C, ...] -> [B, N + C, ...] rows [hist[:len] ; cand[:nc] ; zeros], dtype kept."""
-    n, c = history.shape[1], candidates.shape[1]
-    p = jnp.arange(n + c)[None, :]
-    hlen, nc = history_len[:, None], num_candidates[:, None]
-    idx = jnp.clip(jnp.where(p < hlen, p, n + p - hlen), 0, n + c - 1)
-    valid = p < hlen + nc
-    both = jnp.concatenate([history, candidates], axis=1)
-    extra = (1,) * (both.ndim - 2)
-    out = jnp.take_along_axis(both, idx.reshape(*idx.shape, *extra), axis=1)
-    return jnp.where(valid.reshape(*valid.shape, *extra), out, jnp.zeros((), out.dtype))
-
-
-def unpack_candidates(seq: jax.Array, history_len: jax.Array, num_candidates: jax.Array, c: int) -> jax.Array:
-    """The candidate rows of a packed sequence [B, L, D], back in slot order [B, C, D]; padding zero."""
-    slot = jnp.arange(c)[None, :]
-    idx = jnp.clip(history_len[:, None] + slot, 0, seq.shape[1] - 1)
-    out = jnp.take_along_axis(seq, idx[..., None], axis=1)
-    return jnp.where((slot < num_candidates[:, None])[..., None], out, 0.0)
-
-
-def _rows_valid(width: int, lengths: jax.Array) -> jax.Array:
-    return (jnp.arange(width)[None, :] < lengths[:, None])[..., None]
 
 
 class GenRank(RankingModel):
@@ -146,17 +122,9 @@ class GenRank(RankingModel):
         check_part(request, self.request_keys, self.schema, REQUEST)
         request = {k: jnp.asarray(v) for k, v in request.items()}
         x, hlen, times, cand_ctx = self.tokens.history(request)
-        valid = _rows_valid(x.shape[1], hlen)
-        bias = self.bias_args(times)
-        x = x.astype(self.dtype)
-        cache = []
-        for i, block in enumerate(self.blocks):
-            if i == len(self.blocks) - 1:
-                cache.append(block.history_kv(x))
-                break
-            x, kv = block.history(x, hlen, key=fold(key, i), **bias)
-            x = jnp.where(valid, x, 0.0).astype(self.dtype)
-            cache.append(kv)
+        _, cache = encode_prefix(
+            self.blocks, x, hlen, dtype=self.dtype, need_outputs=False, key=key, **self.bias_args(times)
+        )
         state = {"kv": cache, "history_len": hlen, "cand_ctx": cand_ctx}
         if self.config.decoder.time_alibi:
             state |= {"history_time": times, "request_time": request["request_time"].astype(jnp.int32)}
@@ -169,17 +137,15 @@ class GenRank(RankingModel):
         candidates = {k: jnp.asarray(v) for k, v in candidates.items()}
         nc = candidates["num_candidates"]
         x = self.tokens.candidates(candidates, state["cand_ctx"])
-        valid = _rows_valid(c, nc)
         cand_times = None
         if self.config.decoder.time_alibi:
             cand_times = jnp.broadcast_to(state["request_time"][:, None], (x.shape[0], c))
         bias = self.bias_args(cand_times, state.get("history_time"))
-        x = x.astype(self.dtype)
-        kc = fold(key, "candidates")
-        for i, (block, kv) in enumerate(zip(self.blocks, state["kv"], strict=True)):
-            x = block.candidates(x, kv, state["history_len"], nc, key=fold(kc, i), **bias)
-            x = jnp.where(valid, x, 0.0).astype(self.dtype)
-        return self._logits(x, valid, fold(key, "head"))
+        x = score_against_prefix(
+            self.blocks, state["kv"], x, state["history_len"], nc, dtype=self.dtype, key=fold(key, "candidates"),
+            **bias,
+        )
+        return self._logits(x, lengths_mask(nc, c)[..., None], fold(key, "head"))
 
     def _logits(self, x: jax.Array, valid: jax.Array, key: jax.Array | None) -> dict[str, jax.Array]:
         out = self.head(self.norm_out(x).astype(jnp.float32), key=key)
@@ -219,17 +185,13 @@ class GenRank(RankingModel):
         key = fold(self._check_train(key, train), "sequence")
         inputs = self.pack_inputs(batch)
         lengths, nc, hlen = inputs["lengths"], inputs["num_targets"], inputs["history_len"]
-        valid = _rows_valid(inputs["tokens"].shape[1], lengths)
+        valid = lengths_mask(lengths, inputs["tokens"].shape[1])[..., None]
         bias = self.bias_args(inputs["times"] if self.config.decoder.time_alibi else None)
-        x = inputs["tokens"].astype(self.dtype)
-        for i, block in enumerate(self.blocks):
-            x = jnp.where(valid, block.full(x, lengths, nc, key=fold(key, i), **bias), 0.0).astype(self.dtype)
-            if probes is not None:
-                x = x + probes[i].astype(self.dtype)
+        x = run_packed(self.blocks, inputs["tokens"], lengths, nc, dtype=self.dtype, key=key, probes=probes, **bias)
         outputs = jnp.where(valid, self.norm_out(x), 0.0).astype(jnp.float32)
         c = batch["cand_item"].shape[1]
         cand = unpack_candidates(x, hlen, nc, c)
-        return outputs, self._logits(cand, _rows_valid(c, nc), fold(key, "head"))
+        return outputs, self._logits(cand, lengths_mask(nc, c)[..., None], fold(key, "head"))
 
 
 def _slope_param(heads: int) -> nnx.Param:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, batch_groups
+from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, batch_groups, check_part, lengths_mask
 from gesr_jax.layers.core import fold, named_rngs
 from gesr_jax.layers.mlpg import MLPG
 from gesr_jax.layers.stochastic_length import stochastic_length
@@ -32,7 +32,7 @@ from gesr_jax.models.base import Batch, RankingModel
 from gesr_jax.models.gesr import components
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.models.gesr.moa import CandidateContext, RequestContext
-from gesr_jax.models.gesr.tokens import TokenEmbedder, check_fields, check_part, valid_mask
+from gesr_jax.models.gesr.tokens import TokenEmbedder, check_fields
 from gesr_jax.models.two_tower.towers import TwoTower
 
 
@@ -118,7 +118,7 @@ class GESR(RankingModel):
         ctx = RequestContext(
             request=request,
             history=self.tokens.history(request) if self.tokens is not None else None,
-            history_valid=valid_mask(hlen, n),
+            history_valid=lengths_mask(hlen, n),
             history_len=hlen,
             profile=self.towers.user.profile(request) if self.towers.user.profile_fields() else None,
         )
@@ -132,7 +132,7 @@ class GESR(RankingModel):
         key = key if train else None
         candidates = {k: jnp.asarray(v) for k, v in candidates.items()}
         ncand = candidates["num_candidates"]
-        cand_valid = valid_mask(ncand, c)
+        cand_valid = lengths_mask(ncand, c)
         i = self.towers.candidate_embedding(candidates, item_cache=item_cache, key=fold(key, "towers/item"))
         outputs: dict[str, jax.Array] = {}  # [B, C, *] per candidate or [B, 1, *] per request
         unified = tokens = None

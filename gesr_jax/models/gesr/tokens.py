@@ -15,10 +15,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from gesr_jax.data.batch import REQUEST, BatchSchema, batch_layout
+from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.models.two_tower.towers import item_field_names
@@ -57,38 +56,6 @@ def candidate_key(field: str) -> str:
     return f"cand_{field}"
 
 
-def check_part(part: Batch, keys: tuple[str, ...], schema: BatchSchema, group: str) -> tuple[int, int]:
-    """Check that the ``group`` part (REQUEST or CANDIDATES) has ``keys`` with consistent shapes; (B, N or C).
-
-    Shape-only (works on tracers); value checks live in ``data.batch.validate_batch``. The second dim
-    may differ from the schema's N / C (serving scores chunks of any size).
-    """
-    layout = batch_layout(schema, 1)
-    anchor = "history_item" if group == REQUEST else "cand_item"
-    lengths = "history_len" if group == REQUEST else "num_candidates"
-    for key in dict.fromkeys((anchor, lengths, *keys)):
-        if key not in part:
-            raise ValueError(f"the {group} part of the batch has no {key!r}; the layout is in gesr_jax/data/batch.py")
-    if len(np.shape(part[anchor])) != 2:
-        raise ValueError(f"batch[{anchor!r}] must be 2-D [B, N or C], got shape {tuple(np.shape(part[anchor]))}")
-    b, width = np.shape(part[anchor])
-    for key in dict.fromkeys((lengths, *keys)):
-        if key not in layout or layout[key][2] != group:
-            raise ValueError(f"batch key {key!r} is not in the {group} group of this schema")
-        expected = (b,) if len(layout[key][0]) == 1 else (b, width)
-        shape = tuple(np.shape(part[key]))
-        if shape != expected:
-            raise ValueError(f"batch[{key!r}] has shape {shape}, expected {expected}")
-        if not jnp.issubdtype(part[key].dtype, jnp.integer):
-            raise ValueError(f"batch[{key!r}] has dtype {part[key].dtype}, expected an integer type")
-    return int(b), int(width)
-
-
-def valid_mask(lengths: jax.Array, width: int) -> jax.Array:
-    """[B, width] mask of the slots below ``lengths``."""
-    return jnp.arange(width)[None, :] < lengths[:, None]
-
-
 class TokenEmbedder(nnx.Module):
     """History and candidate tokens for HSTU and cross attention (all parameters are MoA parameters)."""
 
@@ -113,7 +80,7 @@ class TokenEmbedder(nnx.Module):
         """History tokens [B, N, D]; padded slots are zero."""
         x = self.tables.sum(batch, self.history_fields, "history_")
         n = x.shape[1]
-        valid = jnp.arange(n)[None, :] < batch["history_len"][:, None]
+        valid = lengths_mask(batch["history_len"], n)
         if self.position is not None:
             # Most recent event = 1; a position beyond the table (longer than the schema's N) shares the last row.
             pos = batch["history_len"][:, None] - jnp.arange(n)[None, :]
@@ -139,8 +106,7 @@ class TokenEmbedder(nnx.Module):
             x = x + self.position.table[...][0]
         if self.time is not None:
             x = x + self.time.table[...][0]
-        c = x.shape[1]
-        valid = jnp.arange(c)[None, :] < batch["num_candidates"][:, None]
+        valid = lengths_mask(batch["num_candidates"], x.shape[1])
         return jnp.where(valid[..., None], x, 0.0)
 
     def unified_item(self, batch: Batch) -> jax.Array:
