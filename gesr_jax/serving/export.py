@@ -31,10 +31,13 @@ import jax
 import numpy as np
 
 from gesr_jax import api
+from gesr_jax.config import ConfigError
 from gesr_jax.serving import artifact
 from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.engine import sigmoid_stack
 from gesr_jax.serving.requests import pack_candidates, pack_requests
+from gesr_jax.serving.scorer import Scorer
+from gesr_jax.workdir import StepChoice, parse_step
 
 FORMAT, VERSION = "gesr_jax.serving", 2  # version 2: manifest["sha256"] (loader.py reads 1 and 2)
 DEFAULT_PLATFORMS: tuple[str, ...] = ("cpu", "cuda")
@@ -184,13 +187,12 @@ def export_workdir(
     out_dir: str | pathlib.Path,
     *,
     buckets: Buckets | None = None,
-    step: int | None = None,
+    step: StepChoice = None,
     fp8: bool = False,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> dict[str, Any]:
-    """Export a trained workdir (``step`` or its newest intact checkpoint) for ``buckets``; the manifest."""
-    from gesr_jax.serving.scorer import Scorer
-
+    """Export a trained workdir for ``buckets``; the manifest. ``step`` as in :class:`gesr_jax.workdir.Workdir`
+    (None = the best valid step, ``"last"`` = the newest intact one, or a number), so eval and export agree."""
     scorer = Scorer.from_workdir(workdir, step, buckets=buckets, fp8=fp8)
     source = {"workdir": str(pathlib.Path(workdir).absolute()), "step": scorer.step}
     return export_scorer(scorer, out_dir, platforms=platforms, source=source)
@@ -201,7 +203,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a trained workdir as jax.export serving artifacts")
     p.add_argument("--workdir", required=True, help="a `gesr train` workdir")
     p.add_argument("--out", required=True, help="output directory (manifest.json, *.jaxexp, params.npz, ...)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
+    p.add_argument("--step", default=None, help="checkpoint step, or 'last' for the newest (default: the best valid step)")
     p.add_argument("--request-buckets", default=None, help="request-batch sizes, e.g. 1,4,16")
     p.add_argument("--chunk-buckets", default=None, help="candidate-chunk sizes, e.g. 64,256,1024")
     p.add_argument("--fp8", action="store_true", help="serve FP8 weights for the large linears")
@@ -211,14 +213,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from gesr_jax.config import ConfigError
-
+    step = args.step if args.step in (None, "last") else parse_step(args.step)
     try:
         buckets = Buckets.parse(args.request_buckets, args.chunk_buckets)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     platforms = tuple(s.strip() for s in args.platforms.split(",") if s.strip())
-    manifest = export_workdir(args.workdir, args.out, buckets=buckets, step=args.step, fp8=args.fp8,
+    manifest = export_workdir(args.workdir, args.out, buckets=buckets, step=step, fp8=args.fp8,
                               platforms=platforms)  # fmt: skip
     summary = {k: manifest[k] for k in ("model_kind", "platforms", "buckets", "tasks", "fp8")}
     print(json.dumps({"out": str(args.out), "step": manifest["source"].get("step"), **summary}, sort_keys=True))
