@@ -80,7 +80,7 @@ def read_manifest(directory: pathlib.Path) -> dict[str, Any]:
     if missing:
         raise ExportError(f"lacks {missing} (truncated or edited?)", path=path)
     files = manifest["files"]
-    if not isinstance(files, dict) or not isinstance(files.get("encode"), dict) or not isinstance(files.get("score"), dict):
+    if not isinstance(files, dict) or not all(isinstance(files.get(k), dict) for k in ("encode", "score")):
         raise ExportError("field 'files' must hold 'encode' and 'score' tables", path=path)
     if manifest["version"] >= 2:
         listed = {"params.npz", "item_table.npz", *files["encode"].values(), *files["score"].values()}
@@ -139,7 +139,8 @@ def _eager(loaders: list[Callable[[], Any]]) -> None:
         raise errors[0]
     if errors:
         paths = [e.path for e in errors]
-        raise ExportError(f"{len(errors)} damaged export files:\n  " + "\n  ".join(map(str, errors)), path=paths[0].parent)
+        listing = "\n  ".join(map(str, errors))
+        raise ExportError(f"{len(errors)} damaged export files:\n  {listing}", path=paths[0].parent)
 
 
 class ExportedScorer(Engine):
@@ -158,7 +159,7 @@ class ExportedScorer(Engine):
         self.manifest = manifest = read_manifest(directory)
         sums = manifest.get("sha256")
         if sums is None:
-            warnings.warn(f"{directory}: export of manifest version 1 has no checksums; loaded unverified", stacklevel=3)
+            warnings.warn(f"{directory}: manifest version 1 has no checksums; loaded unverified", stacklevel=3)
         self.kind, self.fp8 = manifest["model_kind"], manifest["fp8"]
         files = manifest["files"]
         self._encoders = _Artifacts(directory, {int(r): f for r, f in files["encode"].items()}, sums)
