@@ -16,7 +16,7 @@ A user model needs no project file edited::
 
     registry.register_model("my_model", MyConfig, MyModel)   # MyModel(config, schema, *, rngs)
 
-and then ``Config(model=MyConfig())`` trains with ``gesr train`` / ``gesr_jax.train.train_and_evaluate``.
+and then ``Config(model=MyConfig())`` trains with ``gesr train`` / ``gesr_jax.train.trainer.train_and_evaluate``.
 """
 
 from __future__ import annotations

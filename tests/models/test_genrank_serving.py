@@ -18,7 +18,8 @@ from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.models.config_sections import DecoderSection  # noqa: E402
 from gesr_jax.models.genrank.config import GenRankConfig  # noqa: E402
 from gesr_jax.models.genrank.model import GenRank  # noqa: E402
-from gesr_jax.serving import Buckets, Scorer  # noqa: E402
+from gesr_jax.serving.buckets import Buckets  # noqa: E402
+from gesr_jax.serving.scorer import Scorer  # noqa: E402
 from gesr_jax.serving.requests import requests_from_batch  # noqa: E402
 
 TABLE = item_table()

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.config import ConfigError
 from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.genrank.config import GenRankConfig
@@ -44,12 +45,12 @@ Batch = Mapping[str, jax.Array]
 
 
 def check_fields(config: GenRankConfig, schema: BatchSchema) -> None:
-    """Raise ``ValueError`` naming the config key when it names a field this dataset does not have."""
+    """Raise ``ConfigError`` naming the config key when it names a field this dataset does not have."""
     items = item_field_names(schema)
     for key, names in (("history_fields", config.item_history_fields), ("candidate_fields", config.candidate_fields)):
         for name in names:
             if name not in items:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key} names {name!r}, which this dataset does not have; available: {list(items)}"
                 )
 

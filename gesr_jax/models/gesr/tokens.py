@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.config import ConfigError
 from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import Embed, FieldTables, embed_init, make_param
 from gesr_jax.models.gesr.config import GESRConfig
@@ -26,14 +27,14 @@ Batch = Mapping[str, jax.Array]
 
 
 def check_fields(config: GESRConfig, schema: BatchSchema) -> None:
-    """Raise ``ValueError`` naming the config key when it names a field this dataset does not have."""
+    """Raise ``ConfigError`` naming the config key when it names a field this dataset does not have."""
     items = item_field_names(schema)
     available_hist = (*items, "action")
 
     def check(key: str, names: tuple[str, ...], available: tuple[str, ...]) -> None:
         for name in names:
             if name not in available:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key} names {name!r}, which this dataset does not have; available: {list(available)}"
                 )
 
