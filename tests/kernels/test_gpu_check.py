@@ -31,10 +31,12 @@ def test_kernel_test_table_counts_outcomes_and_lists_failures():
         "tests/kernels/test_a.py::TestA::test_y FAILED [ 20%]",
         "tests/kernels/test_b.py::test_z SKIPPED (no) [ 30%]",
         "some other line",
+        "ERROR tests/kernels/test_c.py - ImportError: no module",  # a file that failed to import
     ])
     table = gpu_check.kernel_test_table(output, "NVIDIA H100", dry_run=False)
     assert "| tests/kernels/test_a.py | 1 | 1 | 0 | 0 |" in table
     assert "| tests/kernels/test_b.py | 0 | 0 | 1 | 0 |" in table
+    assert "| tests/kernels/test_c.py | 0 | 0 | 0 | 1 |" in table and "- tests/kernels/test_c.py" in table
     assert "- tests/kernels/test_a.py::TestA::test_y" in table and "NVIDIA H100" in table
 
 
