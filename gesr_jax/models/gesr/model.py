@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.config import ConfigError
 from gesr_jax.data.batch import CANDIDATES, REQUEST, BatchSchema, batch_groups, check_part, lengths_mask
 from gesr_jax.layers.core import fold, named_rngs
 from gesr_jax.layers.mlpg import MLPG
@@ -66,7 +67,7 @@ class GESR(RankingModel):
         extra_dim = sum(widths[n] for n in self.main_inputs)
         self.towers = TwoTower(config, schema, extra_dim, len(schema.tasks), rngs=named_rngs(base, "towers"))
         if config.cross.ro and config.cross.profile_query and not self.towers.user.profile_fields():
-            raise ValueError(
+            raise ConfigError(
                 "model.cross.profile_query=true needs user profile embeddings, but this model has none "
                 "(no user features and model.use_user_id=false)"
             )

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gesr_jax.config import ConfigError
 from gesr_jax.data.batch import BatchSchema, lengths_mask
 from gesr_jax.layers.core import MLP, Embed, FieldTables, make_param, masked_mean, named_rngs
 from gesr_jax.models.two_tower.config import TwoTowerConfig
@@ -43,7 +44,7 @@ class UserTower(nnx.Module):
         self.history_fields = tables.fields if config.tower_history_pool else ()
         parts = (self.user_id is not None) + len(self.features) + bool(self.history_fields)
         if parts == 0:
-            raise ValueError(
+            raise ConfigError(
                 "the user tower has no input: this dataset has no user features and both model.use_user_id and "
                 "model.tower_history_pool are false"
             )
