@@ -5,8 +5,8 @@ launcher: it picks a free port on 127.0.0.1, starts N copies of the same command
 0..N-1 (``--devices-per-process K`` gives each K host CPU devices), forwards their output, and waits.
 Every process computes and reads only its own data shard; process 0 writes the workdir's small files.
 
-When a process dies (killed, crashed), the launcher stops the others at once (SIGTERM, then SIGKILL
-after :data:`GRACE_S`), drops their dying output, prints one line ``error: lost process I of N (...)``
+When a process dies (killed, crashed), the launcher stops the others at once (SIGKILL: they resume
+from their checkpoints), drops their dying output, prints one line ``error: lost process I of N (...)``
 and exits with :data:`~gesr_jax.train.distributed.EXIT_PEER_LOST`. A process that ends with one of
 the CLI's own failures (a config error, a full disk: it printed its own ``error:`` line) stops the
 others the same way and its exit status is the launcher's. On several machines, start one process per
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 from gesr_jax.train.distributed import EXIT_PEER_LOST
 
-GRACE_S = 10.0
 POLL_S = 0.1
 OWN_FAILURES = frozenset({1, 2, 3})  # the CLI's diverged / usage / I/O codes: the process said why itself
 LAUNCH_FLAGS = ("--num-processes", "--devices-per-process")
@@ -104,6 +103,8 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
     if num_processes < 1:
         raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
     port, muted = free_port(), threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the launcher stopped: stop its processes too
+        signal.signal(sig, _interrupt)
     args = [sys.executable, "-m", "gesr_jax", *child_argv(argv)]
     procs: list[subprocess.Popen] = []
     forwards = []
@@ -144,14 +145,17 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process still running, then SIGKILL what is left after :data:`GRACE_S`."""
+    """SIGKILL every process still running and reap it.
+
+    Not SIGTERM: ``jax.distributed`` takes SIGTERM as a preemption notice and keeps running. Killing is
+    safe: checkpoints are written atomically and a rerun resumes from the newest intact one.
+    """
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
