@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--in-memory-up-to", type=int, default=10_000_000, help="largest log also copied into RAM")
     p.add_argument("--train-up-to", type=int, default=1_000_000, help="largest log also trained on")
+    p.add_argument("--prepare-only", action="store_true", help="only generate + prepare (time, disk, RSS)")
     p.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     result = run_ingest(args) if args.command == "ingest" else run_scale(args)
@@ -204,6 +205,10 @@ def run_scale(args: argparse.Namespace) -> dict:
         folder = pathlib.Path(args.scratch) / f"synthetic-log-{events}"
         shutil.rmtree(folder, ignore_errors=True)
         entry = {"events": events, "prepare": _run(_PREPARE, str(events), str(folder))}
+        if args.prepare_only:
+            results.append(entry)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
         variants = ["prepared"] + (["in_memory"] if events <= args.in_memory_up_to else [])
         entry["pipeline"] = [_run(_READ, str(folder), v, "pipeline", str(args.batches)) for _ in range(args.rounds)
                              for v in variants]  # fmt: skip

@@ -3,8 +3,9 @@
 For scale tests and benchmarks (experiments/bench_scale.py): the whole log is never in memory. Users and
 items grow with the log (``num_users = events / 100``, ``num_items = min(events / 10, 10^7)`` by default).
 Sizes are drawn first (events per user: 1 + Poisson(99)), so every ``.npy`` column is created at its
-final shape (``np.lib.format.open_memmap``) and filled chunk by chunk; only the per-user counts
-(``num_users`` integers) and one chunk are in memory.
+final shape (a ``.npy`` header) and filled by appending chunk after chunk (every column is written in
+order); only the per-user counts (``num_users`` integers) and one chunk are in memory. Plain appends,
+not memory maps: pages written through a memmap stay mapped and count in the process's RSS.
 
 Per user: strictly increasing timestamps, items from a power law (``1 + floor(num_items * u^3)``,
 popular ids first), ratings 1..5. Requests follow gesr_jax/data/requests.py's ``per_user_last``
@@ -66,12 +67,10 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
     per_split = {"train": int(np.maximum(blocks - 2, 0).sum()), "valid": int((blocks >= 2).sum()),
                  "test": int((blocks >= 1).sum())}  # fmt: skip
     out.mkdir(parents=True)
-    columns: dict[str, np.ndarray] = {}
+    columns: dict[str, _AppendColumn] = {}
 
     def column(name: str, dtype: type, shape: tuple[int, ...]) -> None:
-        path = out / f"{name}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        columns[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        columns[name] = _AppendColumn(out / f"{name}.npy", dtype, shape)
 
     column("log/item", np.int32, (events,))
     column("log/action", np.uint8, (events,))
@@ -79,25 +78,24 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
     column("item_table/genre", np.int32, (num_items + 1,))
     column("item_table/year", np.int32, (num_items + 1,))
     ids = np.arange(1, num_items + 1)
-    columns["item_table/genre"][:] = np.r_[0, 2 + ids % NUM_GENRES]
-    columns["item_table/year"][:] = np.r_[0, 2 + (7 * ids) % NUM_YEARS]
+    columns["item_table/genre"].append(np.r_[0, 2 + ids % NUM_GENRES])
+    columns["item_table/year"].append(np.r_[0, 2 + (7 * ids) % NUM_YEARS])
     dtypes = {"cand_item": np.int32, "label_consume": np.float32, "label_engage": np.float32, HISTORY_END: np.int64}
     for split, rows in per_split.items():
         for key in [*stored_keys(schema), HISTORY_END]:
             wide = key in ("cand_item", "label_consume", "label_engage")
             column(f"{split}/{key}", dtypes.get(key, np.int32), (rows, p + q) if wide else (rows,))
-    filled = dict.fromkeys(SPLIT_NAMES, 0)
     event_at = np.r_[0, np.cumsum(counts)]
     rng = np.random.default_rng([seed, 1])
     shown = time.perf_counter()
     for lo in range(0, counts.size, users_per_chunk):
         hi = min(lo + users_per_chunk, counts.size)
-        _write_chunk(rng, columns, filled, counts[lo:hi], blocks[lo:hi], lo, int(event_at[lo]), num_items, dc)
+        _write_chunk(rng, columns, counts[lo:hi], blocks[lo:hi], lo, int(event_at[lo]), num_items, dc)
         if time.perf_counter() - shown > 5 or hi == counts.size:
             shown = time.perf_counter()
             log(f"generated {int(event_at[hi]):,} / {events:,} events ({time.perf_counter() - start:.0f} s)")
     for array in columns.values():
-        array.flush()
+        array.close()
     phases = {"generate_s": time.perf_counter() - start}
     start = time.perf_counter()
     written = {f"{name}.npy": prepared.file_entry(out / f"{name}.npy", array) for name, array in columns.items()}
@@ -108,9 +106,8 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
     return prepared.write_folder(out, {}, schema, dc, prepared.BY_REFERENCE, stats, phases, log, written=written)
 
 
-def _write_chunk(rng: np.random.Generator, columns: dict[str, np.ndarray], filled: dict[str, int], counts: np.ndarray,
-                 blocks: np.ndarray, first_user: int, first_event: int, num_items: int,
-                 dc: DataConfig) -> None:  # fmt: skip
+def _write_chunk(rng: np.random.Generator, columns: dict[str, _AppendColumn], counts: np.ndarray, blocks: np.ndarray,
+                 first_user: int, first_event: int, num_items: int, dc: DataConfig) -> None:  # fmt: skip
     p, q = dc.num_positives, dc.num_negatives
     e = int(counts.sum())
     user_start = np.cumsum(counts) - counts  # within the chunk
@@ -121,8 +118,8 @@ def _write_chunk(rng: np.random.Generator, columns: dict[str, np.ndarray], fille
     time_ = np.repeat(day0, counts) + cum - np.repeat(cum[user_start], counts)
     item = 1 + np.minimum((num_items * rng.random(e) ** 3).astype(np.int64), num_items - 1)
     rating = rng.integers(1, 6, size=e)
-    sl = slice(first_event, first_event + e)
-    columns["log/item"][sl], columns["log/action"][sl], columns["log/time"][sl] = item, rating, time_
+    for name, values in (("log/item", item), ("log/action", rating), ("log/time", time_)):
+        columns[name].append(values)
     # Requests: user u's k-th block from the end starts at counts - P (k + 1); k = 0 is its test request.
     owner = np.repeat(np.arange(counts.size), blocks)
     back = np.arange(owner.size) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -147,11 +144,30 @@ def _write_chunk(rng: np.random.Generator, columns: dict[str, np.ndarray], fille
     split_of = np.where(back == 0, 2, np.where(back == 1, 1, 0))
     for code, split in enumerate(SPLIT_NAMES):
         rows = split_of == code
-        n = int(rows.sum())
-        at = slice(filled[split], filled[split] + n)
         for key, value in values.items():
-            columns[f"{split}/{key}"][at] = value[rows]
-        filled[split] += n
+            columns[f"{split}/{key}"].append(value[rows])
+
+
+class _AppendColumn:
+    """A ``.npy`` file of known dtype and shape, written by appending rows in order."""
+
+    def __init__(self, path: pathlib.Path, dtype: type, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "wb")  # noqa: SIM115 -- closed by close(), after the last chunk
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self._file, header)
+        self._rows = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self._file.write(values.tobytes())
+        self._rows += values.shape[0]
+
+    def close(self) -> None:
+        self._file.close()
+        if self._rows != self.shape[0]:
+            raise AssertionError(f"{self.path}: wrote {self._rows} rows, expected {self.shape[0]}")
 
 
 def _first_distinct(draws: np.ndarray, exclude: np.ndarray, q: int) -> np.ndarray:
