@@ -1,7 +1,7 @@
 """`make demo`: train the two-tower baseline and GESR on the embedded synthetic data, compare NE.
 
 Launch:   python experiments/demo.py [--config synthetic_base] [--workdir DIR] [--set key=value ...] [--out FILE.md]
-          python experiments/demo.py --seeds 5 --workdir /tmp/gesr_runs/synthetic --out experiments/results/demo_synthetic.md
+          python experiments/demo.py --seeds 5 --workdir ~/.cache/gesr_jax/runs/synthetic --out experiments/results/demo_synthetic.md
           (the second reads back experiments/ablations.py's two-tower and "GESR (all on)" runs when they exist)
 Expected: a table with test NE, relative NE change vs the two-tower and AUC per task for both
 models, plus two references: the oracle NE of the generator's true probabilities (the floor no model
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = tuple(k.split("/")[0] for k in results[0].runs[0]["test"] if k.endswith("/ne"))
     train = config.train
     lines = [
+        f"Data: {comparison.data_description(config)}.",
+        "",
         f"Test split of {args.config} ({int(results[0].runs[0]['test']['num_examples'])} candidates), {args.seeds} "
         f"paired seed(s), up to {train.num_steps} steps, valid every {train.eval_every}, test at the best valid "
         f"{train.select_metric} step; workdir {workdir}",

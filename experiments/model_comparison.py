@@ -8,7 +8,7 @@ Rows: the two-tower baseline, GESR with every MoA component (``<preset>``), GenR
 tokens (``<dataset>_genrank``) and its item-action interleaved baseline (``<dataset>_genrank_interleaved``).
 The GenRank presets take their data and training sections (model selection included) from the GESR
 preset, so every row sees the same requests, candidates, seeds and step budget. The runs share
-experiments/ablations.py's folders (``/tmp/gesr_runs/<dataset>``): the two-tower and GESR rows trained
+experiments/ablations.py's folders (``<runs root>/<dataset>``, comparison.default_runs_root): the two-tower and GESR rows trained
 there are only re-evaluated here. Columns as in ablations.py: test NE and AUC per task at the best
 valid step, the paired relative NE change vs the two-tower and vs GenRank (action-oriented) (mean ± 95% t
 CI; "n.s." when it holds 0; the interleaved row's second column is the paper's token-layout comparison),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,16 @@ class VariantResult:
     def best_steps(self) -> list[int | None]:
         """The trainer's best-valid step per run (``best_step`` in results.json), None where absent."""
         return [run.get("best_step") for run in self.runs]
+
+
+def default_runs_root() -> pathlib.Path:
+    """Where the experiment scripts keep their run folders: ``$GESR_CACHE_DIR/runs``, else ~/.cache/gesr_jax/runs.
+
+    Persistent (not /tmp), so per-seed runs survive a reboot and a table's intervals can be recomputed.
+    """
+    cache = os.environ.get("GESR_CACHE_DIR")
+    base = pathlib.Path(cache).expanduser() if cache else pathlib.Path.home() / ".cache" / "gesr_jax"
+    return base / "runs"
 
 
 def seed_overrides(seed: int) -> tuple[str, ...]:
@@ -241,6 +252,34 @@ def dataset_references(config: Any, split: str = "test") -> dict[str, dict[str, 
         if key.startswith(prefix) and key.endswith(suffix):
             ceiling[key[len(prefix) : -len(suffix)]] = float(value)
     return {"decoupled ceiling (true base + pooled history, fitted)": ceiling} if ceiling else {}
+
+
+def data_description(config: Any) -> str:
+    """One line naming the data a table was computed on, with the counts the loader saw.
+
+    MovieLens: ``"ML-1M (users 1–2999): 2,999 users, 487,650 ratings"``: the folder's name, the user-id
+    range when the log holds fewer users than the users file lists (a partial copy), and the distinct users
+    and ratings of the log (:meth:`gesr_jax.data.movielens.Interactions.seen`). Other sources: their name.
+    """
+    data = config.data
+    if data.source != "movielens":
+        return f"{data.source} data (config {config.name})"
+    from gesr_jax.data import movielens, movielens_dataset
+
+    try:
+        inter = movielens_dataset.load_interactions_cached(data)
+    except (OSError, movielens.DataFormatError) as err:  # a table about runs whose data folder is gone
+        return f"{pathlib.Path(data.path).name} at {data.path}: not readable here, counts unknown ({err})"
+    return describe_interactions(inter.seen(), inter.num_users, pathlib.Path(data.path).name)
+
+
+def describe_interactions(seen: dict[str, int], num_listed_users: int, folder: str) -> str:
+    """The text of :func:`data_description` from ``Interactions.seen()`` counts (split out to test without data)."""
+    name = folder.upper() if folder.lower().startswith("ml-") else folder
+    lo, hi = seen["user_id_min"], seen["user_id_max"]
+    partial = seen["users"] < num_listed_users or hi < num_listed_users
+    label = f"{name} (users {lo}–{hi})" if partial else name
+    return f"{label}: {seen['users']:,} users, {seen['ratings']:,} ratings"
 
 
 def is_finite_table(results: Sequence[VariantResult], tasks: Sequence[str], split: str = "test") -> bool:

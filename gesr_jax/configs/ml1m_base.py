@@ -1,5 +1,8 @@
 """ml1m_base: GESR on MovieLens-1M, the temporal ESR protocol of gesr_jax/data/requests.py.
 
+Data:     the default copy is "ML-1M (users 1–2999)": 2,999 users, 487,650 of ML-1M's 1,000,209 ratings;
+          every numbered result below and in experiments/results/*ml1m*.md is on that half.
+
 Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.path=/path/to/ml-1m
 Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);

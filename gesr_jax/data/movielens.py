@@ -117,6 +117,20 @@ class Interactions:
         """The genres of a movie as a list of names."""
         return [GENRES[i] for i in np.flatnonzero(self.item_genres[item])]
 
+    def seen(self) -> dict[str, int]:
+        """What the rating log actually holds: distinct users, ratings, and the lowest/highest user id.
+
+        A folder may hold part of a dataset (e.g. ../shared/data/ml-1m: users 1-2999 of ML-1M's 6040), so
+        tables name these counts, not the dataset's nominal size.
+        """
+        users = np.unique(self.user)
+        return {
+            "users": int(users.size),
+            "ratings": int(self.user.size),
+            "user_id_min": int(users[0]) if users.size else 0,
+            "user_id_max": int(users[-1]) if users.size else 0,
+        }
+
 
 def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
     """Find which MovieLens format ``path`` holds; raise :class:`DataFormatError` saying what was expected."""
