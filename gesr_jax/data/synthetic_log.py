@@ -46,7 +46,7 @@ def sizes(events: int, seed: int = 0, num_items: int | None = None) -> tuple[np.
 
 
 def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataConfig, *, seed: int = 0,
-                       users_per_chunk: int = 20_000, log: Callable[[str], None] = print) -> dict:  # fmt: skip
+                       users_per_chunk: int = 5_000, log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """Generate ``events`` events and their requests into the new prepared folder ``out``; returns the manifest."""
     dc = data_config
     if dc.split != "per_user_last" or dc.max_requests_per_user:
