@@ -24,8 +24,9 @@ ComputeDtype = Literal["float32", "bfloat16"]
 def check_choices(section: Any, path: str) -> None:
     """Raise ``ValueError`` for the first ``Literal`` field of ``section`` holding a value outside its type."""
     for name, hint in typing.get_type_hints(type(section)).items():
-        if typing.get_origin(hint) is Literal and getattr(section, name) not in typing.get_args(hint):
-            raise ValueError(f"{path}.{name} must be one of {list(typing.get_args(hint))}, got {getattr(section, name)!r}")
+        value, options = getattr(section, name), typing.get_args(hint)
+        if typing.get_origin(hint) is Literal and value not in options:
+            raise ValueError(f"{path}.{name} must be one of {list(options)}, got {value!r}")
 
 
 def check_positive(section: Any, path: str, names: tuple[str, ...]) -> None:
