@@ -34,7 +34,7 @@ def test_the_csv_model_builds_on_csv_data(tmp_path):
 
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
     config = load_config("ml32m_base", [f"data.path={root}"])
-    api.init(config, 0, schema=schema_for(config.data))  # a model that needs data the folder lacks raises here
+    api.abstract_init(config, schema=schema_for(config.data))  # a model that needs data the folder lacks raises
 
 
 def test_inspect_a_csv_preset_reports_health(tmp_path, capsys):
