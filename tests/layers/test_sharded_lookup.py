@@ -14,7 +14,7 @@ from gesr_jax.train import sharding
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])
-@pytest.mark.parametrize("shape", [(5,), (3, 7), (16, 2, 3)])
+@pytest.mark.parametrize("shape", [(5,), (16, 2, 3)])  # padded batch axis; several id axes
 def test_every_layout_equals_take_for_any_id_shape_including_gradients(layout, shape):
     table = jax.random.normal(jax.random.key(0), (128, 16))
     ids = jax.random.randint(jax.random.key(1), shape, -3, 140)  # out of range: clipped like mode="clip"
