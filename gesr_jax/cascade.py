@@ -93,8 +93,13 @@ def cascade_ranks(
     task: str | None = None,
     batch_size: int = 64,
     item_table: Mapping[str, np.ndarray] | None = None,
+    catalogue: Any | None = None,
 ) -> dict[str, np.ndarray]:
     """Per positive of ``arrays`` (one split, batch layout): ``{"retrieval": ranks, "cascade": ranks}``.
+
+    ``catalogue``: None ranks against every id (the original protocol, "all"); a
+    :class:`gesr_jax.catalogue.CleanCatalogue` leaves its exclusions out of both the retrieval ranks and the
+    retriever's top-``k`` list ("clean").
 
     ``cascade`` ranks are inf where the positive is not in the retriever's top ``k``. ``task`` picks
     the label that marks positives and the ranker logit that orders the list (default: the first task).
@@ -117,7 +122,7 @@ def cascade_ranks(
     width = min(k + max(max_pos - 1, 0), num_items - 1)  # the retriever's list per request
 
     cache = jax.jit(lambda p: api.item_cache(retriever.graphdef, p, table))(retriever.params)
-    retrieve = jax.jit(lambda p, req, c: _top_items(api.retrieval_scores(retriever.graphdef, p, req, c), width))
+    retrieve = jax.jit(lambda p, req, c, x: _top_items(api.retrieval_scores(retriever.graphdef, p, req, c), width, x))
     rerank = jax.jit(lambda p, req, cand: _ranker_logits(ranker.graphdef, p, req, cand, task))
     candidate_fields = ranker.schema.item_feature_names
 
@@ -130,20 +135,27 @@ def cascade_ranks(
             continue
         batch = {key: np.asarray(v)[rows] for key, v in arrays.items()}
         request, _ = batch_lib.split_batch(batch, retriever.schema)
-        scores, top = (np.asarray(x) for x in retrieve(retriever.params, request, cache))
+        exclude = np.zeros((pos.shape[0], num_items), bool)
+        if catalogue is not None:
+            keep = np.where(pos, items[rows], 0)
+            exclude = catalogue.exclusions(batch["user_id"], batch["request_time"], keep)
+        scores, top = (np.asarray(x) for x in retrieve(retriever.params, request, cache, exclude))
         cand = {"cand_item": top, "num_candidates": np.full(top.shape[0], top.shape[1], np.int32)}
         cand |= {f"cand_{name}": np.asarray(table[name])[top] for name in candidate_fields}
         ranker_request, _ = batch_lib.split_batch(batch, ranker.schema)
         logits = np.asarray(rerank(ranker.params, ranker_request, cand))
         # Whole catalogue: the ranking evaluator's own ranks (padding item and other positives left out).
-        out["retrieval"].append(evaluators.catalogue_ranks(scores, items[rows], pos))
-        out["cascade"].append(_list_ranks(top, logits, items[rows], pos, k))
+        out["retrieval"].append(evaluators.catalogue_ranks(scores, items[rows], pos, exclude))
+        # Where fewer ids than the list's width remain, top_k pads with excluded ids: never list them.
+        listed = np.where(np.take_along_axis(exclude, top, axis=1), -1, top)
+        out["cascade"].append(_list_ranks(listed, logits, items[rows], pos, k))
     return {key: np.concatenate(v) if v else np.zeros(0) for key, v in out.items()}
 
 
-def _top_items(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """(scores [B, V], the top ``width`` item ids [B, width] without the padding item, best first)."""
-    return scores, jax.lax.top_k(scores.at[:, 0].set(-jnp.inf), width)[1].astype(jnp.int32)
+def _top_items(scores: jax.Array, width: int, exclude: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scores [B, V], the top ``width`` item ids [B, width] without the padding item and ``exclude``d ids, best first)."""
+    masked = jnp.where(exclude, -jnp.inf, scores.at[:, 0].set(-jnp.inf))
+    return scores, jax.lax.top_k(masked, width)[1].astype(jnp.int32)
 
 
 def _ranker_logits(graphdef: Any, params: Any, request: Any, candidates: Any, task: str) -> jax.Array:
@@ -152,12 +164,14 @@ def _ranker_logits(graphdef: Any, params: Any, request: Any, candidates: Any, ta
 
 
 def _list_ranks(top: np.ndarray, logits: np.ndarray, items: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
-    """Rank of every positive (``np.nonzero`` order) within its top-``k`` list by the ranker, inf if not listed."""
+    """Rank of every positive (``np.nonzero`` order) within its top-``k`` list by the ranker, inf if not listed.
+
+    ``top`` entries of -1 are excluded ids (the clean catalogue) and are skipped."""
     rows, cols = np.nonzero(positives)
     ranks = np.full(rows.size, math.inf)
     for i, (row, target) in enumerate(zip(rows, items[rows, cols])):
         others = items[row][positives[row] & (items[row] != target)]
-        listed = np.flatnonzero(~np.isin(top[row], others))[:k]  # the first k that are not another positive
+        listed = np.flatnonzero(~np.isin(top[row], others) & (top[row] >= 0))[:k]  # first k: no other positive, no -1
         hit = listed[top[row, listed] == target]
         if hit.size:  # ties count against the positive, as in metrics.target_ranks
             ranks[i] = np.count_nonzero(logits[row, listed] >= logits[row, hit[0]])

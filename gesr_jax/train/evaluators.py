@@ -11,6 +11,8 @@ jitted steps compile once and evaluate any split. Built in:
   item 0 left out; keys ``ranking/hr@K``, ``ranking/ndcg@K``, ``ranking/mrr``, ``ranking/num_targets``.
   It needs ``model_api.item_cache(graphdef, params, item_table) -> [V, Dt]`` and
   ``model_api.retrieval_scores(graphdef, params, request, item_cache) -> [B, V]``.
+* ``ranking_clean``: ``ranking`` against the clean catalogue (gesr_jax/catalogue.py; keys ``ranking_clean/...``):
+  list both ``ranking`` and ``ranking_clean`` to report the old and the new protocol side by side.
 
 Register another with ``register_evaluator("name", factory)``; keys of all chosen evaluators are merged.
 A candidate evaluation whose logits are NaN/Inf raises :class:`NonFinitePredictionsError`, and
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gesr_jax import catalogue as catalogue_lib
 from gesr_jax import metrics as metrics_lib
 from gesr_jax.config import ConfigError
 from gesr_jax.data import batch as batch_lib
@@ -204,6 +207,8 @@ class CandidateEvaluator:
 class RankingEvaluator:
     """HR@K / NDCG@K / MRR of each request's positives against the whole catalogue, via the item cache."""
 
+    _prefix, _extra_keys = "ranking", ()
+
     def __init__(self, ctx: EvalContext):
         api, self._graphdef, self._mesh, self._schema = ctx.model_api, ctx.graphdef, ctx.mesh, ctx.schema
         self._task, self._ks = ctx.tasks[0], tuple(ctx.config.train.ranking_ks)
@@ -249,12 +254,13 @@ class RankingEvaluator:
         for local in pipeline.make_iterator(pipeline.eval_dataset(arrays, self._batch_size, name=f"{name} split")):
             request, _ = batch_lib.split_batch(local, self._schema)
             scores = np.asarray(self._scores(params, sharding_lib.shard_batch(request, self._mesh), cache))
-            host = _gather({k: local[k] for k in ("cand_item", "num_candidates", f"label_{self._task}")})
+            keys = ("cand_item", "num_candidates", f"label_{self._task}", *self._extra_keys)
+            host = _gather({k: local[k] for k in keys})
             ranks.append(self._ranks(scores, host))
         all_ranks = np.concatenate(ranks) if ranks else np.zeros(0)
-        out: dict[str, float] = {"ranking/num_targets": float(all_ranks.size)}
+        out: dict[str, float] = {f"{self._prefix}/num_targets": float(all_ranks.size)}
         if all_ranks.size:
-            out |= {f"ranking/{k}": v for k, v in metrics_lib.ranking_metrics(all_ranks, self._ks).items()}
+            out |= {f"{self._prefix}/{k}": v for k, v in metrics_lib.ranking_metrics(all_ranks, self._ks).items()}
         return out
 
     def _ranks(self, scores: np.ndarray, host: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -264,17 +270,43 @@ class RankingEvaluator:
         return catalogue_ranks(scores, items, valid & (host[f"label_{self._task}"] == 1))
 
 
-def catalogue_ranks(scores: np.ndarray, items: np.ndarray, positive: np.ndarray) -> np.ndarray:
+class CleanRankingEvaluator(RankingEvaluator):
+    """``ranking_clean``: as ``ranking``, against the clean catalogue (gesr_jax/catalogue.py): the user's
+    already-rated items, non-item ids and items never rated before the request are left out too."""
+
+    _prefix, _extra_keys = "ranking_clean", ("user_id", "request_time")
+
+    def __init__(self, ctx: EvalContext):
+        super().__init__(ctx)
+        try:
+            self._catalogue = catalogue_lib.from_data_config(ctx.config.data)
+        except ValueError as err:
+            raise ConfigError(f"train.evaluators has 'ranking_clean': {err}") from None
+
+    def _ranks(self, scores: np.ndarray, host: Mapping[str, np.ndarray]) -> np.ndarray:
+        items = host["cand_item"]
+        valid = batch_lib.lengths_mask(np.asarray(host["num_candidates"]), items.shape[1])
+        positive = valid & (host[f"label_{self._task}"] == 1)
+        exclude = self._catalogue.exclusions(host["user_id"], host["request_time"], np.where(positive, items, 0))
+        return catalogue_ranks(scores, items, positive, exclude)
+
+
+def catalogue_ranks(
+    scores: np.ndarray, items: np.ndarray, positive: np.ndarray, exclude_ids: np.ndarray | None = None
+) -> np.ndarray:
     """1-based rank of each positive candidate among the whole catalogue, in ``np.nonzero(positive)`` order.
 
     ``scores`` [B, V] scores every item id per request, ``items`` [B, C] the candidates' ids and
     ``positive`` [B, C] marks the positives. The padding item 0 and the request's other positives are
-    left out, so each positive competes with non-positives only; ties count against it.
+    left out, so each positive competes with non-positives only; ties count against it. ``exclude_ids``
+    [B, V] (optional) leaves more ids out per request (the clean catalogue, gesr_jax/catalogue.py).
     """
     rows, cols = np.nonzero(positive)
     if rows.size == 0:
         return np.zeros(0)
     exclude = np.zeros((rows.size, scores.shape[1]), bool)
+    if exclude_ids is not None:
+        exclude |= np.asarray(exclude_ids, bool)[rows]
     exclude[:, 0] = True  # the padding item is not in the catalogue
     # Leave the request's other positives out, so each positive competes with non-positives only.
     for j in range(items.shape[1]):
@@ -285,3 +317,4 @@ def catalogue_ranks(scores: np.ndarray, items: np.ndarray, positive: np.ndarray)
 
 register_evaluator("candidate", CandidateEvaluator.from_context)
 register_evaluator("ranking", RankingEvaluator)
+register_evaluator("ranking_clean", CleanRankingEvaluator)
