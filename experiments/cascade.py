@@ -3,6 +3,7 @@
 Launch (after experiments/ablations.py has trained the two-tower and GESR rows of a dataset):
     python experiments/cascade.py --dataset ml1m          # reads <runs root>/ml1m/{two_tower,gesr__all_on}/seed*
     python experiments/cascade.py --dataset synthetic --k 200 --seeds 5
+    python experiments/cascade.py --dataset ml1m --catalogue clean   # -> cascade_ml1m_clean.md (issue 22 item 6)
 
 For each seed s, the two-tower run of seed s retrieves its top K of the whole catalogue (item cache,
 dot product) for every positive of every test request (gesr_jax/cascade.py: the padding item and the
@@ -27,7 +28,7 @@ import ablations
 import jax
 import numpy as np
 
-from gesr_jax import cascade, comparison, config as config_lib, statistics
+from gesr_jax import cascade, catalogue as catalogue_lib, comparison, config as config_lib, statistics
 from gesr_jax.data import datasets
 
 RESULTS, RUNS_ROOT = ablations.RESULTS, ablations.RUNS_ROOT  # the table folder and ablations.py's run folders
@@ -36,15 +37,21 @@ RERANKERS = [("two-tower → two-tower task head", "two_tower"), ("two-tower →
 METRICS = ("hr@10", "ndcg@10", "mrr")
 
 
-def seed_metrics(root: pathlib.Path, seed: int, k: int, batch_size: int) -> dict[str, dict[str, float]]:
-    """Row label -> metrics for one seed."""
+def seed_metrics(
+    root: pathlib.Path, seed: int, k: int, batch_size: int, catalogue_name: str = "all"
+) -> dict[str, dict[str, float]]:
+    """Row label -> metrics for one seed; ``catalogue_name`` "all" (original) or "clean" (gesr_jax/catalogue.py)."""
     retriever = cascade.load_run(root / RETRIEVER / f"seed{seed}")
     splits = datasets.load_splits(retriever.config.data)
     table = datasets.item_table(retriever.config.data)
+    catalogue_lib.check_catalogue(catalogue_name)
+    clean = catalogue_lib.from_data_config(retriever.config.data) if catalogue_name == "clean" else None
     rows: dict[str, dict[str, float]] = {}
     for label, folder in RERANKERS:
         ranker = retriever if folder == RETRIEVER else cascade.load_run(root / folder / f"seed{seed}")
-        ranks = cascade.cascade_ranks(retriever, ranker, splits.test, k=k, batch_size=batch_size, item_table=table)
+        ranks = cascade.cascade_ranks(
+            retriever, ranker, splits.test, k=k, batch_size=batch_size, item_table=table, catalogue=clean
+        )
         got = cascade.cascade_metrics(ranks, ks=(10,))
         if not rows:  # the retriever's whole-catalogue ranks, and its own list order = retrieval alone
             rows["two-tower retrieval alone"] = {m: got[f"retrieval/{m}"] for m in METRICS}
@@ -86,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. seeds-1 (each needs both runs)")
     parser.add_argument("--k", type=int, default=200, help="items the two-tower retrieves per positive")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per re-rank call")
-    parser.add_argument("--out", default=None, help="default: experiments/results/cascade_<dataset>.md")
+    parser.add_argument("--out", default=None, help="default: experiments/results/cascade_<dataset>[_clean].md")
+    parser.add_argument("--catalogue", choices=catalogue_lib.CATALOGUES, default="all",
+                        help="all: every id but the padding and the other positives (the original tables); clean: also "
+                        "the user's already-rated items, non-items and items unrated before the request")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.runs) / args.dataset
     start = time.perf_counter()
@@ -94,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         print(f"seed {seed}: cascade over {root}", flush=True)
         try:
-            per_seed.append(seed_metrics(root, seed, args.k, args.batch_size))
-        except (cascade.CascadeError, FileNotFoundError) as err:
+            per_seed.append(seed_metrics(root, seed, args.k, args.batch_size, args.catalogue))
+        except (cascade.CascadeError, FileNotFoundError, ValueError) as err:
             print(f"error: seed {seed}: {err}", file=sys.stderr)
             return 2
     targets = int(per_seed[0]["two-tower → GESR"]["targets"])
@@ -110,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{(time.perf_counter() - start) / 60:.1f} min.",
         "",
         f"Test split, {targets} positives (label of the first task = 1) of seed 0. Each positive competes with the "
-        "whole catalogue minus the padding item and its request's other positives. Seeds "
+        "whole catalogue minus the padding item and its request's other positives"
+        + (", the items the user rated before the request, ids that are not items and items no one rated before "
+           "the request (catalogue=clean)" if args.catalogue == "clean" else " (catalogue=all)") + ". Seeds "
         f"{list(range(args.seeds))}: the two-tower and GESR of the same seed (train.seed and data.seed), each at "
         "its best valid step. Metrics in %; Δ in percentage points, mean ± 95% t CI over seeds, n.s. = CI holds 0.",
         "",
         table(per_seed, args.k),
         "",
     ]
-    comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}.md", lines)
+    suffix = "_clean" if args.catalogue == "clean" else ""
+    comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}{suffix}.md", lines)
     return 0
 
 
