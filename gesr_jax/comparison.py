@@ -10,6 +10,9 @@ reports the **paired** relative NE change: per seed ``(NE_variant - NE_base) / N
 (the GESR paper's unit, negative is better), as mean ± 95% Student-t CI half-width over seeds,
 marked "n.s." when the CI holds 0 (gesr_jax/statistics.py). It also shows test NE and AUC (mean ±
 CI), the trainer's best-valid step when it reports one (``best_step``), and the training loop's time.
+Beside every ΔNE: the paired ΔAUC (and ΔgAUC when the runs record ``<task>/gauc``), the recalibrated ΔNE
+when the runs record ``<task>/ne_recal`` (test NE after an intercept fitted on valid), and a verdict
+column: "better"/"worse" only when all these agree (gesr_jax/calibration.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax import config as config_lib, statistics
+from gesr_jax import calibration, config as config_lib, statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +80,16 @@ def run_variants(
     train_fn: Callable[..., dict[str, Any]] | None = None,
     log: Callable[[str], None] = print,
     reuse_results: bool = True,
+    prediction_metrics: bool = False,
 ) -> list[VariantResult]:
     """Train every variant for every seed (:func:`seed_overrides`) in ``workdir/<label>/seed<k>``; resume-safe.
 
     A run folder that already holds a finished run of the same config (``results.json`` beside a
     ``config.json`` equal to this one) is read back, not trained or evaluated again, when
     ``reuse_results``; so several tables can share runs. Any other existing folder goes to ``train_fn``
-    (the trainer resumes it, or refuses a different config).
+    (the trainer resumes it, or refuses a different config). ``prediction_metrics`` adds each run's
+    recalibrated NE and tenure strata (gesr_jax/run_predictions.py, cached in the run folder); a run that
+    cannot be restored for them is named in the log and its row simply lacks those columns.
     """
     if train_fn is None:
         from gesr_jax.train.trainer import train_and_evaluate as train_fn
@@ -103,9 +109,23 @@ def run_variants(
             else:
                 log(f"[{variant.label}] seed {seed}: training {config.name} in {run_dir}")
                 runs.append(train_fn(config, run_dir))
+            if prediction_metrics:
+                runs[-1] = _with_prediction_metrics(run_dir, runs[-1], log)
             seconds.append(_loop_seconds(run_dir, default=time.perf_counter() - start))
         results.append(VariantResult(variant, runs, seconds, list(seeds)))
     return results
+
+
+def _with_prediction_metrics(run_dir: pathlib.Path, record: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from gesr_jax import run_predictions
+    from gesr_jax.workdir import WorkdirError
+
+    try:
+        extra = run_predictions.load_or_compute(run_dir, record.get("best_step"))
+    except (WorkdirError, FileNotFoundError, ValueError) as err:
+        log(f"no recalibrated NE / strata for {run_dir}: {err}")
+        return record
+    return run_predictions.merged(record, extra)
 
 
 def _finished_run(run_dir: pathlib.Path, config: Any) -> dict[str, Any] | None:
@@ -184,10 +204,14 @@ def comparison_table(
             raise ValueError(f"also_vs={also_vs!r} is not a row; rows: {[r.variant.label for r in results]}")
         second = matches[0]
     header = ["model"]
+    has_gauc = all(f"{t}/gauc" in run[split] for t in tasks for res in results for run in res.runs)
+    has_recal = all(f"{t}/ne_recal" in run[split] for t in tasks for res in results for run in res.runs)
     for task in tasks:
         header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)"]
         header += [f"ΔNE {task} vs {also_vs} (%, paired)"] if second is not None else []
-        header += [f"AUC {task}"]
+        header += [f"AUC {task}", f"ΔAUC {task} (points, paired)"] + ([f"ΔgAUC {task} (points, paired)"] if has_gauc else [])
+        header += [f"recal. ΔNE {task} (%, intercept fitted on valid)"] if has_recal else []
+        header += [f"verdict {task} vs {base.variant.label}"]
     show_best = any(step is not None for res in results for step in res.best_steps())
     header += (["best valid step"] if show_best else []) + ["train time (s)"]
     rows = [header, ["---"] * len(header)]
@@ -201,6 +225,7 @@ def comparison_table(
                 rel2 = paired_delta(second, res, f"{task}/ne", split)
                 row.append("0 (reference)" if res is second else statistics.format_delta(*statistics.mean_ci(rel2)))
             row.append(_mean_ci(res.metric(split, f"{task}/auc"), 4))
+            row += _calibration_cells(base, res, task, split, has_gauc, has_recal)
         if show_best:
             row.append(", ".join("—" if s is None else str(s) for s in res.best_steps()))
         row.append(_mean_ci(np.array(res.train_seconds), 0))
@@ -216,9 +241,26 @@ def comparison_table(
             ne = values.get(task, math.nan)
             rel = statistics.paired_relative_delta(base.metric(split, f"{task}/ne"), np.full(len(base.runs), ne))
             row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel))] + (["—"] if second else []) + ["—"]
+            row += ["—"] * (2 + has_gauc + has_recal)
         row += (["—"] if show_best else []) + ["—"]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _calibration_cells(
+    base: VariantResult, res: VariantResult, task: str, split: str, has_gauc: bool, has_recal: bool
+) -> list[str]:
+    """ΔAUC, ΔgAUC, recalibrated ΔNE and the verdict of ``res`` against ``base`` (gesr_jax/calibration.py)."""
+    n_cells = 2 + has_gauc + has_recal
+    if res is base:
+        return ["0 (baseline)"] * (n_cells - 1) + ["—"]
+    paired_delta(base, res, f"{task}/ne", split)  # checks the pairing
+    keys = [f"{task}/{m}" for m in ("ne", "auc", *(["gauc"] if has_gauc else []), *(["ne_recal"] if has_recal else []))]
+    deltas = calibration.paired_deltas({k: base.metric(split, k) for k in keys}, {k: res.metric(split, k) for k in keys}, task)
+    cells = [statistics.format_delta(*deltas["ΔAUC"])]
+    cells += [statistics.format_delta(*deltas["ΔgAUC"])] if has_gauc else []
+    cells += [statistics.format_delta(*deltas["recal. ΔNE"])] if has_recal else []
+    return cells + [calibration.verdict(deltas["ΔNE"], deltas["ΔAUC"], deltas.get("recal. ΔNE"))]
 
 
 def gap_closed(
