@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import jax
 
-from gesr_jax import comparison, config as config_lib
+from gesr_jax import comparison, config as config_lib, strata
 from gesr_jax.train import runtime
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -70,7 +70,9 @@ def parse_args(description: str, table_name: str, argv: list[str] | None) -> arg
     parser.add_argument("--steps", type=int, default=None, help="train.num_steps for every run (default: the preset's)")
     parser.add_argument("--workdir", default=None, help="default: <runs root>/<dataset> (comparison.default_runs_root)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value for every run")
-    parser.add_argument("--out", default=None, help=f"default: experiments/results/{table_name}_<dataset>.md")
+    parser.add_argument("--out", default=None, help=f"default: experiments/results/{table_name}_<dataset>.md (+ .json)")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="skip the recalibrated NE and tenure strata (they restore each run and predict valid/test)")
     return parser.parse_args(argv)
 
 
@@ -84,7 +86,9 @@ def run_and_report(
     overrides = (*preset_overrides, *args.overrides, *((f"train.num_steps={args.steps}",) if args.steps else ()))
     workdir = pathlib.Path(args.workdir) if args.workdir else RUNS_ROOT / args.dataset
     start = time.perf_counter()
-    results = comparison.run_variants(make_variants(preset, overrides), workdir, seeds=range(args.seeds))
+    results = comparison.run_variants(
+        make_variants(preset, overrides), workdir, seeds=range(args.seeds), prediction_metrics=not args.no_predictions
+    )
     tasks = tuple(k.split("/")[0] for k in results[0].runs[0]["test"] if k.endswith("/ne"))
     config = config_lib.load_config(preset, overrides)
     references = comparison.dataset_references(config)
@@ -114,7 +118,11 @@ def run_and_report(
         table,
         "",
     ]
-    comparison.write_report(args.out or RESULTS / f"{table_name}_{args.dataset}.md", lines)
+    by_tenure = strata.strata_table(results, tasks)
+    if by_tenure is not None:
+        lines += ["## Test NE by user tenure (days from the user's first rating to the request; gesr_jax/strata.py)",
+                  "", by_tenure, ""]  # fmt: skip
+    comparison.write_report(args.out or RESULTS / f"{table_name}_{args.dataset}.md", lines, results=results)
     return 0
 
 

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = variants(lengths, overrides)
     # Every two-tower first (cheap), then GESR from the shortest history up.
     order = sorted(rows, key=lambda key: (key[0] == "GESR", key[1]))
-    trained = comparison.run_variants([rows[key] for key in order], workdir, seeds=range(args.seeds))
+    trained = comparison.run_variants(
+        [rows[key] for key in order], workdir, seeds=range(args.seeds), prediction_metrics=True
+    )
     results = dict(zip(order, trained))
     for (model, n), result in results.items():  # the shared N = 50 rows carry the ablation labels; say N here
         if n == DEFAULT_N:
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         vs_two_tower(results, lengths, tasks),
         "",
     ]
-    comparison.write_report(args.out or ablations.RESULTS / "history_length_ml1m.md", lines)
+    comparison.write_report(args.out or ablations.RESULTS / "history_length_ml1m.md", lines, results=by_length)
     return 0
 
 

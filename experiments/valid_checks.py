@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         "ΔNE paired per seed, mean ± 95% t CI, n.s. = the CI holds 0.",
         "",
     ]
+    every: list[comparison.VariantResult] = []
     for model in models:
         results = comparison.run_variants(variants(preset, model), workdir, seeds=range(args.seeds))
+        every += results
         tasks = tuple(k.split("/")[0] for k in results[0].runs[0]["valid"] if k.endswith("/ne"))
         lines += [f"## {model}", "", comparison.comparison_table(results, tasks, split="valid"), ""]
-    comparison.write_report(args.out or ablations.RESULTS / f"valid_checks_{args.dataset}.md", lines)
+    comparison.write_report(args.out or ablations.RESULTS / f"valid_checks_{args.dataset}.md", lines, results=every)
     return 0
 
 

@@ -18,6 +18,7 @@ column: "better"/"worse" only when all these agree (gesr_jax/calibration.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -140,14 +141,68 @@ def _finished_run(run_dir: pathlib.Path, config: Any) -> dict[str, Any] | None:
     return json.loads(results.read_text()) if same else None
 
 
-def write_report(path: str | pathlib.Path, lines: Sequence[str]) -> pathlib.Path:
-    """Write a markdown report (one string per line), echo it, and say where it went."""
+def write_report(
+    path: str | pathlib.Path, lines: Sequence[str], results: Sequence[VariantResult] | None = None
+) -> pathlib.Path:
+    """Write a markdown report (one string per line), echo it, and say where it went.
+
+    With ``results``, also the per-seed sidecar ``<path>.json`` (:func:`write_sidecar`).
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {path}")
+    if results is not None:
+        print(f"wrote {write_sidecar(path.with_suffix('.json'), results)}")
     return path
+
+
+SIDECAR_VERSION = 1
+
+
+def config_hash(config: Any) -> str:
+    """sha256 (first 16 hex digits) of a config's canonical JSON: equal hashes, equal configs."""
+    text = json.dumps(config_lib.to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) -> pathlib.Path:
+    """Per row and seed: valid and test metrics, the best step, the config hash and the train time (JSON).
+
+    :func:`read_sidecar` rebuilds the :class:`VariantResult` list, so a table (and its intervals) can be
+    recomputed without the run folders.
+    """
+    rows = []
+    for res in results:
+        seeds = res.seeds or list(range(len(res.runs)))
+        records = []
+        for seed, run, seconds in zip(seeds, res.runs, res.train_seconds):
+            config = config_lib.load_config(res.variant.config, (*res.variant.overrides, *seed_overrides(seed)))
+            records.append({
+                "seed": seed, "best_step": run.get("best_step"), "step": run.get("step"),
+                "config_hash": config_hash(config), "train_seconds": seconds,
+                "valid": run.get("valid", {}), "test": run.get("test", {}),
+            })  # fmt: skip
+        rows.append({"label": res.variant.label, "config": res.variant.config,
+                     "overrides": list(res.variant.overrides), "runs": records})  # fmt: skip
+    path = pathlib.Path(path)
+    path.write_text(json.dumps({"version": SIDECAR_VERSION, "rows": rows}, indent=1, allow_nan=True) + "\n")
+    return path
+
+
+def read_sidecar(path: str | pathlib.Path) -> list[VariantResult]:
+    """The rows of a sidecar written by :func:`write_sidecar`, ready for :func:`comparison_table`."""
+    data = json.loads(pathlib.Path(path).read_text())
+    if data.get("version") != SIDECAR_VERSION:
+        raise ValueError(f"{path}: sidecar version {data.get('version')!r}, expected {SIDECAR_VERSION}")
+    out = []
+    for row in data["rows"]:
+        variant = Variant(row["label"], row["config"], tuple(row["overrides"]))
+        runs = [{k: r[k] for k in ("valid", "test", "best_step", "step")} for r in row["runs"]]
+        seconds = [float(r["train_seconds"]) for r in row["runs"]]
+        out.append(VariantResult(variant, runs, seconds, [int(r["seed"]) for r in row["runs"]]))
+    return out
 
 
 def _loop_seconds(run_dir: pathlib.Path, default: float) -> float:

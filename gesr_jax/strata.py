@@ -74,3 +74,18 @@ def stratified_metrics(
 def request_strata(arrays: Mapping[str, np.ndarray], first_time: np.ndarray) -> np.ndarray:
     """Stratum of every request of one split (``user_id``, ``request_time`` keys)."""
     return stratum(tenure_days(arrays["user_id"], arrays["request_time"], first_time))
+
+
+def strata_table(results: Any, tasks: tuple[str, ...], split: str = "test") -> str | None:
+    """Markdown: per row, NE per tenure stratum (mean over seeds) and the stratum's request count; None when
+    the runs hold no strata (synthetic data, or no prediction metrics)."""
+    if not all(f"{t}/ne@{n}" in run[split] for res in results for run in res.runs for t in tasks for n in NAMES):
+        return None
+    header = ["model", *(f"NE {t} {n}" for t in tasks for n in NAMES)]
+    counts = results[0].runs[0][split]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines.append("| requests (seed 0) | " + " | ".join(f"{int(counts[f'num_requests@{n}'])}" for _ in tasks for n in NAMES) + " |")
+    for res in results:
+        cells = [f"{np.nanmean(res.metric(split, f'{t}/ne@{n}')):.4f}" for t in tasks for n in NAMES]
+        lines.append("| " + " | ".join([res.variant.label, *cells]) + " |")
+    return "\n".join(lines)

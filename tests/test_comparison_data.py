@@ -45,3 +45,25 @@ def test_runs_default_to_the_cache_folder_not_tmp(monkeypatch, tmp_path):
     assert comparison.default_runs_root() == tmp_path / "runs"
     monkeypatch.delenv("GESR_CACHE_DIR")
     assert comparison.default_runs_root() == pathlib.Path.home() / ".cache" / "gesr_jax" / "runs"
+
+
+def _fake_train(config, run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ne = {"two_tower": 0.8}.get(config.model.kind, 0.7) * (1 + 0.013 * config.train.seed ** 2)
+    test = {"consume/ne": ne, "consume/auc": 0.7 + 0.01 * config.train.seed}
+    return {"step": 9, "best_step": 3 + config.train.seed, "valid": dict(test), "test": {**test, "num_examples": 7}}
+
+
+def test_the_sidecar_rebuilds_the_table_with_per_seed_records(tmp_path):
+    variants = [comparison.Variant("two-tower", "synthetic_tiny_two_tower"), comparison.Variant("GESR", "synthetic_tiny")]
+    results = comparison.run_variants(variants, tmp_path / "runs", seeds=(0, 1, 2), train_fn=_fake_train, log=lambda m: None)
+    report = comparison.write_report(tmp_path / "t.md", [comparison.comparison_table(results, ("consume",))], results)
+    rebuilt = comparison.read_sidecar(report.with_suffix(".json"))
+    assert comparison.comparison_table(rebuilt, ("consume",)) == report.read_text()
+    import json
+
+    runs = json.loads(report.with_suffix(".json").read_text())["rows"][1]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and [r["best_step"] for r in runs] == [3, 4, 5]
+    hashes = {r["config_hash"] for r in runs}
+    assert len(hashes) == 3  # the seed is part of the config
+    assert all("consume/ne" in r["valid"] and "consume/ne" in r["test"] for r in runs)
