@@ -134,6 +134,7 @@ def inspect_config(config: Any) -> dict[str, Any]:
         report |= inspect(data_config)
     splits = datasets.load_splits(data_config)
     report["requests"] = splits.stats
+    report["split_shares"] = split_shares(splits.stats)
     report["schema"] = dataclasses.asdict(splits.schema)
     fields = ("item", *splits.schema.item_feature_names)
     hma = getattr(config.model, "hma", None)  # GESR's model.hma section; other kinds have none
@@ -187,8 +188,17 @@ def inspect(data_config: DataConfig, build_requests: bool = False) -> dict[str, 
     if build_requests:
         splits = datasets.load_splits(data_config)
         report["requests"] = splits.stats
+        report["split_shares"] = split_shares(splits.stats)
         report["schema"] = dataclasses.asdict(splits.schema)
     return report
+
+
+def split_shares(stats: dict[str, Any]) -> dict[str, float]:
+    """Share of the kept requests in each split. Under ``global_time`` the cuts are quantiles of every request
+    *before* the per-user cap, so these are not ``split_quantiles`` (ml1m_base: about 76/12/12, not 80/10/10)."""
+    counts = {name: int(stats.get(f"requests_{name}", 0)) for name in ("train", "valid", "test")}
+    total = sum(counts.values())
+    return {name: round(count / total, 4) if total else 0.0 for name, count in counts.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
