@@ -55,7 +55,7 @@ def test_model_comparison_report_pairs_every_row_with_the_two_tower(tmp_path, mo
     assert model_comparison.main(["--dataset", "ml1m", "--seeds", "3", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "python experiments/model_comparison.py --dataset ml1m --seeds 3" in text
-    assert "valid every 200 steps, the best valid mean_ne checkpoint is tested, early stop after 2 passes" in text
+    assert "valid every 100 steps, the best valid mean_ne checkpoint is tested, early stop after 4 passes" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"two-tower", "GESR (all on)", "GenRank (action-oriented)", "GenRank (interleaved)"}
     assert "-12.50 ± 0.00" in rows["GenRank (interleaved)"] and "0 (baseline)" in rows["two-tower"]
