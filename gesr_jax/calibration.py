@@ -139,3 +139,69 @@ def paired_deltas(
                 raise ValueError(f"paired values need the same seeds: {k} has {b.shape} vs {v.shape}")
             out[name] = statistics.mean_ci((v - b) * 100.0)
     return out
+
+
+def user_stats(labels: np.ndarray, logits: np.ndarray, mask: np.ndarray, user_ids: np.ndarray) -> dict[str, list]:
+    """Per test user: candidates, positives and summed BCE (``{"user", "count", "positives", "loss"}``, JSON-able).
+
+    The sufficient statistics of NE on any set of users: what :func:`user_bootstrap_over_seeds` resamples.
+    ``labels``/``logits``/``mask`` are [R, C], ``user_ids`` [R].
+    """
+    m = np.asarray(mask, bool)
+    users = np.broadcast_to(np.asarray(user_ids)[:, None], m.shape)[m]
+    y = np.asarray(labels, np.float64)[m]
+    loss = metrics_lib.binary_cross_entropy(y, np.asarray(logits, np.float64)[m], logits=True)
+    ids, group = np.unique(users, return_inverse=True)
+    return {
+        "user": ids.tolist(),
+        "count": np.bincount(group).astype(float).tolist(),
+        "positives": np.bincount(group, weights=y).tolist(),
+        "loss": np.bincount(group, weights=loss).tolist(),
+    }
+
+
+def user_bootstrap_over_seeds(
+    base: Sequence[Mapping[str, Sequence[float]]],
+    variant: Sequence[Mapping[str, Sequence[float]]],
+    num_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """Relative ΔNE (%) with a paired bootstrap over test users, averaged over seeds: (mean, lo, hi).
+
+    ``base[s]`` / ``variant[s]``: :func:`user_stats` of seed s (same users in every seed and both models; the
+    candidates may differ by seed, e.g. data.seed redraws negatives, which is why seeds are averaged per
+    resample rather than their predictions). Each resample draws the users once, with replacement, and
+    applies the draw to every seed and both models; the seed-mean ΔNE of the resamples gives the interval.
+    """
+    if len(base) != len(variant) or not base:
+        raise ValueError(f"need the same seeds for both models, got {len(base)} and {len(variant)}")
+    users = np.asarray(base[0]["user"])
+    for stats in (*base, *variant):
+        if not np.array_equal(np.asarray(stats["user"]), users):
+            raise ValueError("the per-seed user stats hold different test users: not paired")
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), size=num_resamples).astype(float)
+    deltas = np.zeros(num_resamples)
+    for b, v in zip(base, variant):
+        n, pos = weights @ np.asarray(b["count"]), weights @ np.asarray(b["positives"])
+        rate = np.clip(pos / n, metrics_lib.PROB_EPS, 1 - metrics_lib.PROB_EPS)
+        entropy = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
+        ne_b = weights @ np.asarray(b["loss"]) / n / entropy
+        ne_v = weights @ np.asarray(v["loss"]) / (weights @ np.asarray(v["count"])) / entropy
+        deltas += (ne_v - ne_b) / ne_b * 100.0 / len(base)
+    tail = (1.0 - confidence) / 2 * 100.0
+    lo, hi = np.percentile(deltas, [tail, 100.0 - tail])
+    return float(deltas.mean()), float(lo), float(hi)
+
+
+def bootstrap_cell(base_runs: Sequence[Mapping], runs: Sequence[Mapping], task: str) -> str | None:
+    """The table cell "mean [lo, hi]" of :func:`user_bootstrap_over_seeds` for two rows' per-seed records
+    (``record["test_users"][task]``), or None when a record lacks them."""
+    try:
+        base = [r["test_users"][task] for r in base_runs]
+        variant = [r["test_users"][task] for r in runs]
+    except (KeyError, TypeError):
+        return None
+    mean, lo, hi = user_bootstrap_over_seeds(base, variant)
+    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]" + (" (n.s.)" if lo <= 0.0 <= hi else "")

@@ -183,6 +183,7 @@ def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) ->
                 "seed": seed, "best_step": run.get("best_step"), "step": run.get("step"),
                 "config_hash": config_hash(config), "train_seconds": seconds,
                 "valid": run.get("valid", {}), "test": run.get("test", {}),
+                **({"test_users": run["test_users"]} if "test_users" in run else {}),
             })  # fmt: skip
         rows.append({"label": res.variant.label, "config": res.variant.config,
                      "overrides": list(res.variant.overrides), "runs": records})  # fmt: skip
@@ -199,7 +200,7 @@ def read_sidecar(path: str | pathlib.Path) -> list[VariantResult]:
     out = []
     for row in data["rows"]:
         variant = Variant(row["label"], row["config"], tuple(row["overrides"]))
-        runs = [{k: r[k] for k in ("valid", "test", "best_step", "step")} for r in row["runs"]]
+        runs = [{k: r[k] for k in ("valid", "test", "best_step", "step", "test_users") if k in r} for r in row["runs"]]
         seconds = [float(r["train_seconds"]) for r in row["runs"]]
         out.append(VariantResult(variant, runs, seconds, [int(r["seed"]) for r in row["runs"]]))
     return out
@@ -261,11 +262,13 @@ def comparison_table(
     header = ["model"]
     has_gauc = all(f"{t}/gauc" in run[split] for t in tasks for res in results for run in res.runs)
     has_recal = all(f"{t}/ne_recal" in run[split] for t in tasks for res in results for run in res.runs)
+    has_boot = split == "test" and all(t in run.get("test_users", {}) for t in tasks for res in results for run in res.runs)
     for task in tasks:
         header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)"]
         header += [f"ΔNE {task} vs {also_vs} (%, paired)"] if second is not None else []
         header += [f"AUC {task}", f"ΔAUC {task} (points, paired)"] + ([f"ΔgAUC {task} (points, paired)"] if has_gauc else [])
         header += [f"recal. ΔNE {task} (%, intercept fitted on valid)"] if has_recal else []
+        header += [f"ΔNE {task} (%, 95% bootstrap over test users, seed-averaged)"] if has_boot else []
         header += [f"verdict {task} vs {base.variant.label}"]
     show_best = any(step is not None for res in results for step in res.best_steps())
     header += (["best valid step"] if show_best else []) + ["train time (s)"]
@@ -296,7 +299,7 @@ def comparison_table(
             ne = values.get(task, math.nan)
             rel = statistics.paired_relative_delta(base.metric(split, f"{task}/ne"), np.full(len(base.runs), ne))
             row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel))] + (["—"] if second else []) + ["—"]
-            row += ["—"] * (2 + has_gauc + has_recal)
+            row += ["—"] * (2 + has_gauc + has_recal + has_boot)
         row += (["—"] if show_best else []) + ["—"]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -307,14 +310,16 @@ def _calibration_cells(
 ) -> list[str]:
     """ΔAUC, ΔgAUC, recalibrated ΔNE and the verdict of ``res`` against ``base`` (gesr_jax/calibration.py)."""
     n_cells = 2 + has_gauc + has_recal
+    boot = calibration.bootstrap_cell(base.runs, res.runs, task)
     if res is base:
-        return ["0 (baseline)"] * (n_cells - 1) + ["—"]
+        return ["0 (baseline)"] * (n_cells - 1) + (["0 (baseline)"] if boot is not None else []) + ["—"]
     paired_delta(base, res, f"{task}/ne", split)  # checks the pairing
     keys = [f"{task}/{m}" for m in ("ne", "auc", *(["gauc"] if has_gauc else []), *(["ne_recal"] if has_recal else []))]
     deltas = calibration.paired_deltas({k: base.metric(split, k) for k in keys}, {k: res.metric(split, k) for k in keys}, task)
     cells = [statistics.format_delta(*deltas["ΔAUC"])]
     cells += [statistics.format_delta(*deltas["ΔgAUC"])] if has_gauc else []
     cells += [statistics.format_delta(*deltas["recal. ΔNE"])] if has_recal else []
+    cells += [boot] if boot is not None else []
     return cells + [calibration.verdict(deltas["ΔNE"], deltas["ΔAUC"], deltas.get("recal. ΔNE"))]
 
 

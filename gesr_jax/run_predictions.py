@@ -3,6 +3,7 @@
 For a ``gesr train`` workdir restored at its best valid step (the step results.json tests):
 
 * ``<task>/ne_recal`` (test): NE after an intercept fitted on valid (gesr_jax/calibration.py);
+* ``test_users``: per task, each test user's candidates, positives and summed BCE (the user bootstrap's input);
 * ``<task>/ne@<stratum>``, ``<task>/auc@<stratum>``, ``num_requests@<stratum>`` (test and valid): per user-tenure
   stratum (gesr_jax/strata.py), MovieLens only (the tenure needs the rating log).
 
@@ -53,12 +54,13 @@ def compute(run: Any, splits: Any, tasks: tuple[str, ...]) -> dict[str, dict[str
 
         inter = movielens_dataset.load_interactions_cached(run.config.data)
         first_time = strata.first_event_times(inter.user, inter.timestamp)
-    out: dict[str, dict[str, float]] = {"valid": {}, "test": {}}
+    out: dict[str, dict[str, Any]] = {"valid": {}, "test": {}, "test_users": {}}
     for task in tasks:
         labels = {name: np.asarray(getattr(splits, name)[f"label_{task}"], np.float64) for name in preds}
         valid = (labels["valid"], preds["valid"][task], preds["valid"]["mask"])
         test = (labels["test"], preds["test"][task], preds["test"]["mask"])
         out["test"][f"{task}/ne_recal"] = float(calibration.recalibrated_ne(valid, test))
+        out["test_users"][task] = calibration.user_stats(*test, np.asarray(splits.test["user_id"]))
         if first_time is not None:
             for name in preds:
                 groups = strata.request_strata(getattr(splits, name), first_time)
@@ -87,4 +89,6 @@ def merged(record: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(record)
     for split in ("valid", "test"):
         out[split] = {**record.get(split, {}), **extra.get(split, {})}
+    if "test_users" in extra:
+        out["test_users"] = extra["test_users"]
     return out

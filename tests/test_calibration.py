@@ -76,3 +76,31 @@ def test_user_bootstrap_shrinks_with_more_users():
 
 def test_seed_average_is_the_mean_probability():
     np.testing.assert_allclose(calibration.seed_average([np.array([0.2, 0.4]), np.array([0.4, 0.8])]), [0.3, 0.6])
+
+
+def _seed_stats(num_users, spread, seed, seeds=3):
+    rng = np.random.default_rng(seed)
+    y, base, var, users = _population(num_users, spread, rng, seeds=seeds)
+    mask = np.ones(y.shape, bool)
+    to_logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    return ([calibration.user_stats(y, to_logit(p), mask, users) for p in base],
+            [calibration.user_stats(y, to_logit(p), mask, users) for p in var])  # fmt: skip
+
+
+def _seed_width(num_users, spread):
+    base, var = _seed_stats(num_users, spread, seed=0)
+    _, lo, hi = calibration.user_bootstrap_over_seeds(base, var, num_resamples=400, seed=1)
+    return hi - lo
+
+
+def test_seed_averaged_user_bootstrap_widens_with_heterogeneity_and_shrinks_with_users():
+    assert _seed_width(300, spread=1.0) > 1.5 * _seed_width(300, spread=0.0)
+    assert _seed_width(1600, spread=0.5) < 0.6 * _seed_width(100, spread=0.5)
+
+
+def test_user_bootstrap_of_identical_models_is_zero_and_unpaired_users_are_refused():
+    base, _ = _seed_stats(50, 0.5, seed=2)
+    assert calibration.user_bootstrap_over_seeds(base, base, num_resamples=50) == (0.0, 0.0, 0.0)
+    other, _ = _seed_stats(51, 0.5, seed=2)
+    with pytest.raises(ValueError, match="not paired"):
+        calibration.user_bootstrap_over_seeds(base, other, num_resamples=10)

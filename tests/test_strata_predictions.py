@@ -62,3 +62,18 @@ def test_table_has_delta_auc_recalibrated_ne_and_a_verdict(tmp_path):
     gesr = next(line for line in table.splitlines() if line.startswith("| GESR"))
     assert "-2.00 ± 0.00" in gesr  # ΔAUC in points
     assert "disagree (NE better, AUC worse, recal. NE n.s.)" in gesr
+
+
+def test_table_shows_the_user_bootstrap_when_runs_keep_test_user_stats(tmp_path):
+    variants = [comparison.Variant("two-tower", "synthetic_tiny_two_tower"), comparison.Variant("GESR", "synthetic_tiny")]
+    results = comparison.run_variants(variants, tmp_path, seeds=(0, 1), train_fn=_fake_train, log=lambda m: None)
+    for res, scale in zip(results, (1.0, 0.8)):
+        for run in res.runs:
+            run["test_users"] = {"consume": {"user": [1, 2, 3], "count": [4.0, 4.0, 4.0], "positives": [1.0, 2.0, 1.0],
+                                             "loss": [10 * scale, 11 * scale, 9 * scale]}}  # fmt: skip
+    table = comparison.comparison_table(results, ("consume",))
+    assert "bootstrap over test users" in table
+    gesr = next(line for line in table.splitlines() if line.startswith("| GESR"))
+    assert "-20.00 [-20.00, -20.00]" in gesr  # every user's loss 20 % lower: -20 % in every resample
+    rebuilt = comparison.read_sidecar(comparison.write_sidecar(tmp_path / "t.json", results))
+    assert comparison.comparison_table(rebuilt, ("consume",)) == table
