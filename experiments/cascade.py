@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import platform
 import sys
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     suffix = "_clean" if args.catalogue == "clean" else ""
-    comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}{suffix}.md", lines)
+    report = comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}{suffix}.md", lines)
+    sidecar = {"catalogue": args.catalogue, "k": args.k, "per_seed": [{"seed": s, **rows} for s, rows in enumerate(per_seed)]}
+    report.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")  # per seed and row: the metrics, steps
+    print(f"wrote {report.with_suffix('.json')}")
     return 0
 
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{datetime.date.today().isoformat()}. ΔNE paired per seed (train.seed and data.seed), mean ± 95% "
                   "t half-width; the reference rows were not trained.", ""]  # fmt: skip
         pathlib.Path(args.out).write_text("\n".join(header + lines) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} and {comparison.write_sidecar(pathlib.Path(args.out).with_suffix('.json'), results)}")
     return 0
 
 
