@@ -123,7 +123,10 @@ def test_comparison_table_is_paired_and_marks_non_significant_rows(tmp_path):
     table = comparison.comparison_table(results, ["consume"], references={"ceiling": {"consume": 0.7}})
     lines = table.splitlines()
     assert "best valid step" in lines[0] and "3, 4, 5, 6, 7" in lines[3]
-    assert "-10.00 ± 0.00" in lines[3] and "n.s." not in lines[3]
+    cells = lines[3].split(" | ")
+    assert cells[2] == "-10.00 ± 0.00"  # the ΔNE cell: significant
+    # Equal AUC in both rows: ΔAUC n.s., so the verdict does not call GESR better (and says recal. NE is missing).
+    assert cells[4] == "0.00 ± 0.00 (n.s.)" and cells[5] == "incomplete (NE better, AUC n.s.; recal. NE missing)"
     assert lines[4].startswith("| oracle (true probabilities) | 0.6000") and lines[5].startswith("| ceiling | 0.7000")
     # Identical variants: the paired CI is [0, 0] and holds 0.
     same = comparison.run_variants(variants[:1] * 2, tmp_path / "same", train_fn=train, log=lambda _: None)
