@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pathlib
@@ -30,13 +29,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from gesr_jax.config import ConfigError
+from gesr_jax.data.event_log import SPLIT_NAMES
 
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "data_fingerprint.json"  # suggested name for the saved fingerprint
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 class WorkdirError(ConfigError):
@@ -334,32 +331,6 @@ def disk_bytes(folder: str | os.PathLike[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def _split_arrays(splits: Any) -> dict[str, Mapping[str, np.ndarray]]:
-    if isinstance(splits, Mapping):
-        return {name: splits[name] for name in SPLIT_NAMES if name in splits}
-    return {name: getattr(splits, name) for name in SPLIT_NAMES if getattr(splits, name, None) is not None}
-
-
-def data_fingerprint(splits: Any) -> dict[str, dict[str, Any]]:
-    """``{split: {"requests", "arrays", "sha256"}}`` for a Splits-like object or a ``{split: arrays}`` mapping.
-
-    ``requests`` is the leading dimension, ``arrays`` the sorted array names and ``sha256`` a hash of
-    every array's name, dtype, shape and bytes in sorted name order. JSON-serialisable; cost is one
-    pass of sha256 over the arrays (no copies for contiguous arrays).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name, arrays in _split_arrays(splits).items():
-        sha = hashlib.sha256()
-        requests = 0
-        for key in sorted(arrays):
-            arr = np.ascontiguousarray(arrays[key])
-            requests = int(arr.shape[0]) if arr.ndim else requests
-            sha.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
-            sha.update(arr.reshape(-1).view(np.uint8))  # the bytes in place, any dtype, 0-d included
-        out[name] = {"requests": requests, "arrays": sorted(arrays), "sha256": sha.hexdigest()}
-    return out
 
 
 def check_data_fingerprint(

@@ -98,6 +98,11 @@ def sources() -> list[str]:
 
 def _dataset(data_config: DataConfig) -> Dataset:
     data_config.validate()
+    if data_config.prepared:
+        # Lazy: gesr_jax.data.prepared imports this module (a prepared folder is read through the same Splits).
+        from gesr_jax.data.prepared import PreparedDataset
+
+        return PreparedDataset()
     return get_dataset(data_config.source)
 
 

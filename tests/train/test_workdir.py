@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gesr_jax import workdir_files as wd
+from gesr_jax.data.fingerprint import data_fingerprint
 from gesr_jax.workdir_files import (
     DataChangedError,
     WorkdirBusyError,
@@ -158,21 +159,21 @@ def _splits(n_train=12):
 
 def test_data_fingerprint_detects_what_changed():
     splits = _splits()
-    saved = json.loads(json.dumps(wd.data_fingerprint(splits)))  # as stored in the workdir
+    saved = json.loads(json.dumps(data_fingerprint(splits)))  # as stored in the workdir
     assert saved["train"]["requests"] == 12 and saved["train"]["arrays"] == ["label", "user_id"]
-    assert wd.check_data_fingerprint(saved, wd.data_fingerprint(_splits())) == []
+    assert wd.check_data_fingerprint(saved, data_fingerprint(_splits())) == []
     assert wd.check_data_fingerprint(None, saved) == []
     with pytest.raises(DataChangedError, match=r"train split: 12 -> 10 requests"):
-        wd.check_data_fingerprint(saved, wd.data_fingerprint(_splits(10)))
+        wd.check_data_fingerprint(saved, data_fingerprint(_splits(10)))
     changed = _splits()
     changed["valid"]["label"][0, 0] += 1
     changed["test"]["extra"] = np.zeros(5)
     with pytest.raises(DataChangedError) as info:
-        wd.check_data_fingerprint(saved, wd.data_fingerprint(changed))
+        wd.check_data_fingerprint(saved, data_fingerprint(changed))
     assert "valid split: same 5 requests, different contents" in str(info.value)
     assert "test split: arrays added ['extra']" in str(info.value)
     with pytest.warns(WorkdirWarning, match="resuming on changed data: valid split"):
-        got = wd.check_data_fingerprint(saved, wd.data_fingerprint(changed), allow_change=True)
+        got = wd.check_data_fingerprint(saved, data_fingerprint(changed), allow_change=True)
     assert len(got) == 2
     assert issubclass(DataChangedError, WorkdirError) and issubclass(WorkdirBusyError, WorkdirError)
     assert issubclass(WorkdirNotWritableError, OSError)  # an I/O failure (exit status 3), not a usage error
