@@ -43,7 +43,8 @@ import numpy as np
 
 from gesr_jax import workdir_files
 from gesr_jax.config import Config
-from gesr_jax.data import datasets, fingerprint, pipeline
+from gesr_jax.data import datasets, pipeline
+from gesr_jax.data.fingerprint import data_fingerprint
 from gesr_jax.train import distributed
 from gesr_jax.train import hooks as hooks_lib
 from gesr_jax.train import reporting, runtime
@@ -119,7 +120,7 @@ def train_and_evaluate(
             built = setup_lib.setup(config, model_api=model_api, splits=splits, num_devices=num_devices)
             info["detail"] = f"{sum(int(np.size(x)) for x in jax.tree.leaves(built.params)):,} parameters"
         criterion = selection_lib.check_metric(tc, built.tasks)
-        fingerprint = fingerprint.data_fingerprint(built.splits)
+        fingerprint = data_fingerprint(built.splits)
         write_fingerprint = run.check_data(fingerprint, resuming=resuming, allow_change=allow_data_change)
         # Every check passed: from here on the workdir is written.
         started = True
