@@ -224,11 +224,6 @@ def validate_batch(batch: Mapping[str, Any], schema: BatchSchema, *, level: Leve
             raise ValueError(f"batch['history_time'] row {row} has an event at or after its request_time")
 
 
-def validate_inputs(batch: Mapping[str, Any], schema: BatchSchema) -> None:
-    """``validate_batch(batch, schema, level="inputs")``: the name ``api.apply`` still imports (its owner moves)."""
-    validate_batch(batch, schema, level="inputs")
-
-
 def _layout_fields(batch: Mapping[str, Any], schema: BatchSchema):
     """(fields, numpy arrays, slot widths) of a batch that must match the schema's layout exactly."""
     if "user_id" not in batch:
