@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-SPLITS = ("global_time", "per_user_last")  # data.split values (gesr_jax/data/requests.py, point 5)
+SPLITS = ("global_time", "global_time_user_holdout", "per_user_last")  # data.split values (gesr_jax/data/requests.py, point 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,9 @@ class DataConfig:
     # 0 = every request a user's timeline allows; else each user's most recent ones (within each split under global_time)
     max_requests_per_user: int = 0
     # How MovieLens requests are split (gesr_jax/data/requests.py, point 5): "global_time" cuts all requests at two
-    # times so train < valid < test in time; "per_user_last" is each user's last request = test, second-to-last = valid.
+    # times so train < valid < test in time; "global_time_user_holdout" keeps those cuts but draws valid and test from
+    # the same (post-cut-2) users, half each, held out by user (which split to select on is UNCONFIRMED);
+    # "per_user_last" is each user's last request = test, second-to-last = valid.
     # The synthetic log always uses its own per-user split (its generator is stationary: no trend can leak).
     split: str = "global_time"
     split_quantiles: tuple[float, float] = (0.8, 0.9)  # global_time: cut times = these quantiles of request times

@@ -32,3 +32,20 @@ def test_split_shares_are_the_kept_requests_not_the_quantiles():
     shares = commands.split_shares({"requests_train": 760, "requests_valid": 120, "requests_test": 120})
     assert shares == {"train": 0.76, "valid": 0.12, "test": 0.12}
     assert commands.split_shares({}) == {"train": 0.0, "valid": 0.0, "test": 0.0}
+
+
+def test_data_split_user_holdout_builds_valid_and_test_from_disjoint_late_users():
+    """End to end through build_requests: data.split='global_time_user_holdout' is a valid config value, train
+    keeps every request before cut 2, and valid / test hold the same kind of (late) requests of disjoint users."""
+    from test_global_time_split import _build, _random_log
+
+    inter = _random_log(seed=1, users=60)
+    holdout = _build(inter, split="global_time_user_holdout")
+    plain = _build(inter, split="global_time")
+    users = {name: set(np.asarray(getattr(holdout, name)["user_id"]).tolist()) for name in ("valid", "test")}
+    assert users["valid"] and users["test"] and not users["valid"] & users["test"]
+    # Valid's requests all come after cut 2, like test's: none is earlier than the plain split's first test request.
+    first_test = np.min(np.asarray(plain.test["request_time"]))
+    assert np.min(np.asarray(holdout.valid["request_time"])) >= first_test
+    n = lambda built: sum(int(np.asarray(getattr(built, s)["user_id"]).size) for s in ("train", "valid", "test"))
+    assert n(holdout) == n(plain)  # every request lands in exactly one split
