@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gesr_jax.data.batch import BatchSchema, batch_spec
+from gesr_jax.data.batch import BatchSchema, batch_spec, lengths_mask
 
 # Per-request columns a RequestSplit stores; everything else of a batch is gathered at batch time.
 HISTORY_END = "history_end"
@@ -129,7 +129,7 @@ class RequestSplit(Mapping):
         end = np.asarray(self.columns[HISTORY_END][rows]).astype(np.int64)
         length = np.asarray(self.columns["history_len"][rows]).astype(np.int64)
         slots = np.arange(self.schema.history_len)
-        valid = slots[None, :] < length[:, None]
+        valid = lengths_mask(length, slots.size)
         idx = np.where(valid, end[:, None] - length[:, None] + slots[None, :], 0)
         log = self.log if self.log.num_events else _ONE_PAD_EVENT  # idx 0 must exist even in an empty log
         item = np.where(valid, log.item[idx], 0).astype(np.int32)

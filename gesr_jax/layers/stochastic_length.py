@@ -25,6 +25,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from gesr_jax.data.batch import lengths_mask
+
 
 def kept_length(history_capacity: int, alpha: float) -> int:
     """L = floor(N^(alpha/2)), at least 1."""
@@ -52,7 +54,7 @@ def stochastic_length(
     subsample = (n > keep) & (jax.random.uniform(k_full, (b,)) >= p_full)
 
     pos = jnp.arange(n_cap)[None, :]
-    valid = pos < n[:, None]
+    valid = lengths_mask(n, n_cap)
     recency_rank = n[:, None] - pos  # 1 = most recent
     if sampling == "recent":
         scores = -recency_rank.astype(jnp.float32)
@@ -68,7 +70,7 @@ def stochastic_length(
     # Stable compaction: kept slots first, in their original (chronological) order.
     order = jnp.argsort(jnp.where(kept, pos, n_cap + pos), axis=1)
     new_len = jnp.where(subsample, keep, n).astype(batch["history_len"].dtype)
-    new_valid = pos < new_len[:, None]
+    new_valid = lengths_mask(new_len, n_cap)
     for name, value in batch.items():
         if jnp.ndim(value) == 2:
             moved = jnp.take_along_axis(value, order, axis=1)
