@@ -3,7 +3,7 @@
 Launch (writes experiments/results/ablation_<dataset>.md; the README links both tables):
     python experiments/ablations.py --dataset synthetic            # synthetic_base, 30 runs, 30 min on a shared 2-core CPU
     python experiments/ablations.py --dataset ml1m                 # ml1m_base (<= 1600 steps), 30 runs, 75 min
-    python experiments/ablations.py --dataset ml1m --set data.path=/path/to/ml-1m --seeds 3
+    python experiments/ablations.py --dataset ml1m --set data.movielens.path=/path/to/ml-1m --seeds 3
 
 Rows: two-tower; GESR (all on); without HMA; without target-awareness (the last history position's
 HSTU output for every candidate, the paper's U_self[-1] ablation); without cross attention (RO and

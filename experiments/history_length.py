@@ -2,7 +2,7 @@
 
 Launch (writes experiments/results/history_length_ml1m.md):
     python experiments/history_length.py                        # 40 runs (10 shared with ablations.py)
-    python experiments/history_length.py --lengths 25,50 --seeds 3 --set data.path=/path/to/ml-1m
+    python experiments/history_length.py --lengths 25,50 --seeds 3 --set data.movielens.path=/path/to/ml-1m
 
 The GESR paper's Table 4 reports that a longer user history helps GESR. Each length N sets
 data.history_len = N on ml1m_base (and its two-tower); everything else, the requests and their

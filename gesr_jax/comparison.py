@@ -371,8 +371,9 @@ def data_description(config: Any) -> str:
     try:
         inter = movielens_dataset.load_interactions_cached(data)
     except (OSError, movielens.DataFormatError) as err:  # a table about runs whose data folder is gone
-        return f"{pathlib.Path(data.path).name} at {data.path}: not readable here, counts unknown ({err})"
-    return describe_interactions(inter.seen(), inter.num_users, pathlib.Path(data.path).name)
+        folder = data.movielens.path
+        return f"{pathlib.Path(folder).name} at {folder}: not readable here, counts unknown ({err})"
+    return describe_interactions(inter.seen(), inter.num_users, pathlib.Path(data.movielens.path).name)
 
 
 def describe_interactions(seen: dict[str, int], num_listed_users: int, folder: str) -> str:

@@ -13,13 +13,17 @@ the fields both kinds have. An unknown key or a value that does not parse as the
 raises :class:`ConfigError` naming the key (a key that moved into a section names its new path);
 validation runs once, after every override.
 
-``config.json`` files written before the typed sections (flat ``model.hma_dim``, ``model.genrank_heads``, ...)
-still load: :func:`from_dict` moves each old field to its section, using the ``moved_fields`` table of the
-section's class.
+A dataset's own settings are a data sub-section (``data.synthetic.*``, ``data.movielens.*``, and
+``data.<source>.*`` for a dataset registered with ``settings=``), handled like any other section.
+
+``config.json`` files written before the typed sections (flat ``model.hma_dim``, ``model.genrank_heads``,
+``data.path``, ...) still load: :func:`from_dict` moves each old field to its section, using the
+``moved_fields`` table of the section's class.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -130,6 +134,9 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
         raise ConfigError(f"unknown config key {full_key!r}: {'.'.join(path)} is below a non-config value")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     head = path[0]
+    extra = getattr(obj, "extra_section_class", lambda name: None)(head)  # data.<source> of a registered dataset
+    if head not in fields and extra is not None and len(path) > 1:
+        return obj.with_extra_section(head, _set_path(getattr(obj, head), path[1:], raw, full_key))
     if head not in fields:
         moved = getattr(type(obj), "moved_fields", {}).get(head)
         if moved is not None and len(path) == 1:
@@ -220,14 +227,38 @@ def parse_value(raw: str, hint: Any) -> Any:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Nested plain dicts; a config's open sections (``extra_sections()``, e.g. ``data.<source>``) appear as fields."""
+    out: dict[str, Any] = {}
+    for name, value in sections_and_fields(config):
+        out[name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def sections_and_fields(config: Any) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each field of ``config``, then of each open section (``config.extra_sections()``).
+
+    A field that stores the open sections (``DataConfig.sections``) is left out: they are listed under their names.
+    """
+    extra = getattr(config, "extra_sections", None)
+    out = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+           if not (extra is not None and f.name == "sections")]  # fmt: skip
+    return out + list(extra().items()) if extra is not None else out
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) frozen config from :func:`to_dict` output, e.g. read from ``config.json``."""
     hints = typing.get_type_hints(cls)
     data = move_old_fields(cls, data)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    open_sections: dict[str, Any] = {}
+    extra_class = getattr(cls, "extra_section_class", None)
+    if extra_class is not None:
+        # data.<source> of a registered dataset with settings (its class comes from the dataset registry).
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in sorted(set(data) - names):
+            section_cls = extra_class(name)
+            if section_cls is not None and isinstance(data[name], dict):
+                open_sections[name] = from_dict(section_cls, data[name])
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
@@ -244,9 +275,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         else:
             value = _tuplify(value)
         kwargs[f.name] = value
-    unknown = sorted(set(data) - set(kwargs))
+    unknown = sorted(set(data) - set(kwargs) - set(open_sections))
     if unknown:
-        raise ConfigError(f"{cls.__name__} has no fields {unknown}")
+        hint = " (a dataset's own settings section loads once the module registering that dataset is imported)"
+        raise ConfigError(f"{cls.__name__} has no fields {unknown}{hint if extra_class is not None else ''}")
+    if open_sections:
+        kwargs["sections"] = tuple(open_sections.items())
     return cls(**kwargs)
 
 

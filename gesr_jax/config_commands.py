@@ -113,13 +113,16 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def field_rows(config: Any, prefix: str = "") -> Iterator[FieldRow]:
-    """Every leaf field of a (nested) config dataclass, depth first, in declaration order."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+    """Every leaf field of a (nested) config dataclass, depth first, in declaration order.
+
+    A registered dataset's own section (``data.<source>``, see ``config.sections_and_fields``) follows the fields.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name, value in config_lib.sections_and_fields(config):
         if dataclasses.is_dataclass(value):
-            yield from field_rows(value, f"{prefix}{f.name}.")
+            yield from field_rows(value, f"{prefix}{name}.")
         else:
-            yield FieldRow(f"{prefix}{f.name}", value, _default(f), field_comment(type(config), f.name))
+            yield FieldRow(f"{prefix}{name}", value, _default(fields[name]), field_comment(type(config), name))
 
 
 # ------------------------------------------------------------------------------------------- commands

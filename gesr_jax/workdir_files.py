@@ -363,8 +363,9 @@ def check_data_fingerprint(
             changes.append(f"{name} split: same {new['requests']} requests, different contents")
     if changes and not allow_change:
         raise DataChangedError(
-            f"the data differ from what this workdir was trained on ({'; '.join(changes)}); check data.path and "
-            "the data config, use a new --workdir, or allow the change explicitly to resume anyway"
+            f"the data differ from what this workdir was trained on ({'; '.join(changes)}); check the dataset's "
+            "path (data.movielens.path) and the data config, use a new --workdir, or allow the change explicitly to "
+            "resume anyway"
         )
     if changes:
         warnings.warn(f"resuming on changed data: {'; '.join(changes)}", WorkdirWarning, stacklevel=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gesr_jax import cli, config, config_commands
-from gesr_jax.data.config import DataConfig, SyntheticConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig, SyntheticConfig
 from gesr_jax.train.config import TrainConfig
 
 
@@ -36,14 +36,14 @@ def test_show_prints_every_field_with_value_and_comment(capsys):
 
 
 def test_every_data_and_train_field_is_documented():
-    for cls in (DataConfig, SyntheticConfig, TrainConfig):
+    for cls in (DataConfig, SyntheticConfig, MovieLensConfig, TrainConfig):
         for name in cls.__dataclass_fields__:
             assert config_commands.field_comment(cls, name), f"{cls.__name__}.{name} has no comment"
 
 
 def test_comments_above_a_field_and_inherited_fields_are_found():
     assert config_commands.field_comment(DataConfig, "max_requests_per_user").startswith("0 = every request")
-    assert "global_time" in config_commands.field_comment(DataConfig, "split")
+    assert "global_time" in config_commands.field_comment(MovieLensConfig, "split")
     gesr = type(config.load_config("synthetic_tiny").model)
     assert "width of every embedding table" in config_commands.field_comment(gesr, "embed_dim")  # a base's field
     assert config_commands.field_comment(gesr, "no_such_field") == ""

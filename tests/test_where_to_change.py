@@ -3,8 +3,8 @@
 A model kind, a MoA module, a dataset with its own settings and an evaluator are defined here, registered
 through the public hooks the README names and selected with the ``--set`` overrides it names; each is then
 built or run through the project's own entry points (``config.load_config``, ``api``, ``setup``). The dataset
-reads its sizes from the shared data section: a settings section of its own (``data.<source>.*``) does not
-exist yet, as the README row says.
+brings its own settings section (``data.<source>.*``), set with ``--set``, validated, shown by ``gesr config show``
+and kept in ``config.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gesr_jax import api, config as config_lib
+from gesr_jax import api, cli, config as config_lib
 from gesr_jax.data import batch as batch_lib
 from gesr_jax.data import datasets
 from gesr_jax.layers.core import Dense
@@ -132,16 +132,30 @@ def test_a_moa_module_registered_and_switched_on_with_set_extra_moa(creator_echo
 # --- a dataset -----------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class WhereLogSettings:
+    """The toy dataset's own section, ``data.where_log.*``."""
+
+    train_requests: int = 24  # requests in the train split
+    eval_requests: int = 8  # requests in each of valid and test
+
+    def validate(self) -> None:
+        if self.train_requests < 1:
+            raise ValueError(f"data.where_log.train_requests must be >= 1, got {self.train_requests}")
+
+
 class WhereLog:
-    """A dataset of random valid requests; its sizes come from the data section (history_len, seed)."""
+    """A dataset of random valid requests; history_len and seed come from the shared data section, the split
+    sizes from its own section (``data_config.where_log``)."""
 
     def schema(self, data_config) -> batch_lib.BatchSchema:
         return dataclasses.replace(SCHEMA, history_len=data_config.history_len)
 
     def load_splits(self, data_config) -> datasets.Splits:
-        schema = self.schema(data_config)
-        parts = [batch_lib.random_batch(schema, n, seed=data_config.seed + i) for i, n in enumerate((24, 8, 8))]
-        return datasets.Splits(*parts, schema=schema, stats={"requests": 40})
+        schema, own = self.schema(data_config), data_config.where_log
+        sizes = (own.train_requests, own.eval_requests, own.eval_requests)
+        parts = [batch_lib.random_batch(schema, n, seed=data_config.seed + i) for i, n in enumerate(sizes)]
+        return datasets.Splits(*parts, schema=schema, stats={"requests": sum(sizes)})
 
     def item_table(self, data_config) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(data_config.seed)
@@ -151,18 +165,31 @@ class WhereLog:
 
 @pytest.fixture
 def where_log():
-    datasets.register_dataset("where_log", WhereLog(), replace=True)
+    datasets.register_dataset("where_log", WhereLog(), settings=WhereLogSettings, replace=True)
     yield
     datasets.unregister_dataset("where_log")
 
 
-def test_a_dataset_registered_and_selected_with_set_data_source(where_log):
-    cfg = config_lib.load_config("synthetic_tiny_two_tower", ["data.source=where_log", "data.history_len=5"])
+def test_a_dataset_registered_and_selected_with_set_data_source(where_log, tmp_path, capsys):
+    overrides = ["data.source=where_log", "data.history_len=5", "data.where_log.train_requests=16"]
+    cfg = config_lib.load_config("synthetic_tiny_two_tower", overrides)
+    assert cfg.data.where_log == WhereLogSettings(train_requests=16)
     schema = datasets.schema_for(cfg.data)
     assert schema.history_len == 5
     splits = datasets.load_splits(cfg.data)
     for name in ("train", "valid", "test"):
         batch_lib.validate_batch(getattr(splits, name), schema)
+    assert len(splits.train["user_id"]) == 16 and len(splits.valid["user_id"]) == 8
+    # Its section is validated with the rest, shown by `gesr config show` and kept in config.json.
+    with pytest.raises(config_lib.ConfigError, match="data.where_log.train_requests must be >= 1"):
+        config_lib.load_config("synthetic_tiny_two_tower", ["data.source=where_log", "data.where_log.train_requests=0"])
+    with pytest.raises(config_lib.ConfigError, match="data.where_log.train_requests"):
+        config_lib.load_config("synthetic_tiny_two_tower", ["data.where_log.train_requests=many"])
+    assert cli.main(["config", "show", "synthetic_tiny_two_tower", *(f"--set={o}" for o in overrides)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if " data.where_log.train_requests = " in l)
+    assert line.startswith("*") and "16" in line and "# requests in the train split" in line
+    config_lib.save_json(cfg, tmp_path / "config.json")
+    assert config_lib.load_json(tmp_path / "config.json") == cfg
     graphdef, params = api.init(cfg, seed=0, schema=splits.schema)
     logits = api.apply(graphdef, params, batch_lib.slice_rows(splits.valid, 0, 4))
     assert logits["consume"].shape == (4, schema.num_candidates)

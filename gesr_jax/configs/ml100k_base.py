@@ -1,7 +1,7 @@
 """ml100k_base: GESR on MovieLens-100K (no director metadata: genre and year pairs only).
 
-Launch:   gesr train --config ml100k_base --workdir /tmp/gesr_ml100k --set data.path=/path/to/ml-100k
-Baseline: gesr train --config ml100k_base_two_tower --workdir /tmp/gesr_ml100k_tt --set data.path=/path/to/ml-100k
+Launch:   gesr train --config ml100k_base --workdir /tmp/gesr_ml100k --set data.movielens.path=/path/to/ml-100k
+Baseline: gesr train --config ml100k_base_two_tower --workdir /tmp/gesr_ml100k_tt --set data.movielens.path=/path/to/ml-100k
 Data:     `gesr data download ml-100k --to ~/data`; the default path is ../shared/data/ml-100k.
 Expected: a CPU run of a few minutes; compare NE per task against the two-tower variant.
 """
@@ -9,7 +9,7 @@ Expected: a CPU run of a few minutes; compare NE per task against the two-tower 
 import pathlib
 
 from gesr_jax.config import Config
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 from gesr_jax.models.config_sections import HMASection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
@@ -21,8 +21,8 @@ def get_config() -> Config:
     return Config(
         name="ml100k_base",
         data=DataConfig(
-            source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
-            min_history=5, max_requests_per_user=16,
+            source="movielens", movielens=MovieLensConfig(path=DEFAULT_PATH), history_len=50, num_positives=4,
+            num_negatives=12, min_history=5, max_requests_per_user=16,
         ),
         model=GESRConfig(
             history_fields=("item", "genre", "year", "action"),

@@ -3,8 +3,8 @@
 Data:     the default copy is "ML-1M (users 1–2999)": 2,999 users, 487,650 of ML-1M's 1,000,209 ratings;
           every numbered result below and in experiments/results/*ml1m*.md is on that half.
 
-Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.path=/path/to/ml-1m
-Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.path=/path/to/ml-1m
+Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.movielens.path=/path/to/ml-1m
+Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.movielens.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
 Expected (measured with eval_every=200, patience=2, before issue 22 item 8; to redo):
@@ -16,7 +16,7 @@ Expected (measured with eval_every=200, patience=2, before issue 22 item 8; to r
 import pathlib
 
 from gesr_jax.config import Config
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 from gesr_jax.models.config_sections import HMASection, HSTUSection
 from gesr_jax.models.gesr.config import GESRConfig
 from gesr_jax.train.config import TrainConfig
@@ -28,8 +28,8 @@ def get_config() -> Config:
     return Config(
         name="ml1m_base",
         data=DataConfig(
-            source="movielens", path=DEFAULT_PATH, history_len=50, num_positives=4, num_negatives=12,
-            min_history=5, max_requests_per_user=16,
+            source="movielens", movielens=MovieLensConfig(path=DEFAULT_PATH), history_len=50, num_positives=4,
+            num_negatives=12, min_history=5, max_requests_per_user=16,
         ),
         model=GESRConfig(
             history_fields=("item", "genre", "year", "director", "action"),

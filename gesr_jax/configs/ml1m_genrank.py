@@ -3,8 +3,8 @@
 History and candidate tokens carry the item id and its side features (genre, year, director; director needs
 extra/movies_extrainfos.dat, as for ml1m_base).
 
-Launch:   gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --set data.path=/path/to/ml-1m
-Baseline: gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.path=/path/to/ml-1m
+Launch:   gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --set data.movielens.path=/path/to/ml-1m
+Baseline: gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.movielens.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
 Expected: test NE at the best valid step, 5 paired seeds (experiments/results/models_ml1m.md): consume

@@ -3,8 +3,8 @@
 Only ``model.tokens.layout`` differs from ml1m_genrank (spec §3.3: the action-oriented organisation halves the
 sequence; the paper reports ~75% less attention and ~50% less projection cost at equal quality).
 
-Launch:   gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.path=/path/to/ml-1m
-Compare:  gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --set data.path=/path/to/ml-1m
+Launch:   gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.movielens.path=/path/to/ml-1m
+Compare:  gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --set data.movielens.path=/path/to/ml-1m
 Expected: test NE consume 0.8526 ± 0.0183, engage 0.8593 ± 0.0114 (5 paired seeds,
           experiments/results/models_ml1m.md): vs action-oriented GenRank +1.01 ± 1.22 % (n.s.) on consume and
           +1.32 ± 0.73 % (worse) on engage, at about 1.9x its training time. All on "ML-1M (users 1–2999)":

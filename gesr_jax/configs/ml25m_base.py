@@ -2,10 +2,10 @@
 
 The CSV format: no director, no user features (gesr_jax/configs/_movielens_csv.py).
 
-Launch:   gesr train --config ml25m_base --workdir /tmp/gesr_ml25m_base --set data.path=/path/to/ml-25m
-Baseline: gesr train --config ml25m_base_two_tower --workdir /tmp/gesr_ml25m_base_tt --set data.path=/path/to/ml-25m
+Launch:   gesr train --config ml25m_base --workdir /tmp/gesr_ml25m_base --set data.movielens.path=/path/to/ml-25m
+Baseline: gesr train --config ml25m_base_two_tower --workdir /tmp/gesr_ml25m_base_tt --set data.movielens.path=/path/to/ml-25m
 Data:     `gesr data download ml-25m --to ~/data`; the default path is ../shared/data/ml-25m.
-Large:    `gesr data prepare --config ml25m_base --out DIR --set data.path=...` once, then train with
+Large:    `gesr data prepare --config ml25m_base --out DIR --set data.movielens.path=...` once, then train with
           `--set data.prepared=DIR` (docs/scaling.md).
 Expected: not measured here (the data is not on this box); the train settings are UNCONFIRMED starting points.
 """

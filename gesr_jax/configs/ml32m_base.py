@@ -2,10 +2,10 @@
 
 The CSV format: no director, no user features (gesr_jax/configs/_movielens_csv.py).
 
-Launch:   gesr train --config ml32m_base --workdir /tmp/gesr_ml32m_base --set data.path=/path/to/ml-32m
-Baseline: gesr train --config ml32m_base_two_tower --workdir /tmp/gesr_ml32m_base_tt --set data.path=/path/to/ml-32m
+Launch:   gesr train --config ml32m_base --workdir /tmp/gesr_ml32m_base --set data.movielens.path=/path/to/ml-32m
+Baseline: gesr train --config ml32m_base_two_tower --workdir /tmp/gesr_ml32m_base_tt --set data.movielens.path=/path/to/ml-32m
 Data:     `gesr data download ml-32m --to ~/data`; the default path is ../shared/data/ml-32m.
-Large:    `gesr data prepare --config ml32m_base --out DIR --set data.path=...` once, then train with
+Large:    `gesr data prepare --config ml32m_base --out DIR --set data.movielens.path=...` once, then train with
           `--set data.prepared=DIR` (docs/scaling.md).
 Expected: not measured here (the data is not on this box); the train settings are UNCONFIRMED starting points.
 """

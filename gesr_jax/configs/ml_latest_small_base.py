@@ -2,9 +2,9 @@
 
 The CSV format: no director, no user features (gesr_jax/configs/_movielens_csv.py).
 
-Launch:   gesr train --config ml_latest_small_base --workdir /tmp/gesr_mlsmall --set data.path=/path/to/ml-latest-small
+Launch:   gesr train --config ml_latest_small_base --workdir /tmp/gesr_mlsmall --set data.movielens.path=/path/to/ml-latest-small
 Baseline: gesr train --config ml_latest_small_base_two_tower --workdir /tmp/gesr_mlsmall_tt \
-              --set data.path=/path/to/ml-latest-small
+              --set data.movielens.path=/path/to/ml-latest-small
 Data:     `gesr data download ml-latest-small --to ~/data`; the default path is ../shared/data/ml-latest-small.
 Expected: a CPU run of a few minutes, like ml100k_base (not yet measured here).
 """

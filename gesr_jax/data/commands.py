@@ -22,7 +22,7 @@ import numpy as np
 
 from gesr_jax.data import download as download_lib
 from gesr_jax.data import datasets, movielens, movielens_dataset
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 
 USAGE_ERROR = 2  # the CLI's exit code for usage, config and data errors (bad data is the caller's input)
 
@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_download)
 
     p = subparsers.add_parser("inspect", help="print one JSON object describing a MovieLens folder or a preset's data")
-    p.add_argument("--path", help="MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...); with --config: data.path")
+    p.add_argument("--path",
+                   help="MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...); with --config: data.movielens.path")
     p.add_argument("--config", help="preset (or .py file) whose data settings build the requests, e.g. ml1m_base or "
                    "synthetic_tiny; implies --requests and adds per-split feature health")  # fmt: skip
     p.add_argument("--requests", action="store_true", help="also build the ESR requests and report split sizes")
@@ -56,7 +57,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="preset (or .py file) whose data settings build the requests")
     p.add_argument("--out", required=True, help="new folder to write (train from it with --set data.prepared=OUT)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
-                   help="config override, e.g. --set data.path=/data/ml-20m")  # fmt: skip
+                   help="config override, e.g. --set data.movielens.path=/data/ml-20m")  # fmt: skip
     p.set_defaults(func=run_prepare)
 
 
@@ -85,7 +86,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         if args.path is None:
             raise ConfigError("inspect needs --path DIR (a MovieLens folder) or --config NAME (a preset)")
         overrides = [o.removeprefix("data.") for o in args.overrides]
-        data_config = apply_overrides(DataConfig(source="movielens", path=args.path), overrides)
+        settings = MovieLensConfig(path=args.path)
+        data_config = apply_overrides(DataConfig(source="movielens", movielens=settings), overrides)
         report = inspect(data_config, build_requests=args.requests)
     except (ConfigError, datasets.DataError, movielens.DataFormatError) as err:  # usage errors; bugs keep a traceback
         print(f"error: {err}", file=sys.stderr)
@@ -118,7 +120,7 @@ def _inspect_preset(args: argparse.Namespace) -> int:
     overrides = [o if o.split("=", 1)[0].count(".") and o.split(".", 1)[0] in ("data", "model", "train")
                  else f"data.{o}" for o in args.overrides]  # fmt: skip
     if args.path is not None:
-        overrides.append(f"data.path={args.path}")
+        overrides.append(f"data.movielens.path={args.path}")
     config = load_config(args.config, overrides)
     print(json.dumps(inspect_config(config)))
     return 0

@@ -10,7 +10,12 @@ A dataset is any object with three methods (the :class:`Dataset` protocol):
 
 A new dataset is one module that calls :func:`register_dataset` at import time::
 
-    register_dataset("my_log", MyLogDataset())
+    register_dataset("my_log", MyLogDataset(), settings=MyLogSettings)
+
+``settings`` (optional) is a frozen dataclass with a default for every field (and an optional ``validate()``):
+the dataset's own section ``data.my_log.*``, read as ``data_config.my_log``, set with ``--set
+data.my_log.<field>=...``, validated with the rest of the config, shown by ``gesr config show`` and saved in
+``config.json``, with no edit of ``gesr_jax/data/config.py``.
 
 The built-in datasets (``synthetic``, ``movielens``) live in their own modules, which import this one;
 this module imports them only when their source is first looked up, so there is no import cycle and
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gesr_jax.data import config as data_config_lib
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
 
@@ -64,8 +70,11 @@ class Dataset(Protocol):
 _REGISTRY: dict[str, Dataset] = {}
 
 
-def register_dataset(source: str, dataset: Dataset, *, replace: bool = False) -> Dataset:
-    """Register ``dataset`` under ``data.source == source``; a second registration raises unless ``replace``."""
+def register_dataset(source: str, dataset: Dataset, *, settings: type | None = None, replace: bool = False) -> Dataset:
+    """Register ``dataset`` under ``data.source == source``; a second registration raises unless ``replace``.
+
+    ``settings``: the dataclass of the dataset's own config section ``data.<source>`` (see the module docstring).
+    """
     if not isinstance(source, str) or not source:
         raise ValueError(f"dataset source must be a non-empty string, got {source!r}")
     missing = [m for m in ("schema", "load_splits", "item_table") if not callable(getattr(dataset, m, None))]
@@ -73,6 +82,10 @@ def register_dataset(source: str, dataset: Dataset, *, replace: bool = False) ->
         raise TypeError(f"dataset {source!r} ({type(dataset).__name__}) lacks the methods {missing}")
     if source in _REGISTRY and not replace and _REGISTRY[source] is not dataset:
         raise ValueError(f"dataset source {source!r} is already registered (pass replace=True to override it)")
+    if settings is not None:
+        data_config_lib.register_settings(source, settings)
+    elif source in _REGISTRY:
+        data_config_lib.unregister_settings(source)  # a replacement without settings has no section
     _REGISTRY[source] = dataset
     return dataset
 
@@ -80,6 +93,7 @@ def register_dataset(source: str, dataset: Dataset, *, replace: bool = False) ->
 def unregister_dataset(source: str) -> None:
     """Remove a registration (tests and notebooks); unknown sources are ignored."""
     _REGISTRY.pop(source, None)
+    data_config_lib.unregister_settings(source)
 
 
 def get_dataset(source: str) -> Dataset:

@@ -135,7 +135,9 @@ class Interactions:
 def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
     """Find which MovieLens format ``path`` holds; raise :class:`DataFormatError` saying what was expected."""
     if not str(path):
-        raise DataFormatError("data.path is empty: set it to a MovieLens folder, e.g. --set data.path=DIR")
+        raise DataFormatError(
+            "data.movielens.path is empty: set it to a MovieLens folder, e.g. --set data.movielens.path=DIR"
+        )
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
         raise DataFormatError(f"MovieLens folder {root} does not exist or is not a folder")
@@ -163,7 +165,7 @@ def detect_format(path: str | pathlib.Path) -> MovieLensFiles:
             "csv", root, root / "ratings.csv", root / "movies.csv", None, optional("tags.csv"), optional(DIRECTOR_FILE)
         )
     inner = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "extra")
-    hint = f"; it has subfolders {inner} - point data.path at one of them" if inner else ""
+    hint = f"; it has subfolders {inner} - point data.movielens.path at one of them" if inner else ""
     raise DataFormatError(
         f"{root} is not a MovieLens folder: expected ratings*.dat + movies.dat (ml-1m, ml-10m), "
         f"u.data + u.item (ml-100k) or ratings.csv + movies.csv (ml-latest-small, ml-20m/25m/32m){hint}"

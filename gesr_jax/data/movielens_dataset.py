@@ -1,6 +1,6 @@
 """The MovieLens dataset: its schema, ESR request splits and item table, with an on-disk cache.
 
-Registered as ``data.source = "movielens"``; reads the folder ``data.path`` (any format
+Registered as ``data.source = "movielens"``; reads the folder ``data.movielens.path`` (any format
 :mod:`gesr_jax.data.movielens` detects). :func:`schema` is cheap when the folder has a users file (no
 rating log is read). :func:`load_splits` builds every request once (gesr_jax/data/requests.py), by
 reference into one event log (gesr_jax/data/event_log.py), and caches the parsed log and the built
@@ -10,10 +10,10 @@ of every input file.
 
 Feature encodings (id 0 is padding everywhere, id 1 is "unknown / other"): item ``genre`` (primary =
 first listed genre), ``year`` (release year bucketed by :data:`YEAR_EDGES`), ``director`` (only with
-``extra/movies_extrainfos.dat``: the ``data.director_vocab`` directors with most movies, the rest
+``extra/movies_extrainfos.dat``: the ``data.movielens.director_vocab`` directors with most movies, the rest
 "other"); user ``gender``, ``age``, ``occupation`` when the folder has ``users.dat`` / ``u.user``.
 Actions are the star rating rounded up (csv half stars 0.5 -> 1, 3.5 -> 4), so ``num_actions`` is 6
-for every format; ``engage`` compares the unrounded rating with ``data.engage_threshold``.
+for every format; ``engage`` compares the unrounded rating with ``data.movielens.engage_threshold``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gesr_jax.data.config import DataConfig
 from gesr_jax.data.datasets import Splits, register_dataset
 
 YEAR_EDGES: tuple[int, ...] = (1930, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1995, 2000, 2005, 2010, 2015, 2020)
-TASKS = ("consume", "engage")  # consume = rated; engage = rating >= data.engage_threshold (requests.py)
+TASKS = ("consume", "engage")  # consume = rated; engage = rating >= data.movielens.engage_threshold (requests.py)
 MOVIELENS_NUM_ACTIONS = 6  # 0 pad, ratings 1..5
 MOVIELENS_USER_FEATURES: tuple[tuple[str, int], ...] = (
     ("gender", 3),
@@ -47,7 +47,7 @@ _CACHE_VERSION = 3  # bump when parsing or request construction changes, so stal
 def movielens_item_features(data_config: DataConfig, has_directors: bool) -> tuple[tuple[str, int], ...]:
     features = [("genre", len(movielens.GENRES) + 2), ("year", len(YEAR_EDGES) + 3)]
     if has_directors:
-        features.append(("director", data_config.director_vocab + 2))
+        features.append(("director", data_config.movielens.director_vocab + 2))
     return tuple(features)
 
 
@@ -58,7 +58,7 @@ def movielens_item_table(inter: movielens.Interactions, data_config: DataConfig)
     table = {"genre": genre, "year": year}
     if inter.item_director is not None:
         rank = inter.item_director
-        table["director"] = np.where((rank >= 1) & (rank <= data_config.director_vocab), rank + 1, 1)
+        table["director"] = np.where((rank >= 1) & (rank <= data_config.movielens.director_vocab), rank + 1, 1)
     for name in table:
         table[name] = table[name].astype(np.int32)
         table[name][0] = 0
@@ -67,7 +67,7 @@ def movielens_item_table(inter: movielens.Interactions, data_config: DataConfig)
 
 def schema(data_config: DataConfig) -> BatchSchema:
     """The batch schema of a MovieLens folder; reads only the users and movies files when there is a users file."""
-    files = movielens.detect_format(data_config.path)
+    files = movielens.detect_format(data_config.movielens.path)
     if files.users is not None:
         num_users = movielens.read_max_user_id(files)
     else:
@@ -93,7 +93,8 @@ def item_table(data_config: DataConfig) -> dict[str, np.ndarray]:
 def load_splits(data_config: DataConfig) -> Splits:
     """Build (or read from cache) the train/valid/test requests of ``data_config``."""
     batch_schema = schema(data_config)
-    path = _cache_path("splits", data_config, movielens.detect_format(data_config.path)) if data_config.cache else None
+    settings = data_config.movielens
+    path = _cache_path("splits", data_config, movielens.detect_format(settings.path)) if settings.cache else None
     if path is not None and path.is_file():
         cached = _read_npz(path)
         if cached is not None:
@@ -111,7 +112,7 @@ def load_splits(data_config: DataConfig) -> Splits:
 
 
 class MovieLensDataset:
-    """``data.source = "movielens"`` in the dataset registry (gesr_jax/data/datasets.py); reads ``data.path``.
+    """``data.source = "movielens"`` in the dataset registry (gesr_jax/data/datasets.py); reads ``data.movielens.path``.
 
     With ``data.prepared`` set, everything comes from that prepared folder (gesr_jax/data/prepared.py) instead.
     """
@@ -140,8 +141,8 @@ _SPLITS = ("train", "valid", "test")
 
 def load_interactions_cached(data_config: DataConfig) -> movielens.Interactions:
     """:func:`movielens.load_interactions`, with the parsed log cached like the splits."""
-    files = movielens.detect_format(data_config.path)
-    path = _cache_path("log", None, files) if data_config.cache else None
+    files = movielens.detect_format(data_config.movielens.path)
+    path = _cache_path("log", None, files) if data_config.movielens.cache else None
     if path is not None and path.is_file():
         cached = _read_npz(path)
         if cached is not None:
@@ -200,7 +201,9 @@ def _cache_path(kind: str, data_config: DataConfig | None, files: movielens.Movi
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files.all_files()]
     key = {"version": _CACHE_VERSION, "kind": kind, "files": stamp}
     if data_config is not None:
-        key["config"] = dataclasses.asdict(dataclasses.replace(data_config, cache=True))
+        key["config"] = dataclasses.asdict(
+            dataclasses.replace(data_config, movielens=dataclasses.replace(data_config.movielens, cache=True))
+        )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / f"movielens-{kind}-{files.root.name}-{digest}.npz"
 

@@ -70,7 +70,10 @@ def config_fields(data_config: DataConfig) -> dict[str, Any]:
     def walk(prefix: str, value: Any) -> None:
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
-                walk(f"{prefix}.{f.name}", getattr(value, f.name))
+                if f.name != "sections":  # DataConfig's registered-dataset sections, walked by name below
+                    walk(f"{prefix}.{f.name}", getattr(value, f.name))
+            for name, section in getattr(value, "extra_sections", dict)().items():
+                walk(f"{prefix}.{name}", section)
         elif prefix.rsplit(".", 1)[-1] not in _IGNORED_FIELDS:
             out[prefix] = list(value) if isinstance(value, tuple) else value
 
@@ -194,7 +197,9 @@ def read_manifest(root: pathlib.Path, data_config: DataConfig) -> dict[str, Any]
     for key in ("layout", "config", "files", "stats"):
         if key not in manifest:
             raise PreparedError(f"{path}: field {key!r} is missing")
-    built = manifest["config"]
+    # A folder prepared before the data.movielens section names its fields flat (data.split, ...).
+    moved = {f"data.{old}": f"data.{new}" for old, new in DataConfig.moved_fields.items()}
+    built = {moved.get(key, key): value for key, value in manifest["config"].items()}
     for field, want in config_fields(data_config).items():
         if field not in built:
             raise PreparedError(f"{path}: field {field!r} is missing (the folder was prepared by another version)")

@@ -17,19 +17,19 @@ Protocol (``DataConfig`` fields in brackets):
    the timestamp. No event at or after ``request_time`` -- in particular no candidate, and nothing
    from any later request -- can reach a history.
 4. **Candidates.** The block's P real events are positives (``consume = 1``, ``engage = rating >=``
-   [``engage_threshold``]). Q negatives [``num_negatives``] are drawn without replacement, by
+   [``movielens.engage_threshold``]). Q negatives [``num_negatives``] are drawn without replacement, by
    popularity, from the items this user never rated (at any time: an item the user rates later is a
    future positive, and labelling it negative would punish a correct prediction); they get
-   ``consume = engage = 0``. Popularity depends on [``split``]: with ``"global_time"`` an item's
+   ``consume = engage = 0``. Popularity depends on [``movielens.split``]: with ``"global_time"`` an item's
    weight is its number of events (by any user) **strictly before this request's** ``request_time``,
    so no future event shapes the negatives and an item with no earlier event is never drawn; with
    ``"per_user_last"`` it is the rating count over the whole log (the original protocol, kept
    bit-identical). If fewer than Q eligible items exist, the request keeps fewer negatives
    (``num_candidates < P + Q``). Candidates are shuffled within the request so that the slot
    carries no label information.
-5. **Splits** [``split``].
+5. **Splits** [``movielens.split``].
 
-   * ``"global_time"`` (the default): two cut times are the [``split_quantiles``] = (q1, q2)
+   * ``"global_time"`` (the default): two cut times are the [``movielens.split_quantiles``] = (q1, q2)
      quantiles (numpy's linear interpolation, rounded up to a whole second) of the ``request_time``
      of every request, and each request goes to the split its ``request_time`` falls in:
      train ``< cut1 <=`` valid ``< cut2 <=`` test. A request exactly at a cut belongs to the later
@@ -114,14 +114,14 @@ def build_requests(
     keep = hist_avail >= dc.min_history
     dropped_ties = int(np.count_nonzero(~keep))
     owner, start, hist_end, hist_avail = owner[keep], start[keep], hist_end[keep], hist_avail[keep]
-    if dc.split == "per_user_last":
+    if dc.movielens.split == "per_user_last":
         cuts = None
         back = _ranks_within(owner)
         keep = back < dc.max_requests_per_user if dc.max_requests_per_user > 0 else np.ones(owner.size, bool)
     else:
-        cuts = global_time_cuts(ts[start], dc.split_quantiles)
+        cuts = global_time_cuts(ts[start], dc.movielens.split_quantiles)
         split_of = np.searchsorted(cuts, ts[start], side="right")  # t < cut1 -> 0, cut1 <= t < cut2 -> 1, else 2
-        if dc.split == "global_time_user_holdout":
+        if dc.movielens.split == "global_time_user_holdout":
             split_of = user_holdout_splits(split_of, users[owner], dc.seed)
         # Rows run most recent first within a user and split_of never increases along them, so each
         # (user, split) is one contiguous run: rank 0 = the user's most recent request in that split.
@@ -168,7 +168,8 @@ def build_requests(
         shuffle_keys[rows] = rng.random((rows.size, shuffle_keys.shape[1]))
     cand = np.concatenate([item[pos_idx], negatives], axis=1)
     consume = np.concatenate([np.ones_like(pos_idx), np.zeros_like(negatives)], axis=1)
-    engage = np.concatenate([rating[pos_idx] >= dc.engage_threshold, np.zeros(negatives.shape, bool)], axis=1)
+    threshold = dc.movielens.engage_threshold
+    engage = np.concatenate([rating[pos_idx] >= threshold, np.zeros(negatives.shape, bool)], axis=1)
     valid = cand > 0
     # Padding (no negative found) sorts last so it stays on the right.
     perm = np.argsort(shuffle_keys + (~valid) * 2.0, axis=1, kind="stable")
@@ -194,7 +195,7 @@ def build_requests(
         "skipped_users_too_few_events": int(np.count_nonzero(too_few)),
         "requests_dropped_same_second_history": dropped_ties,
         "requests_short_of_negatives": int(np.count_nonzero(columns["num_candidates"] < n_pos + dc.num_negatives)),
-        "split": dc.split,
+        "split": dc.movielens.split,
         **({"split_cut_times": [int(c) for c in cuts]} if cuts is not None else {}),
         **{
             f"requests_{name}": int(np.count_nonzero(split_of == code))

@@ -28,7 +28,7 @@ import numpy as np
 
 from gesr_jax.data import prepared
 from gesr_jax.data.batch import BatchSchema
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 from gesr_jax.data.event_log import HISTORY_END, SPLIT_NAMES, stored_keys
 
 NUM_GENRES, NUM_YEARS = 18, 16
@@ -49,8 +49,10 @@ def write_prepared_log(events: int, out: str | pathlib.Path, data_config: DataCo
                        users_per_chunk: int = 5_000, log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """Generate ``events`` events and their requests into the new prepared folder ``out``; returns the manifest."""
     dc = data_config
-    if dc.split != "per_user_last" or dc.max_requests_per_user:
-        raise ValueError("the synthetic log implements data.split='per_user_last' with max_requests_per_user=0")
+    if dc.movielens.split != "per_user_last" or dc.max_requests_per_user:
+        raise ValueError(
+            "the synthetic log implements data.movielens.split='per_user_last' with max_requests_per_user=0"
+        )
     out = pathlib.Path(out)
     if out.exists():
         raise prepared.PreparedError(f"{out} already exists")
@@ -130,7 +132,7 @@ def _write_chunk(rng: np.random.Generator, columns: dict[str, _AppendColumn], co
     neg = 1 + np.minimum((num_items * rng.random((owner.size, 2 * q)) ** 3).astype(np.int64), num_items - 1)
     neg = _first_distinct(neg, pos, q)
     cand = np.concatenate([pos, neg], axis=1)
-    engage = np.concatenate([rating[start[:, None] + np.arange(p)] >= dc.engage_threshold,
+    engage = np.concatenate([rating[start[:, None] + np.arange(p)] >= dc.movielens.engage_threshold,
                              np.zeros(neg.shape, bool)], axis=1)  # fmt: skip
     consume = np.concatenate([np.ones(pos.shape), np.zeros(neg.shape)], axis=1)
     valid = cand > 0
@@ -188,6 +190,7 @@ def _first_distinct(draws: np.ndarray, exclude: np.ndarray, q: int) -> np.ndarra
 
 def scale_config(history_len: int = 32, **kw) -> DataConfig:
     """The data config a synthetic prepared log is built for (``data.source='movielens'`` + ``data.prepared``)."""
-    base = dict(source="movielens", path="", history_len=history_len, num_positives=4, num_negatives=12,
-                min_history=4, split="per_user_last", cache=False)  # fmt: skip
+    settings = MovieLensConfig(path="", split="per_user_last", cache=False)
+    base = dict(source="movielens", movielens=settings, history_len=history_len, num_positives=4, num_negatives=12,
+                min_history=4)  # fmt: skip
     return dataclasses.replace(DataConfig(**base), **kw)

@@ -58,12 +58,12 @@ def build_requests(
     keep = hist_avail >= dc.min_history
     dropped_ties = int(np.count_nonzero(~keep))
     owner, start, hist_end, hist_avail = owner[keep], start[keep], hist_end[keep], hist_avail[keep]
-    if dc.split == "per_user_last":
+    if dc.movielens.split == "per_user_last":
         cuts = None
         back = _ranks_within(owner)
         keep = back < dc.max_requests_per_user if dc.max_requests_per_user > 0 else np.ones(owner.size, bool)
     else:
-        cuts = global_time_cuts(ts[start], dc.split_quantiles)
+        cuts = global_time_cuts(ts[start], dc.movielens.split_quantiles)
         split_of = np.searchsorted(cuts, ts[start], side="right")  # t < cut1 -> 0, cut1 <= t < cut2 -> 1, else 2
         # Rows run most recent first within a user and split_of never increases along them, so each
         # (user, split) is one contiguous run: rank 0 = the user's most recent request in that split.
@@ -117,7 +117,7 @@ def build_requests(
         shuffle_keys[rows] = rng.random((rows.size, shuffle_keys.shape[1]))
     cand = np.concatenate([item[pos_idx], negatives], axis=1)
     consume = np.concatenate([np.ones_like(pos_idx), np.zeros_like(negatives)], axis=1)
-    engage = np.concatenate([rating[pos_idx] >= dc.engage_threshold, np.zeros(negatives.shape, bool)], axis=1)
+    engage = np.concatenate([rating[pos_idx] >= dc.movielens.engage_threshold, np.zeros(negatives.shape, bool)], axis=1)
     valid = cand > 0
     # Padding (no negative found) sorts last so it stays on the right.
     perm = np.argsort(shuffle_keys + (~valid) * 2.0, axis=1, kind="stable")
@@ -145,7 +145,7 @@ def build_requests(
         "skipped_users_too_few_events": int(np.count_nonzero(too_few)),
         "requests_dropped_same_second_history": dropped_ties,
         "requests_short_of_negatives": int(np.count_nonzero(valid.sum(axis=1) < n_pos + dc.num_negatives)),
-        "split": dc.split,
+        "split": dc.movielens.split,
         **({"split_cut_times": [int(c) for c in cuts]} if cuts is not None else {}),
         **{
             f"requests_{name}": int(np.count_nonzero(split_of == code))

@@ -23,7 +23,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", CSV_PRESETS)
 def test_csv_presets_name_only_fields_a_csv_folder_has(tmp_path, name):
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
-    config = load_config(name, [f"data.path={root}"])
+    config = load_config(name, [f"data.movielens.path={root}"])
     schema = schema_for(config.data)
     assert schema.item_feature_names == ("genre", "year") and schema.user_feature_names == ()
     check_fields(config.model, schema)  # raises on a field the data lacks (what `gesr train` checks)
@@ -33,7 +33,7 @@ def test_the_csv_model_builds_on_csv_data(tmp_path):
     from gesr_jax import api
 
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
-    config = load_config("ml32m_base", [f"data.path={root}"])
+    config = load_config("ml32m_base", [f"data.movielens.path={root}"])
     api.abstract_init(config, schema=schema_for(config.data))  # a model that needs data the folder lacks raises
 
 
@@ -47,6 +47,6 @@ def test_inspect_a_csv_preset_reports_health(tmp_path, capsys):
 def test_ml1m_base_on_a_csv_folder_is_one_clean_error(tmp_path, capsys):
     # Issue 24: this ended in a KeyError traceback; now it is the same one line `gesr train` gives, exit code 2.
     root = write_csv(tmp_path / "ml", random_log(num_users=20, seed=6, half_stars=True))
-    assert commands.main(["inspect", "--config", "ml1m_base", "--set", f"data.path={root}"]) == 2
+    assert commands.main(["inspect", "--config", "ml1m_base", "--set", f"data.movielens.path={root}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.hma.pairs names 'director', which this dataset")

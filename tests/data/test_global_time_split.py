@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 
 from gesr_jax.data import movielens, requests
 from gesr_jax.data.batch import BatchSchema, validate_batch
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 
 SPLITS = ("train", "valid", "test")
 
@@ -28,8 +27,10 @@ def _interactions(user, item, timestamp, num_items, rating=None) -> movielens.In
 
 
 def _build(inter: movielens.Interactions, **kw) -> requests.BuiltRequests:
+    settings = MovieLensConfig(cache=False, **{k: kw.pop(k) for k in list(kw) if k in DataConfig.moved_fields})
     dc = DataConfig(
-        **(dict(source="movielens", history_len=6, num_positives=2, num_negatives=4, min_history=2, cache=False) | kw)
+        **(dict(source="movielens", history_len=6, num_positives=2, num_negatives=4, min_history=2) | kw),
+        movielens=settings,
     )
     dc.validate()
     schema = BatchSchema(
@@ -175,10 +176,10 @@ def test_per_user_last_is_still_available_and_seeds_fix_negatives():
     a, b, c = _build(inter), _build(inter), _build(inter, seed=1)
     assert all(np.array_equal(a.test[k], b.test[k]) for k in a.test)
     assert not np.array_equal(a.train["cand_item"], c.train["cand_item"])
-    with pytest.raises(ValueError, match="data.split must be"):
-        DataConfig(split="random").validate()
+    with pytest.raises(ValueError, match="data.movielens.split must be"):
+        DataConfig(movielens=MovieLensConfig(split="random")).validate()
     with pytest.raises(ValueError, match="split_quantiles"):
-        DataConfig(split_quantiles=(0.9, 0.8)).validate()
+        DataConfig(movielens=MovieLensConfig(split_quantiles=(0.9, 0.8))).validate()
 
 
 @pytest.mark.movielens

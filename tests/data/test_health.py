@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 
+from gesr_jax import config as config_lib
 from gesr_jax.data import health
 
 
@@ -84,7 +84,7 @@ def test_item_item_never_matches_on_movielens(shared_data):
     root = shared_data / "ml-100k"
     if not root.is_dir():
         pytest.skip(f"{root} is absent")
-    dc = dataclasses.replace(ml100k_base.get_config().data, path=str(root), cache=False)
+    dc = config_lib.replace(ml100k_base.get_config().data, movielens={"path": str(root), "cache": False})
     inter = movielens.load_interactions(root)
     table = {"genre": np.where(inter.item_primary_genre > 0, inter.item_primary_genre + 1, 1).astype(np.int32)}
     table["genre"][0] = 0

@@ -109,7 +109,7 @@ def test_malformed_csv_and_side_files(tmp_path):
 
 
 def test_missing_and_unknown_folders(tmp_path):
-    with pytest.raises(DataFormatError, match="data.path is empty"):
+    with pytest.raises(DataFormatError, match="data.movielens.path is empty"):
         detect_format("")
     with pytest.raises(DataFormatError, match="does not exist"):
         detect_format(tmp_path / "nope")

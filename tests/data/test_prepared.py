@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from gesr_jax import config as config_lib
 from gesr_jax.data import commands, datasets, pipeline, prepared
-from gesr_jax.data.config import DataConfig, SyntheticConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig, SyntheticConfig
 from gesr_jax.data.event_log import RequestSplit
 from movielens_fixtures import random_log, write_dat
 
@@ -24,7 +25,8 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def folder(tmp_path):
     root = write_dat(tmp_path / "ml", random_log(num_users=30, seed=8), directors=True)
-    dc = DataConfig(source="movielens", path=str(root), history_len=6, num_positives=2, num_negatives=3, min_history=2)
+    settings = MovieLensConfig(path=str(root))
+    dc = DataConfig(source="movielens", movielens=settings, history_len=6, num_positives=2, num_negatives=3, min_history=2)
     out = tmp_path / "prepared"
     prepared.prepare(dc, out, log=lambda m: None)
     return dc, out
@@ -40,7 +42,7 @@ def test_prepared_batches_equal_the_in_memory_ones(folder):
     dc, out = folder
     memory = datasets.load_splits(dc)
     # data.prepared goes through the registry: the movielens dataset reads the folder, not data.path.
-    disk = datasets.load_splits(dataclasses.replace(dc, prepared=str(out), path="/nonexistent"))
+    disk = datasets.load_splits(config_lib.replace(dc, prepared=str(out), movielens={"path": "/nonexistent"}))
     assert disk.schema == memory.schema and disk.stats == memory.stats
     assert isinstance(disk.train, RequestSplit) and isinstance(disk.train.log.item, np.memmap)
     for name in SPLITS:
@@ -74,10 +76,21 @@ def test_a_mismatching_config_is_refused_naming_file_and_field(folder):
     dc, out = folder
     with pytest.raises(prepared.PreparedError, match=r"manifest.json: field 'data.num_negatives' is 3 .* but 4"):
         prepared.open_prepared(dataclasses.replace(dc, prepared=str(out), num_negatives=4))
-    with pytest.raises(prepared.PreparedError, match=r"manifest.json: field 'data.split'"):
-        prepared.open_prepared(dataclasses.replace(dc, prepared=str(out), split="per_user_last"))
+    with pytest.raises(prepared.PreparedError, match=r"manifest.json: field 'data.movielens.split'"):
+        prepared.open_prepared(config_lib.replace(dc, prepared=str(out), movielens={"split": "per_user_last"}))
     # Where the source was read from is not part of what was built.
-    prepared.open_prepared(dataclasses.replace(dc, prepared=str(out), path="/elsewhere", cache=False))
+    prepared.open_prepared(config_lib.replace(dc, prepared=str(out), movielens={"path": "/elsewhere", "cache": False}))
+
+
+def test_a_folder_prepared_before_the_movielens_section_still_opens(folder):
+    dc, out = folder
+    manifest = json.loads((out / prepared.MANIFEST).read_text())
+    flat = {k.replace("data.movielens.", "data."): v for k, v in manifest["config"].items()}
+    assert "data.split" in flat and "data.movielens.split" not in flat
+    (out / prepared.MANIFEST).write_text(json.dumps({**manifest, "config": flat}))
+    prepared.open_prepared(dataclasses.replace(dc, prepared=str(out)))
+    with pytest.raises(prepared.PreparedError, match=r"field 'data.movielens.engage_threshold' is 4.0 .* but 3.0"):
+        prepared.open_prepared(config_lib.replace(dc, prepared=str(out), movielens={"engage_threshold": 3.0}))
 
 
 def test_damage_is_refused_naming_the_file(folder):
@@ -144,8 +157,9 @@ def test_cli_prepare_reports_phases_and_refuses_an_existing_folder(tmp_path, cap
     root = write_dat(tmp_path / "ml", random_log(num_users=12, seed=9))
     config = tmp_path / "my_config.py"
     config.write_text(
-        "from gesr_jax.config import Config\nfrom gesr_jax.data.config import DataConfig\n"
-        f"def get_config():\n    return Config(data=DataConfig(source='movielens', path={str(root)!r}, history_len=5,"
+        "from gesr_jax.config import Config\nfrom gesr_jax.data.config import DataConfig, MovieLensConfig\n"
+        "def get_config():\n    return Config(data=DataConfig(source='movielens', history_len=5,"
+        f" movielens=MovieLensConfig(path={str(root)!r}),"
         " num_positives=2, num_negatives=3, min_history=2))\n"
     )
     out = tmp_path / "out"

@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from gesr_jax import config as config_lib
 from gesr_jax.data import movielens
 from gesr_jax.data.batch import validate_batch
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 from gesr_jax.data.datasets import DataError, load_splits, schema_for
 from movielens_fixtures import Log, random_log, write_100k, write_csv, write_dat
 
@@ -22,9 +23,10 @@ def _private_cache(tmp_path, monkeypatch):
 
 def _config(path, **kw) -> DataConfig:
     # These tests pin the per-user protocol; tests/data/test_global_time_split.py covers the default split.
-    base = dict(source="movielens", path=str(path), history_len=5, num_positives=2, num_negatives=3, min_history=2,
-                split="per_user_last")
-    return DataConfig(**(base | kw))
+    moved = {k: kw.pop(k) for k in list(kw) if k in DataConfig.moved_fields}
+    settings = {"path": str(path), "split": "per_user_last"} | moved
+    base = dict(source="movielens", history_len=5, num_positives=2, num_negatives=3, min_history=2)
+    return DataConfig(**(base | kw), movielens=MovieLensConfig(**settings))
 
 
 def _timelines(log: Log) -> dict[int, list[tuple[int, int, float]]]:
@@ -71,7 +73,7 @@ def test_protocol_against_a_direct_reimplementation(tmp_path):
             rating_of = {i: r for _, i, r in events}
             for item, engage in zip(row["cand_item"], row["label_engage"]):
                 if item in positives:
-                    assert engage == (rating_of[int(item)] >= cfg.engage_threshold)
+                    assert engage == (rating_of[int(item)] >= cfg.movielens.engage_threshold)
             seen_users.setdefault(user, []).append((t_req, name))
     for user, reqs in seen_users.items():
         reqs.sort()
@@ -128,9 +130,9 @@ def test_negatives_follow_popularity_and_seed(tmp_path):
     # Users 61..200 never rated item 11 (rated by 60 users), items 12..20 have no ratings: never drawn.
     assert negs.max() <= 11
     assert np.count_nonzero(negs == 11) > 0
-    b = load_splits(dataclasses.replace(cfg, cache=False))
+    b = load_splits(config_lib.replace(cfg, movielens={"cache": False}))
     assert all(np.array_equal(a.test[k], b.test[k]) for k in a.test)
-    c = load_splits(dataclasses.replace(cfg, seed=1, cache=False))
+    c = load_splits(config_lib.replace(cfg, seed=1, movielens={"cache": False}))
     assert not np.array_equal(a.test["cand_item"], c.test["cand_item"])
 
 
@@ -189,7 +191,7 @@ def test_cache_is_reused_and_invalidated(tmp_path):
 
 
 def test_bad_config_fails_clearly(tmp_path):
-    with pytest.raises(movielens.DataFormatError, match="data.path is empty"):
+    with pytest.raises(movielens.DataFormatError, match="data.movielens.path is empty"):
         schema_for(DataConfig(source="movielens"))
     with pytest.raises(DataError, match=r"data.source 'kuairand' is not a registered dataset; known sources: .*'movielens'"):
         schema_for(DataConfig(source="kuairand"))
@@ -202,7 +204,8 @@ def test_shared_ml1m_builds_and_is_read_back_from_the_cache(shared_data, tmp_pat
     # Timing lives in benchmarks: here the second load must come from the cache, not from a rebuild.
     from gesr_jax.data import requests as requests_lib
 
-    cfg = DataConfig(source="movielens", path=str(shared_data / "ml-1m"), split="per_user_last")
+    settings = MovieLensConfig(path=str(shared_data / "ml-1m"), split="per_user_last")
+    cfg = DataConfig(source="movielens", movielens=settings)
     splits = load_splits(cfg)
     for name in ("train", "valid", "test"):
         validate_batch(getattr(splits, name), splits.schema)

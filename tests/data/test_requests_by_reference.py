@@ -9,7 +9,7 @@ import pytest
 
 import requests_materialised_reference as reference
 from gesr_jax.data import movielens, movielens_dataset, pipeline, requests
-from gesr_jax.data.config import DataConfig
+from gesr_jax.data.config import DataConfig, MovieLensConfig
 from gesr_jax.data.event_log import RequestSplit
 from movielens_fixtures import random_log, write_100k, write_csv, write_dat
 
@@ -69,8 +69,8 @@ def test_synthetic_logs_are_bit_identical(tmp_path, fmt, split):
     writer = {"dat": write_dat, "100k": write_100k, "csv": write_csv}[fmt]
     kw = {"directors": True} if fmt == "dat" else {}
     root = writer(tmp_path / fmt, random_log(num_users=40, num_items=60, seed=5, half_stars=fmt == "csv"), **kw)
-    dc = DataConfig(source="movielens", path=str(root), history_len=7, num_positives=2, num_negatives=5,
-                    min_history=2, split=split, seed=3, cache=False)  # fmt: skip
+    dc = DataConfig(source="movielens", movielens=MovieLensConfig(path=str(root), split=split, cache=False),
+                    history_len=7, num_positives=2, num_negatives=5, min_history=2, seed=3)  # fmt: skip
     check_bit_identical(movielens.load_interactions(root), dc, batch_size=8)
     # A cap on requests per user and a larger Q (some rows short of negatives) take other code paths.
     capped = dataclasses.replace(dc, max_requests_per_user=2, num_negatives=40)
@@ -79,7 +79,9 @@ def test_synthetic_logs_are_bit_identical(tmp_path, fmt, split):
 
 def test_the_cache_holds_the_log_once_and_reads_back_identically(tmp_path):
     root = write_dat(tmp_path / "ml", random_log(num_users=30, seed=2))
-    dc = DataConfig(source="movielens", path=str(root), history_len=6, num_positives=2, num_negatives=3, min_history=2)
+    settings = MovieLensConfig(path=str(root))
+    dc = DataConfig(source="movielens", movielens=settings, history_len=6, num_positives=2, num_negatives=3,
+                    min_history=2)
     first = movielens_dataset.load_splits(dc)
     second = movielens_dataset.load_splits(dc)  # from the .npz cache
     for name in SPLITS:
@@ -94,7 +96,9 @@ def test_the_cache_holds_the_log_once_and_reads_back_identically(tmp_path):
 
 def test_gather_of_a_subset_equals_the_rows_of_the_whole(tmp_path):
     root = write_100k(tmp_path / "ml", random_log(num_users=25, seed=4))
-    dc = DataConfig(source="movielens", path=str(root), history_len=9, num_positives=2, num_negatives=3, min_history=2)
+    settings = MovieLensConfig(path=str(root))
+    dc = DataConfig(source="movielens", movielens=settings, history_len=9, num_positives=2, num_negatives=3,
+                    min_history=2)
     train = movielens_dataset.load_splits(dc).train
     whole = train.materialise()
     rows = np.array([5, 0, 5, train.num_requests - 1])
@@ -116,7 +120,8 @@ def _shared_cases(shared, name):
 @pytest.mark.parametrize("split", ["global_time", "per_user_last"])
 def test_ml100k_is_bit_identical(shared_data, split):
     inter, root = _shared_cases(shared_data, "ml-100k")
-    dc = DataConfig(source="movielens", path=str(root), history_len=50, split=split, cache=False)
+    settings = MovieLensConfig(path=str(root), split=split, cache=False)
+    dc = DataConfig(source="movielens", movielens=settings, history_len=50)
     check_bit_identical(inter, dc, batch_size=64)
 
 
@@ -125,5 +130,6 @@ def test_ml100k_is_bit_identical(shared_data, split):
 @pytest.mark.parametrize("split", ["global_time", "per_user_last"])
 def test_ml1m_is_bit_identical(shared_data, split):
     inter, root = _shared_cases(shared_data, "ml-1m")
-    dc = DataConfig(source="movielens", path=str(root), history_len=200, split=split, cache=False)
+    settings = MovieLensConfig(path=str(root), split=split, cache=False)
+    dc = DataConfig(source="movielens", movielens=settings, history_len=200)
     check_bit_identical(inter, dc, batch_size=128)
