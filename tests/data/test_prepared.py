@@ -26,7 +26,8 @@ def _private_cache(tmp_path, monkeypatch):
 def folder(tmp_path):
     root = write_dat(tmp_path / "ml", random_log(num_users=30, seed=8), directors=True)
     settings = MovieLensConfig(path=str(root))
-    dc = DataConfig(source="movielens", movielens=settings, history_len=6, num_positives=2, num_negatives=3, min_history=2)
+    dc = DataConfig(source="movielens", movielens=settings, history_len=6, num_positives=2, num_negatives=3,
+                    min_history=2)
     out = tmp_path / "prepared"
     prepared.prepare(dc, out, log=lambda m: None)
     return dc, out
@@ -41,7 +42,7 @@ def _same(a, b):
 def test_prepared_batches_equal_the_in_memory_ones(folder):
     dc, out = folder
     memory = datasets.load_splits(dc)
-    # data.prepared goes through the registry: the movielens dataset reads the folder, not data.path.
+    # data.prepared goes through the registry: the movielens dataset reads the folder, not data.movielens.path.
     disk = datasets.load_splits(config_lib.replace(dc, prepared=str(out), movielens={"path": "/nonexistent"}))
     assert disk.schema == memory.schema and disk.stats == memory.stats
     assert isinstance(disk.train, RequestSplit) and isinstance(disk.train.log.item, np.memmap)

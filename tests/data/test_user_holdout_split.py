@@ -35,7 +35,7 @@ def test_split_shares_are_the_kept_requests_not_the_quantiles():
 
 
 def test_data_split_user_holdout_builds_valid_and_test_from_disjoint_late_users():
-    """End to end through build_requests: data.split='global_time_user_holdout' is a valid config value, train
+    """End to end through build_requests: data.movielens.split='global_time_user_holdout' is a valid config value, train
     keeps every request before cut 2, and valid / test hold the same kind of (late) requests of disjoint users."""
     from test_global_time_split import _build, _random_log
 
