@@ -35,6 +35,7 @@ from gesr_jax.data.batch import BatchSchema
 from gesr_jax.data.config import DataConfig
 
 # Modules that register the built-in sources when imported.
+_PREPARED_MODULE = "gesr_jax.data.prepared"  # reads a `gesr data prepare` folder, whatever the source
 _BUILTIN_MODULES = {
     "synthetic": "gesr_jax.data.synthetic",
     "movielens": "gesr_jax.data.movielens_dataset",
@@ -113,10 +114,8 @@ def sources() -> list[str]:
 def _dataset(data_config: DataConfig) -> Dataset:
     data_config.validate()
     if data_config.prepared:
-        # Lazy: gesr_jax.data.prepared imports this module (a prepared folder is read through the same Splits).
-        from gesr_jax.data.prepared import PreparedDataset
-
-        return PreparedDataset()
+        # By name, like the built-in sources: gesr_jax.data.prepared imports this module (same Splits, errors).
+        return importlib.import_module(_PREPARED_MODULE).PreparedDataset()
     return get_dataset(data_config.source)
 
 
