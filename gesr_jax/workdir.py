@@ -35,6 +35,7 @@ from gesr_jax import config as config_lib
 from gesr_jax.config import Config, ConfigError
 from gesr_jax.data import datasets
 from gesr_jax.data.batch import BatchSchema
+from gesr_jax.layers import sharded_lookup
 from gesr_jax.models import registry
 from gesr_jax.train.checkpoint import Checkpointer
 from gesr_jax.train.checkpoint_errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointWarning
@@ -260,6 +261,8 @@ class Workdir:
         schema = datasets.schema_for(config.data)
         with nnx.use_eager_sharding(False):
             graphdef, template = default_api.init(config, config.train.seed, schema)
+            if config.model.embedding_sharding == "row":  # row tables are saved padded (sharded_lookup.pad_table_rows)
+                template = sharded_lookup.pad_table_rows(template)
         chosen, params = self.restore_params(template, step, strict=strict)
         return RestoredModel(graphdef, params, schema, config, chosen)
 

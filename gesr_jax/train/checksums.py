@@ -52,10 +52,15 @@ def iterator_digest(data_iterator: grain.DatasetIterator) -> str:
 
 def count_nonfinite(tree: Any) -> int:
     """Number of NaN/Inf values over the floating-point leaves of ``tree`` (one scalar pulled to host)."""
-    counts = [
-        jnp.sum(~jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
-    ]
-    return sum(int(c) for c in jax.device_get(counts))  # one transfer for all leaves
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return int(_count_nonfinite(leaves))
+
+
+@jax.jit
+def _count_nonfinite(leaves: list[jax.Array]) -> jax.Array:
+    # One program for every leaf: with tables sharded across processes each per-leaf eager sum was its own
+    # cross-process all-reduce, and the CPU runtime deadlocked on that stream of small collectives.
+    return sum((jnp.sum(~jnp.isfinite(x)) for x in leaves), jnp.zeros((), jnp.int32))
 
 
 def all_finite(tree: Any) -> bool:
