@@ -93,7 +93,7 @@ def test_scorer_cascade_and_export_pick_the_step_by_the_workdir_rule(trained, tm
         Scorer.from_workdir(other, strict=True)
 
 
-def test_fp8_delta_ne_on_a_trained_model_stays_within_0_05_percent(trained, scorer):
+def test_fp8_delta_ne_on_a_trained_model_stays_within_0_25_percent(trained, scorer):
     _, splits = trained
     fp8 = Scorer.from_workdir(trained[0], buckets=BUCKETS, fp8=True)  # default: kernels of >= 4096 entries
     assert any(x.dtype == jax.numpy.float8_e4m3fn for x in jax.tree.leaves(fp8.params))
@@ -101,7 +101,10 @@ def test_fp8_delta_ne_on_a_trained_model_stays_within_0_05_percent(trained, scor
     base, quantised = scorer.score(requests), fp8.score(requests)
     for task in splits.schema.tasks:
         ne, ne_fp8 = _ne(base, splits.test, task), _ne(quantised, splits.test, task)
-        assert abs(ne_fp8 - ne) / ne < 5e-4, (task, ne, ne_fp8)
+        # Measured |ΔNE| on this fixture over training seeds 0-2: 0.04-0.18 % (consume), 0.01-0.11 % (engage) with
+        # the named RNG streams; 0.045 / 0.055 % (consume) on seeds 0-1 under the old build-order init. 0.25 % bounds
+        # them with room; the old 0.05 % bound held for the old init's seed 0 only.
+        assert abs(ne_fp8 - ne) / ne < 2.5e-3, (task, ne, ne_fp8)
 
 
 _LOADER = textwrap.dedent(

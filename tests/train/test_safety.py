@@ -13,6 +13,7 @@ import train_fixtures as fx
 from gesr_jax import cli
 from gesr_jax import config as config_lib
 from gesr_jax.config import ConfigError
+from gesr_jax.data.fingerprint import data_fingerprint
 from gesr_jax.train import setup as setup_lib
 from gesr_jax.train import hooks, trainer
 from gesr_jax import workdir_files as workdir_lib
@@ -107,7 +108,7 @@ def test_eval_prints_its_results_when_eval_json_cannot_be_written(finished, tmp_
 def test_a_resume_on_changed_data_is_refused_unless_allowed(finished, tmp_path):
     workdir = _copy(finished, tmp_path / "w")
     saved = json.loads((workdir / workdir_lib.FINGERPRINT_FILE).read_text())
-    assert saved == json.loads(json.dumps(workdir_lib.data_fingerprint(SPLITS)))
+    assert saved == json.loads(json.dumps(data_fingerprint(SPLITS)))
     fewer = dataclasses.replace(SPLITS, train={k: v[:80] for k, v in SPLITS.train.items()})
     with pytest.raises(DataChangedError, match="train split: 96 -> 80 requests"):
         _run(workdir, fx.tiny_config(num_steps=10), splits=fewer)
