@@ -15,8 +15,9 @@ DEFAULT_COMBOS = ("silu-alibi+time", "softmax-alibi+time")
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        implementation = getattr(item.cls, "IMPLEMENTATION", "xla")
-        if implementation == "xla" or item.originalname not in COMBO_TESTS:
+        # The hook sees every item of the session (notebooks included), not only this folder's.
+        implementation = getattr(getattr(item, "cls", None), "IMPLEMENTATION", "xla")
+        if implementation == "xla" or getattr(item, "originalname", None) not in COMBO_TESTS:
             continue
         combo = item.callspec.id.removesuffix("-True").removesuffix("-False")  # the cached tests add self_term
         if combo not in DEFAULT_COMBOS:
