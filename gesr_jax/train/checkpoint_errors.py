@@ -7,7 +7,10 @@
   :func:`os_errno` finds the OS error behind them.
 * :class:`OrbaxTracebackFilter`: Orbax logs every failure with a full traceback before raising it; the
   caller reports the raised error in one line, so while a checkpoint folder is open those logged
-  tracebacks are dropped (kept when the ``gesr_jax`` logger is at DEBUG, as ``gesr --debug`` sets it).
+  tracebacks are dropped (kept when the ``gesr_jax`` logger's own level is DEBUG, as ``gesr --debug`` sets it).
+  Orbax reads array shards in parallel asyncio tasks; when one fails, the sibling tasks' failures are
+  logged by ``asyncio`` ("unhandled exception during asyncio.run() shutdown") at a moment that depends
+  on thread timing, so the same filter sits on the ``asyncio`` logger for records naming Orbax.
 """
 
 from __future__ import annotations
@@ -97,9 +100,17 @@ class OrbaxTracebackFilter(logging.Filter):
     """Drops the tracebacks Orbax logs for failures it also raises (see the module docstring)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and "orbax" in record.pathname:
-            return logging.getLogger("gesr_jax").isEnabledFor(logging.DEBUG)
+        if record.exc_info and ("orbax" in record.pathname or _names_orbax_task(record)):
+            # The switch is the level set on ``gesr_jax`` itself: a root logger at DEBUG (pytest's caplog,
+            # a notebook's basicConfig) is not a request for Orbax's tracebacks.
+            level = logging.getLogger("gesr_jax").level
+            return level != logging.NOTSET and level <= logging.DEBUG
         return True
+
+
+def _names_orbax_task(record: logging.LogRecord) -> bool:
+    """An ``asyncio`` record about a task whose coroutine is Orbax's (its message holds the task repr)."""
+    return record.name == "asyncio" and "orbax" in record.getMessage()
 
 
 _FILTER = OrbaxTracebackFilter()
@@ -107,10 +118,11 @@ _users = 0
 
 
 def quiet_orbax_tracebacks(on: bool) -> None:
-    """Install (``on``) or release the filter on the ``absl`` logger Orbax logs to; counted, so nesting works."""
+    """Install (``on``) or release the filter on the loggers Orbax's failures reach; counted, so nesting works."""
     global _users
     _users += 1 if on else -1
-    if on and _users == 1:
-        logging.getLogger("absl").addFilter(_FILTER)
-    elif not on and _users == 0:
-        logging.getLogger("absl").removeFilter(_FILTER)
+    for name in ("absl", "asyncio"):
+        if on and _users == 1:
+            logging.getLogger(name).addFilter(_FILTER)
+        elif not on and _users == 0:
+            logging.getLogger(name).removeFilter(_FILTER)

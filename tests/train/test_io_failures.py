@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -219,3 +220,44 @@ def test_too_little_space_for_two_checkpoints_is_a_warning(tmp_path, monkeypatch
     assert workdir_files.free_space_warning(tmp_path, 10**6) is not None
     monkeypatch.undo()
     assert workdir_files.free_space_warning(tmp_path, 1) is None
+
+
+def test_the_traceback_filter_drops_asyncio_records_about_orbax_tasks_only():
+    from gesr_jax.train import checkpoint_errors
+
+    def record(msg):
+        try:
+            raise ValueError("read failed")
+        except ValueError:
+            exc = sys.exc_info()
+        return logging.LogRecord("asyncio", logging.ERROR, "/usr/lib/asyncio/runners.py", 1, msg, (), exc)
+
+    orbax_task = record("unhandled exception during asyncio.run() shutdown\ntask: <Task coro=<f() at /x/orbax/checkpoint/s.py:1>>")
+    other_task = record("unhandled exception during asyncio.run() shutdown\ntask: <Task coro=<mine() at /x/app.py:1>>")
+    log = logging.getLogger("asyncio")
+    checkpoint_errors.quiet_orbax_tracebacks(True)
+    try:
+        assert not log.filter(orbax_task) and log.filter(other_task)
+    finally:
+        checkpoint_errors.quiet_orbax_tracebacks(False)
+    assert log.filter(orbax_task)  # released with the checkpoint folder
+
+
+def test_orbax_tracebacks_stay_quiet_under_a_debug_root_logger_and_show_under_gesr_debug():
+    from gesr_jax.train import checkpoint_errors
+
+    try:
+        raise ValueError("read failed")
+    except ValueError:
+        exc = sys.exc_info()
+    rec = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/a.py", 1, "failed", (), exc)
+    root, ours = logging.getLogger(), logging.getLogger("gesr_jax")
+    saved = root.level, ours.level
+    try:
+        root.setLevel(logging.DEBUG)
+        assert not checkpoint_errors.OrbaxTracebackFilter().filter(rec)
+        ours.setLevel(logging.DEBUG)  # what `gesr --debug` sets
+        assert checkpoint_errors.OrbaxTracebackFilter().filter(rec)
+    finally:
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])
