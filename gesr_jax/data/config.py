@@ -60,11 +60,14 @@ class MovieLensConfig:
     path: str = ""  # MovieLens folder (ml-1m, ml-100k, ml-latest-small, ...)
     # How requests are split (gesr_jax/data/requests.py, point 5): "global_time" cuts all requests at two
     # times so train < valid < test in time; "global_time_user_holdout" keeps those cuts but draws valid and test from
-    # the same (post-cut-2) users, half each, held out by user (which split to select on is UNCONFIRMED);
+    # the same (post-cut-2) users, half each, held out by user (ml1m_base's choice: see its docstring);
     # "per_user_last" is each user's last request = test, second-to-last = valid.
     # The synthetic log always uses its own per-user split (its generator is stationary: no trend can leak).
     split: Split = "global_time"
     split_quantiles: tuple[float, float] = (0.8, 0.9)  # global_time: cut times = these quantiles of request times
+    # global_time_user_holdout: the seed that halves the post-cut-2 users into valid and test. Its own seed, not
+    # data.seed, so every comparison seed is scored on the same test users (paired); data.seed still varies negatives.
+    holdout_seed: int = 0
     engage_threshold: float = 4.0  # engage = rating >= this (half stars count as they are)
     director_vocab: int = 2000  # most frequent directors kept; the rest map to id 1 ("other")
     cache: bool = True  # keep built MovieLens splits in ~/.cache/gesr_jax (or $GESR_CACHE_DIR)

@@ -42,11 +42,12 @@ Protocol (``DataConfig`` fields in brackets):
      kept requests are not split in the quantiles' proportions: ml1m_base's (0.8, 0.9) keeps about
      76/12/12 % train/valid/test (issue 22; ``gesr data inspect --requests`` prints ``split_shares``).
    * ``"global_time_user_holdout"``: ``global_time``'s cuts, then the requests between the cuts join
-     train and the users with requests after cut 2 are halved at random (``seed``): one half's
-     post-cut-2 requests are **valid**, the other's **test** (:func:`user_holdout_splits`). Valid is then
-     the same population as test (under ``global_time`` valid is ~38 % first-day sessions, test mostly
-     users a year past sign-up: issue 22). UNCONFIRMED which split is better: to be decided on valid-only
-     evidence, not yet done; ``global_time`` stays the default and unchanged.
+     train and the users with requests after cut 2 are halved at random ([``movielens.holdout_seed``],
+     not ``seed``, so every comparison seed sees the same test users): one half's post-cut-2 requests
+     are **valid**, the other's **test** (:func:`user_holdout_splits`). Valid is then the same
+     population as test (under ``global_time`` valid is ~38 % first-day sessions, test mostly users a
+     year past sign-up: issue 22). ml1m_base uses it; why is written in its preset (label-free tenure
+     shares only). ``global_time`` is unchanged and stays the dataclass default.
    * ``"per_user_last"``: per user, the last request is **test**, the second-to-last **valid**, all
      earlier ones **train** (a user with one request contributes only to test, with two to valid
      and test); [``max_requests_per_user``] is applied before the split. Train requests of one user
@@ -122,7 +123,7 @@ def build_requests(
         cuts = global_time_cuts(ts[start], dc.movielens.split_quantiles)
         split_of = np.searchsorted(cuts, ts[start], side="right")  # t < cut1 -> 0, cut1 <= t < cut2 -> 1, else 2
         if dc.movielens.split == "global_time_user_holdout":
-            split_of = user_holdout_splits(split_of, users[owner], dc.seed)
+            split_of = user_holdout_splits(split_of, users[owner], dc.movielens.holdout_seed)
         # Rows run most recent first within a user and split_of never increases along them, so each
         # (user, split) is one contiguous run: rank 0 = the user's most recent request in that split.
         back = _ranks_within(owner * 3 + split_of)
