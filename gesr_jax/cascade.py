@@ -95,7 +95,8 @@ def cascade_ranks(
     item_table: Mapping[str, np.ndarray] | None = None,
     catalogue: Any | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per positive of ``arrays`` (one split, batch layout): ``{"retrieval": ranks, "cascade": ranks}``.
+    """Per positive of ``arrays`` (one split, batch layout): ``{"retrieval": ranks, "cascade": ranks, "row": rows}``
+    (``row``: the positive's request row in ``arrays``, for per-user or per-stratum breakdowns).
 
     ``catalogue``: None ranks against every id (the original protocol, "all"); a
     :class:`gesr_jax.catalogue.CleanCatalogue` leaves its exclusions out of both the retrieval ranks and the
@@ -126,7 +127,7 @@ def cascade_ranks(
     rerank = jax.jit(lambda p, req, cand: _ranker_logits(ranker.graphdef, p, req, cand, task))
     candidate_fields = ranker.schema.item_feature_names
 
-    out: dict[str, list[np.ndarray]] = {"retrieval": [], "cascade": []}
+    out: dict[str, list[np.ndarray]] = {"retrieval": [], "cascade": [], "row": []}
     items = np.asarray(arrays["cand_item"])
     for start in range(0, label.shape[0], batch_size):
         rows = slice(start, start + batch_size)
@@ -149,6 +150,7 @@ def cascade_ranks(
         # Where fewer ids than the list's width remain, top_k pads with excluded ids: never list them.
         listed = np.where(np.take_along_axis(exclude, top, axis=1), -1, top)
         out["cascade"].append(_list_ranks(listed, logits, items[rows], pos, k))
+        out["row"].append(start + np.nonzero(pos)[0])  # np.nonzero order, as the ranks
     return {key: np.concatenate(v) if v else np.zeros(0) for key, v in out.items()}
 
 
@@ -182,7 +184,7 @@ def cascade_metrics(ranks: Mapping[str, np.ndarray], ks: Sequence[int] = (10,)) 
     """HR@K / NDCG@K / MRR of both stages (keys ``<stage>/hr@K``, ...), ``num_targets``, and ``retrieved_share``
     (the share of positives inside the retriever's top K: its recall@K, the ceiling of the cascade's HR)."""
     out: dict[str, float] = {"num_targets": float(len(ranks["cascade"]))}
-    for stage, values in ranks.items():
-        out |= {f"{stage}/{key}": value for key, value in metrics_lib.ranking_metrics(values, ks).items()}
+    for stage in ("retrieval", "cascade"):
+        out |= {f"{stage}/{key}": value for key, value in metrics_lib.ranking_metrics(ranks[stage], ks).items()}
     out["retrieved_share"] = float(np.mean(np.isfinite(ranks["cascade"])))
     return out

@@ -198,21 +198,28 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | 
     return 1 + beats.sum(axis=1)
 
 
+def ranking_values(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per target: ``hr@k`` (0/1), ``ndcg@k`` and ``rr`` (1 / rank) from 1-based ranks (inf = missed: all 0)."""
+    r = np.asarray(ranks, dtype=np.float64).ravel()
+    if np.any(r < 1):
+        raise ValueError("ranking_metrics: ranks are 1-based and must be >= 1")
+    if k < 1:
+        raise ValueError(f"ranking_metrics: K must be >= 1, got {k}")
+    hit = r <= k
+    return {f"hr@{k}": hit.astype(np.float64), f"ndcg@{k}": np.where(hit, 1.0 / np.log2(r + 1.0), 0.0), "rr": 1.0 / r}
+
+
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 10, 50)) -> dict[str, float]:
     """HR@K, NDCG@K (one relevant item) and MRR, averaged over rows, from :func:`target_ranks` output."""
     r = np.asarray(ranks, dtype=np.float64).ravel()
     if r.size == 0:
         raise ValueError("ranking_metrics: no ranks given")
-    if np.any(r < 1):
-        raise ValueError("ranking_metrics: ranks are 1-based and must be >= 1")
     out: dict[str, float] = {}
     for k in ks:
-        if k < 1:
-            raise ValueError(f"ranking_metrics: K must be >= 1, got {k}")
-        hit = r <= k
-        out[f"hr@{k}"] = float(np.mean(hit))
-        out[f"ndcg@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)))
-    out["mrr"] = float(np.mean(1.0 / r))
+        values = ranking_values(r, k)
+        out[f"hr@{k}"] = float(np.mean(values[f"hr@{k}"]))
+        out[f"ndcg@{k}"] = float(np.mean(values[f"ndcg@{k}"]))
+    out["mrr"] = float(np.mean(ranking_values(r, 1)["rr"]))
     return out
 
 

@@ -13,7 +13,7 @@ the noise both runs share.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -159,3 +159,35 @@ def _bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 def _entropy(rate: np.ndarray) -> np.ndarray:
     r = np.clip(rate, PROB_EPS, 1.0 - PROB_EPS)
     return -(r * np.log(r) + (1.0 - r) * np.log1p(-r))
+
+
+def user_bootstrap_rate_delta(
+    base: Sequence[Mapping[str, Sequence[float]]],
+    variant: Sequence[Mapping[str, Sequence[float]]],
+    num_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """Δ of a per-target mean (e.g. HR@10, in points x100) with a paired bootstrap over users, seed-averaged.
+
+    ``base[s]`` / ``variant[s]`` of seed s: ``{"user": ids, "targets": per-user target counts, "sum": per-user sums
+    of the per-target value}``, the same users in every seed and both rows. Each resample draws the users once,
+    with replacement, for every seed and both rows (the pairing); the metric of a row is its weighted sum over
+    its weighted targets. Returns ``(mean, lo, hi)`` of the seed-mean Δ over resamples. Identical rows give 0.
+    """
+    if len(base) != len(variant) or not base:
+        raise ValueError(f"need the same seeds for both rows, got {len(base)} and {len(variant)}")
+    users = np.asarray(base[0]["user"])
+    for stats in (*base, *variant):
+        if not np.array_equal(np.asarray(stats["user"]), users):
+            raise ValueError("the per-seed user stats hold different users: not paired")
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), size=num_resamples).astype(float)
+    deltas = np.zeros(num_resamples)
+    for b, v in zip(base, variant):
+        rate_b = weights @ np.asarray(b["sum"], float) / (weights @ np.asarray(b["targets"], float))
+        rate_v = weights @ np.asarray(v["sum"], float) / (weights @ np.asarray(v["targets"], float))
+        deltas += (rate_v - rate_b) * 100.0 / len(base)
+    tail = (1.0 - confidence) / 2 * 100.0
+    lo, hi = np.percentile(deltas, [tail, 100.0 - tail])
+    return float(deltas.mean()), float(lo), float(hi)

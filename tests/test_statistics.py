@@ -188,3 +188,42 @@ def test_comparison_table_also_pairs_each_row_with_a_second_reference(tmp_path):
     assert "| -5.50 ± 0.00 | 5.00 ± 0.00 |" in lines[4]  # removing X costs 5 % against full GESR
     with pytest.raises(ValueError, match="also_vs='nope' is not a row"):
         comparison.comparison_table(results, ["consume"], also_vs="nope")
+
+
+def _rate_stats(users, targets, hits):
+    return {"user": list(users), "targets": list(map(float, targets)), "sum": list(map(float, hits))}
+
+
+def test_user_bootstrap_rate_delta_is_paired_and_narrows_with_more_users():
+    rng = np.random.default_rng(0)
+
+    def interval(n_users):
+        users = np.arange(n_users)
+        targets = rng.integers(1, 8, n_users)
+        base = rng.binomial(targets, 0.2)
+        better = np.minimum(targets, base + rng.binomial(targets, 0.1))  # about +10 points, user by user
+        seeds = 3
+        b = [_rate_stats(users, targets, base)] * seeds
+        v = [_rate_stats(users, targets, better)] * seeds
+        return statistics.user_bootstrap_rate_delta(b, v, num_resamples=400)
+
+    same = [_rate_stats(range(5), [2] * 5, [1, 0, 2, 1, 0])]
+    assert statistics.user_bootstrap_rate_delta(same, same) == (0.0, 0.0, 0.0)
+    mean, lo, hi = interval(100)
+    mean_big, lo_big, hi_big = interval(1600)
+    assert lo < mean < hi and lo_big < mean_big < hi_big
+    assert 5.0 < mean_big < 12.0
+    assert (hi_big - lo_big) < 0.5 * (hi - lo)  # 16x the users: about a quarter of the width
+    with pytest.raises(ValueError, match="not paired"):
+        statistics.user_bootstrap_rate_delta(same, [_rate_stats(range(1, 6), [2] * 5, [0] * 5)])
+
+
+def test_ranking_values_average_to_ranking_metrics():
+    from gesr_jax import metrics
+
+    ranks = np.array([1, 3, 12, np.inf, 2])
+    values = metrics.ranking_values(ranks, 10)
+    got = metrics.ranking_metrics(ranks, ks=(10,))
+    assert got["hr@10"] == pytest.approx(values["hr@10"].mean()) == pytest.approx(0.6)
+    assert got["mrr"] == pytest.approx(np.mean([1, 1 / 3, 1 / 12, 0, 1 / 2]))
+    assert values["ndcg@10"][2] == 0.0 and values["ndcg@10"][0] == 1.0

@@ -77,3 +77,23 @@ def test_valid_checks_flip_one_default_against_the_shared_default_run(tmp_path, 
     assert valid_checks.main(["--dataset", "ml1m", "--models", "two-tower", "--seeds", "2", "--workdir", str(tmp_path),
                               "--out", str(out)]) == 0  # fmt: skip
     assert "## two-tower" in out.read_text() and "**Valid** split" in out.read_text()
+
+
+def test_cascade_per_target_stats_split_by_user_and_stratum_and_feed_the_tables():
+    import numpy as np
+
+    import cascade as cascade_table
+    from gesr_jax import strata
+
+    day = strata.DAY
+    test = {"user_id": np.array([1, 2, 1, 3]), "request_time": np.array([0, 2 * day, 400 * day, 100 * day])}
+    first = np.array([0, 0, 0, 0])  # every user's first event at t=0
+    rows = np.array([0, 0, 1, 2, 3])  # request row of each positive; ranks below: hit, miss, hit, miss, hit
+    got = cascade_table.per_target(np.array([1, 50, 3, np.inf, 10]), rows, test, first)
+    assert got["users"]["user"] == [1, 2, 3] and got["users"]["targets"] == [3.0, 1.0, 1.0]
+    assert got["users"]["hr@10"] == [1.0, 1.0, 1.0]  # user 1: hit, miss, miss(inf)
+    assert got["strata"]["targets"] == [2, 1, 1, 1] and got["strata"]["hr@10"] == [1.0, 1.0, 1.0, 0.0]
+    seed = {"retrieval": got, "GESR": got}
+    text = cascade_table.strata_table([seed, seed])
+    assert "| retrieval | 50.00 | 100.00 | 100.00 | 0.00 |" in text
+    assert cascade_table._bootstrap_cell([seed, seed], "retrieval", "GESR", "hr@10").startswith("0.00 [0.00, 0.00]")
