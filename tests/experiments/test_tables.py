@@ -97,3 +97,12 @@ def test_cascade_per_target_stats_split_by_user_and_stratum_and_feed_the_tables(
     text = cascade_table.strata_table([seed, seed])
     assert "| retrieval | 50.00 | 100.00 | 100.00 | 0.00 |" in text
     assert cascade_table._bootstrap_cell([seed, seed], "retrieval", "GESR", "hr@10").startswith("0.00 [0.00, 0.00]")
+
+
+def test_rows_selects_rows_by_label_keeps_the_reference_and_names_an_unknown_one():
+    rows = model_comparison.variants("synthetic_base", ())
+    picked = ablations.select_rows(rows, ["GESR (all on)"])
+    assert [v.label for v in picked] == ["two-tower", "GESR (all on)"]
+    assert ablations.select_rows(rows, []) == rows
+    with pytest.raises(SystemExit, match="'GESR' is not a row"):
+        ablations.select_rows(rows, ["GESR"])
