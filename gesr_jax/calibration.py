@@ -174,14 +174,7 @@ def user_bootstrap_over_seeds(
     resample rather than their predictions). Each resample draws the users once, with replacement, and
     applies the draw to every seed and both models; the seed-mean ΔNE of the resamples gives the interval.
     """
-    if len(base) != len(variant) or not base:
-        raise ValueError(f"need the same seeds for both models, got {len(base)} and {len(variant)}")
-    users = np.asarray(base[0]["user"])
-    for stats in (*base, *variant):
-        if not np.array_equal(np.asarray(stats["user"]), users):
-            raise ValueError("the per-seed user stats hold different test users: not paired")
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), size=num_resamples).astype(float)
+    weights = statistics.user_resample_weights(base, variant, num_resamples, seed)
     deltas = np.zeros(num_resamples)
     for b, v in zip(base, variant):
         n, pos = weights @ np.asarray(b["count"]), weights @ np.asarray(b["positives"])
@@ -190,9 +183,7 @@ def user_bootstrap_over_seeds(
         ne_b = weights @ np.asarray(b["loss"]) / n / entropy
         ne_v = weights @ np.asarray(v["loss"]) / (weights @ np.asarray(v["count"])) / entropy
         deltas += (ne_v - ne_b) / ne_b * 100.0 / len(base)
-    tail = (1.0 - confidence) / 2 * 100.0
-    lo, hi = np.percentile(deltas, [tail, 100.0 - tail])
-    return float(deltas.mean()), float(lo), float(hi)
+    return statistics.percentile_interval(deltas, confidence)
 
 
 def bootstrap_cell(base_runs: Sequence[Mapping], runs: Sequence[Mapping], task: str) -> str | None:

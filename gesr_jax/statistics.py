@@ -175,19 +175,33 @@ def user_bootstrap_rate_delta(
     with replacement, for every seed and both rows (the pairing); the metric of a row is its weighted sum over
     its weighted targets. Returns ``(mean, lo, hi)`` of the seed-mean Δ over resamples. Identical rows give 0.
     """
-    if len(base) != len(variant) or not base:
-        raise ValueError(f"need the same seeds for both rows, got {len(base)} and {len(variant)}")
-    users = np.asarray(base[0]["user"])
-    for stats in (*base, *variant):
-        if not np.array_equal(np.asarray(stats["user"]), users):
-            raise ValueError("the per-seed user stats hold different users: not paired")
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), size=num_resamples).astype(float)
+    weights = user_resample_weights(base, variant, num_resamples, seed)
     deltas = np.zeros(num_resamples)
     for b, v in zip(base, variant):
         rate_b = weights @ np.asarray(b["sum"], float) / (weights @ np.asarray(b["targets"], float))
         rate_v = weights @ np.asarray(v["sum"], float) / (weights @ np.asarray(v["targets"], float))
         deltas += (rate_v - rate_b) * 100.0 / len(base)
+    return percentile_interval(deltas, confidence)
+
+
+def user_resample_weights(
+    base: Sequence[Mapping[str, Sequence[float]]], variant: Sequence[Mapping[str, Sequence[float]]],
+    num_resamples: int, seed: int,
+) -> np.ndarray:  # fmt: skip
+    """``[num_resamples, users]`` draw counts of a paired user bootstrap, after checking that every per-seed
+    record of both rows (``{"user": ids, ...}``) holds the same users in the same order."""
+    if len(base) != len(variant) or not base:
+        raise ValueError(f"need the same seeds for both rows, got {len(base)} and {len(variant)}")
+    users = np.asarray(base[0]["user"])
+    for stats in (*base, *variant):
+        if not np.array_equal(np.asarray(stats["user"]), users):
+            raise ValueError("the per-seed user stats hold different test users: not paired")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), size=num_resamples).astype(float)
+
+
+def percentile_interval(deltas: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """(mean, lo, hi) of bootstrap replicates, ``[lo, hi]`` the central ``confidence`` percentile interval."""
     tail = (1.0 - confidence) / 2 * 100.0
     lo, hi = np.percentile(deltas, [tail, 100.0 - tail])
-    return float(deltas.mean()), float(lo), float(hi)
+    return float(np.mean(deltas)), float(lo), float(hi)
