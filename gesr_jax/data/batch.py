@@ -31,6 +31,9 @@ Per-candidate keys (group ``candidates``) and targets (group ``targets``):
 ``prob_<task>``        [B, C]      float32  true probability per task; only when ``schema.has_true_probs``
 =====================  ==========  =======  =============================================
 
+Item ids (``history_item``, ``cand_item``) may exceed ``num_items`` when ``schema.hash_buckets > 0``
+(``data.hash_buckets``): the item tables hash them into that many extra rows (``layers/core.Embed``).
+
 Conventions: id 0 is reserved for padding and out-of-vocabulary in every id space, so every vocabulary size
 counts id 0. All padding is on the right and every padded slot holds zeros. A row with ``history_len == 0`` and
 ``num_candidates == 0`` is an empty row (used to pad the last eval batch) and contributes nothing to losses or
@@ -74,6 +77,7 @@ class Field:
     hi: float
     real_lo: float | None = None  # the smallest value of a real entry (a valid slot, a serving request); None = lo
     what: str = "id"  # the kind of value, for error messages: "id", "user id", "time", "length", "target"
+    draw_hi: float | None = None  # random_batch's upper bound where ``hi`` is open-ended (hashed ids); None = hi
 
     @property
     def real_min(self) -> float:
@@ -97,6 +101,8 @@ class BatchSchema:
     num_candidates: int  # C, candidate slots per request
     tasks: tuple[str, ...] = TASKS  # label names; one logit per task
     has_true_probs: bool = False  # synthetic data carries prob_<task>, the oracle probabilities
+    # data.hash_buckets: > 0 lets item ids exceed num_items; the item tables hash them into this many extra rows
+    hash_buckets: int = 0
 
     @property
     def user_feature_names(self) -> tuple[str, ...]:
@@ -120,19 +126,25 @@ class BatchSchema:
             f"{list(self.item_feature_names)}"
         )
 
+    def item_hash_buckets(self, name: str) -> int:
+        """Extra hashed rows of a history/candidate field's table: ``hash_buckets`` for ``item``, else 0."""
+        return self.hash_buckets if name == "item" else 0
+
     def fields(self) -> tuple[Field, ...]:
         """Every key of a batch of this schema, in the layout's order."""
         i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
         n, c, items = self.history_len, self.num_candidates, self.num_items
+        # With hashing, any non-negative item id is valid: ids past num_items go to the hashed rows.
+        item_hi, item_draw = (INT32_MAX, items) if self.hash_buckets > 0 else (items, None)
         out = [Field("user_id", REQUEST, ROW, i32, 0, self.num_users, real_lo=1, what="user id")]
         out += [Field(f"user_{name}", REQUEST, ROW, i32, 0, vocab - 1) for name, vocab in self.user_features]
-        out.append(Field("history_item", REQUEST, HISTORY, i32, 0, items, real_lo=1))
+        out.append(Field("history_item", REQUEST, HISTORY, i32, 0, item_hi, real_lo=1, draw_hi=item_draw))
         out += [Field(f"history_{name}", REQUEST, HISTORY, i32, 0, v - 1) for name, v in self.item_features]
         out.append(Field("history_action", REQUEST, HISTORY, i32, 0, self.num_actions - 1))
         out.append(Field("history_time", REQUEST, HISTORY, i32, 0, INT32_MAX, what="time"))
         out.append(Field("history_len", REQUEST, ROW, i32, 0, n, what="length"))
         out.append(Field("request_time", REQUEST, ROW, i32, 0, INT32_MAX, what="time"))
-        out.append(Field("cand_item", CANDIDATES, CANDIDATE, i32, 0, items, real_lo=1))
+        out.append(Field("cand_item", CANDIDATES, CANDIDATE, i32, 0, item_hi, real_lo=1, draw_hi=item_draw))
         out += [Field(f"cand_{name}", CANDIDATES, CANDIDATE, i32, 0, v - 1) for name, v in self.item_features]
         out.append(Field("num_candidates", CANDIDATES, ROW, i32, 0, c, what="length"))
         for task in self.tasks:
@@ -269,9 +281,11 @@ def _check_rows(arr: Mapping[str, np.ndarray], key: str, lo: float, hi: float) -
     bad = (x < lo) | (x > hi) | ~np.isfinite(x)
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
+        past = key.endswith("_item") and x[where] > hi
+        hint = " (data.hash_buckets > 0 hashes item ids past the vocabulary)" if past else ""
         raise ValueError(
             f"batch[{key!r}] row {where[0]} holds {x[where]} (at index {where}), outside [{lo}, {hi}] "
-            "for this schema"
+            f"for this schema{hint}"
         )
 
 
@@ -352,7 +366,7 @@ def random_batch(schema: BatchSchema, batch_size: int, seed: int = 0) -> dict[st
 
     def ids(key: str, shape: tuple[int, ...]) -> np.ndarray:
         f = by_key[key]
-        return rng.integers(max(f.real_min, 1), f.hi + 1, size=shape)
+        return rng.integers(max(f.real_min, 1), (f.hi if f.draw_hi is None else f.draw_hi) + 1, size=shape)
 
     hist_len = rng.integers(1, n + 1, size=b)
     num_cand = rng.integers(1, c + 1, size=b)

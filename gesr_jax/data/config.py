@@ -117,7 +117,10 @@ class DataConfig:
     max_requests_per_user: int = 0
     seed: int = 0  # negatives and splits are fixed by this seed
     prepared: str | None = None  # folder written by `gesr data prepare`; train/eval read it instead of the source
-    hash_buckets: int = 0  # 0 = off; else ids past a table's size are hashed into this many extra rows
+    # 0 = off (item ids past the vocabulary are refused); else the item tables get this many extra rows and ids
+    # past the vocabulary are hashed into them. A collision costs accuracy: ids in one row share one embedding
+    # and their gradients mix; k ids hashed into b rows give about k**2 / (2 b) colliding pairs (layers/core.Embed).
+    hash_buckets: int = 0
     synthetic: SyntheticConfig = SyntheticConfig()  # generator sizes when source="synthetic"
     movielens: MovieLensConfig = MovieLensConfig()  # folder, split and labels when source="movielens"
     # The sections of registered datasets' own settings, as (source, settings) pairs sorted by source; read one as

@@ -121,14 +121,19 @@ def _dataset(data_config: DataConfig) -> Dataset:
 
 def schema_for(data_config: DataConfig) -> BatchSchema:
     """The :class:`BatchSchema` of ``data_config`` without building any request."""
-    return _dataset(data_config).schema(data_config)
+    return _with_hashing(_dataset(data_config).schema(data_config), data_config)
+
+
+def _with_hashing(schema: BatchSchema, data_config: DataConfig) -> BatchSchema:
+    # data.hash_buckets is how the models map ids to table rows, not what a dataset builds: set here, once.
+    return dataclasses.replace(schema, hash_buckets=data_config.hash_buckets)
 
 
 def load_splits(data_config: DataConfig) -> Splits:
     """Build (or read from the dataset's cache) the train/valid/test requests of ``data_config``."""
     splits = _dataset(data_config).load_splits(data_config)
     check_splits(splits, f"data.source {data_config.source!r}")
-    return splits
+    return dataclasses.replace(splits, schema=_with_hashing(splits.schema, data_config))
 
 
 def item_table(data_config: DataConfig) -> dict[str, np.ndarray]:

@@ -55,7 +55,8 @@ from gesr_jax.data.config import DataConfig
 FORMAT, VERSION = "gesr-prepared", 1
 MANIFEST, SCHEMA = "manifest.json", "schema.json"
 BY_REFERENCE, MATERIALISED = "by_reference", "materialised"
-_IGNORED_FIELDS = ("path", "cache", "prepared")  # where the source was read from, not what was built
+# Where the source was read from, and how models map ids to rows (hash_buckets): not what was built.
+_IGNORED_FIELDS = ("path", "cache", "prepared", "hash_buckets")
 _HASH_CHUNK = 4 << 20
 
 

@@ -204,9 +204,11 @@ class MLP(nnx.Module):
 
 class Embed(nnx.Module):
     """An embedding table [vocab (+ hash_buckets), dim]; ids outside [0, vocab) are clipped (the batch
-    validator rejects them), or, with ``hash_buckets > 0``, ids at or past ``vocab`` are hashed into that many
-    extra rows (``sharded_lookup.hash_ids`` says what collisions cost). Lookups follow the table's layout on
-    the mesh (``sharded_lookup``); the table may hold zero padding rows past its real size.
+    validator rejects them), or, with ``hash_buckets > 0``, ids past the vocabulary go to that many extra rows
+    (``data.hash_buckets``; :meth:`rows`). Collisions cost accuracy, not memory: two ids in one row share one
+    embedding and their gradients mix there; ``k`` ids hashed into ``b`` rows give about ``k**2 / (2 b)``
+    colliding pairs (``sharded_lookup.hash_ids``). Lookups follow the table's layout on the mesh
+    (``sharded_lookup``); the table may hold zero padding rows past its real size.
     """
 
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, init: Initializer = embed_init, hash_buckets: int = 0):
@@ -218,9 +220,12 @@ class Embed(nnx.Module):
         self.vocab = vocab
         self.hash_buckets = hash_buckets
 
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """The table row each id reads (ids past the vocabulary hashed when ``hash_buckets > 0``)."""
+        return sharded_lookup.hash_ids(ids, self.vocab, self.hash_buckets)
+
     def __call__(self, ids: jax.Array) -> jax.Array:
-        ids = sharded_lookup.hash_ids(ids, self.vocab, self.hash_buckets)
-        return sharded_lookup.sharded_lookup(self.table[...], ids, self.vocab + self.hash_buckets)
+        return sharded_lookup.sharded_lookup(self.table[...], self.rows(ids), self.vocab + self.hash_buckets)
 
 
 class LayerNorm(nnx.Module):
@@ -256,10 +261,16 @@ class FieldTables(nnx.Module):
     id get the same embedding.
     """
 
-    def __init__(self, vocabs: Mapping[str, int], dim: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self, vocabs: Mapping[str, int], dim: int, *, rngs: nnx.Rngs, hash_buckets: Mapping[str, int] | None = None
+    ):
+        """``hash_buckets``: field -> extra hashed rows for ids past its vocabulary (absent = 0)."""
         self.fields = tuple(vocabs)
         base = rngs.params()  # one stream per field name: a new field leaves the other tables unchanged
-        self.tables = nnx.Dict({f: Embed(vocab, dim, rngs=named_rngs(base, f)) for f, vocab in vocabs.items()})
+        extra = dict(hash_buckets or {})
+        self.tables = nnx.Dict({
+            f: Embed(vocab, dim, rngs=named_rngs(base, f), hash_buckets=extra.get(f, 0)) for f, vocab in vocabs.items()
+        })  # fmt: skip
 
     def sum(self, batch: Mapping[str, jax.Array], fields: tuple[str, ...], prefix: str) -> jax.Array:
         """Sum of the embeddings of ``fields`` read from ``batch[prefix + field]``."""

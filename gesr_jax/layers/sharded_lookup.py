@@ -62,19 +62,26 @@ def current_layout() -> str:
 
 
 def hash_ids(ids: jax.Array, vocab: int, hash_buckets: int) -> jax.Array:
-    """Ids below ``vocab`` unchanged; ids at or past it mapped to ``vocab + h(id) % hash_buckets``.
+    """The table row of each id, for a table of ``vocab + hash_buckets`` rows.
 
-    ``h`` is a 32-bit multiplicative (Knuth/Fibonacci) mix, so neighbouring ids land in unrelated rows.
-    Collisions cost accuracy, not memory: two unseen ids that hash to the same row share one embedding
-    (and its gradient updates), so the model cannot tell them apart; with ``K`` distinct overflow ids
-    the expected number sharing a row with another is about ``K - H (1 - (1 - 1/H)^K)`` for ``H``
-    buckets. Ids inside the vocabulary never collide. ``hash_buckets=0`` leaves ids as they are.
+    Ids below ``vocab + hash_buckets`` are their own row (the vocabulary, then the first ``hash_buckets``
+    ids past it, e.g. items appended after the table was sized); ids at or past ``vocab + hash_buckets``
+    are mapped to ``vocab + h(id) % hash_buckets``. Every id in ``[0, vocab + hash_buckets)`` is thus
+    a fixed point, so a table of rows (the serving item cache, built over ``arange(vocab + hash_buckets)``)
+    is indexed by the same rows. ``h`` is a 32-bit multiplicative (Knuth/Fibonacci) mix, so neighbouring
+    ids land in unrelated rows. ``hash_buckets=0`` leaves ids as they are (the batch validator refuses
+    ids past the vocabulary).
+
+    What collisions cost: ids sharing a row share one embedding, so the model cannot tell them apart and
+    their gradient updates mix in that row. It costs accuracy, not memory. Hashing ``k`` distinct ids into
+    ``b`` rows gives about ``k**2 / (2 b)`` colliding pairs (for ``k`` much smaller than ``b``). The
+    vocabulary's own ids never collide.
     """
     if hash_buckets <= 0:
         return ids
     mixed = (ids.astype(jnp.uint32) * jnp.uint32(2654435761)) >> jnp.uint32(7)
     bucket = (mixed % jnp.uint32(hash_buckets)).astype(ids.dtype)
-    return jnp.where(ids >= vocab, vocab + bucket, ids)
+    return jnp.where(ids >= vocab + hash_buckets, vocab + bucket, ids)
 
 
 def is_table(names: Any) -> bool:

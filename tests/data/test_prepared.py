@@ -86,7 +86,8 @@ def test_a_mismatching_config_is_refused_naming_file_and_field(folder):
 def test_a_folder_prepared_before_the_movielens_section_still_opens(folder):
     dc, out = folder
     manifest = json.loads((out / prepared.MANIFEST).read_text())
-    flat = {k.replace("data.movielens.", "data."): v for k, v in manifest["config"].items()}
+    old = {f"data.movielens.{name}" for name in DataConfig.moved_fields}  # what such a folder named flat
+    flat = {(k.replace("data.movielens.", "data.") if k in old else k): v for k, v in manifest["config"].items()}
     assert "data.split" in flat and "data.movielens.split" not in flat
     (out / prepared.MANIFEST).write_text(json.dumps({**manifest, "config": flat}))
     prepared.open_prepared(dataclasses.replace(dc, prepared=str(out)))

@@ -111,7 +111,8 @@ class GenRankTokens(nnx.Module):
         self.history_fields = config.item_history_fields
         self.candidate_fields = tuple(config.candidate_fields)
         fields = dict.fromkeys((*self.history_fields, *self.candidate_fields))
-        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
+        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs,
+                                  hash_buckets={f: schema.item_hash_buckets(f) for f in fields})  # fmt: skip
         self.action = Embed(schema.item_vocab("action"), d, rngs=rngs)
         self.interleaved = config.interleaved
         self.mask_action = None if self.interleaved else make_param(rngs, embed_init, (d,), ("embed",))

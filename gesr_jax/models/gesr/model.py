@@ -94,15 +94,16 @@ class GESR(RankingModel):
         return self.towers.item.fields
 
     def item_cache(self, item_fields: Mapping[str, jax.Array]) -> jax.Array:
-        """Item-tower outputs for a table of items: ``item_fields[f]`` are [V] ids -> [V, Dt]."""
-        return self.towers.item_embedding(item_fields)
+        """Item-tower outputs for a table of items: ``item_fields[f]`` are [V] ids -> [V (+ hashed rows), Dt]."""
+        return self.towers.item_cache(item_fields)
 
     def user_embedding(self, state: Mapping[str, Any]) -> jax.Array:
         """The user vector [B, Dt] as it enters the two-tower dot product (for retrieval over the item cache)."""
         return self.towers.interaction.normalised(state["user"])
 
     def item_embedding_for_retrieval(self, item_cache: jax.Array) -> jax.Array:
-        return self.towers.interaction.normalised(item_cache)
+        hashed = self.schema.hash_buckets  # the cache's last rows; retrieval ranks the items, not those rows
+        return self.towers.interaction.normalised(item_cache[: item_cache.shape[0] - hashed])
 
     def encode_request(self, request: Batch, *, key: jax.Array | None = None, train: bool = False) -> dict:
         """The request state: {"user", "history_len", "history_valid", "moa": {component: cache}}."""

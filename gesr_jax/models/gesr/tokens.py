@@ -66,7 +66,8 @@ class TokenEmbedder(nnx.Module):
         self.candidate_fields = tuple(config.candidate_fields)
         self.query_fields = tuple(config.query_fields) if config.cross.nro else ()
         fields = dict.fromkeys((*self.history_fields, *self.candidate_fields, *self.query_fields))
-        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs)
+        self.tables = FieldTables({f: schema.item_vocab(f) for f in fields}, d, rngs=rngs,
+                                  hash_buckets={f: schema.item_hash_buckets(f) for f in fields})  # fmt: skip
         uses_action = "action" in self.history_fields
         self.mask_action = make_param(rngs, embed_init, (d,), ("embed",)) if uses_action else None
         # Position 0 is the shared candidate position; history positions are 1..N (1 = most recent).

@@ -46,11 +46,12 @@ class TwoTowerModel(RankingModel):
         return self.towers.item.fields
 
     def item_cache(self, item_fields: Mapping[str, jax.Array]) -> jax.Array:
-        return self.towers.item_embedding(item_fields)
+        return self.towers.item_cache(item_fields)
 
     def user_embedding(self, state) -> jax.Array:
         """The (normalised) user vector a retrieval stage dots with the item cache, [B, Dt]."""
         return self.towers.interaction.normalised(state["user"])
 
     def item_embedding_for_retrieval(self, item_cache: jax.Array) -> jax.Array:
-        return self.towers.interaction.normalised(item_cache)
+        hashed = self.schema.hash_buckets  # the cache's last rows; retrieval ranks the items, not those rows
+        return self.towers.interaction.normalised(item_cache[: item_cache.shape[0] - hashed])

@@ -144,7 +144,8 @@ class TwoTower(nnx.Module):
         fields = item_field_names(schema) + (("action",) if config.tower_history_pool else ())
         base = rngs.params()  # each part's initial values come from its name (layers/core.named_rngs)
         vocabs = {f: schema.item_vocab(f) for f in fields}
-        self.tables = FieldTables(vocabs, config.embed_dim, rngs=named_rngs(base, "tables"))
+        hashed = {f: schema.item_hash_buckets(f) for f in fields}
+        self.tables = FieldTables(vocabs, config.embed_dim, rngs=named_rngs(base, "tables"), hash_buckets=hashed)
         self.user = UserTower(config, schema, self.tables, rngs=named_rngs(base, "user"))
         self.item = ItemTower(config, schema, rngs=named_rngs(base, "item"))
         self.interaction = Interaction(config, extra_dim, num_tasks, rngs=named_rngs(base, "interaction"))
@@ -155,6 +156,21 @@ class TwoTower(nnx.Module):
     def item_embedding(self, fields: Mapping[str, jax.Array], *, key: jax.Array | None = None) -> jax.Array:
         return self.item(fields, self.tables, key=key)
 
+    def item_cache(self, item_fields: Mapping[str, jax.Array]) -> jax.Array:
+        """Item-tower outputs [V, Dt] for ``item_fields`` ([V] ids per field, row r = item r), plus one row per
+        hashed row of the item table (``data.hash_buckets``): an item past the vocabulary has no item
+        features, so those rows are computed with features 0, as the uncached path sees such an item."""
+        item = self.tables.tables["item"]
+        if item.hash_buckets == 0:
+            return self.item_embedding(item_fields)
+        if "item" in item_fields and len(item_fields["item"]) != item.vocab:
+            raise ValueError(f"item_cache: with hashed rows, item_fields['item'] must be the {item.vocab} ids "
+                             f"of the vocabulary, got {len(item_fields['item'])}")  # fmt: skip
+        extra = {f: jnp.zeros((item.hash_buckets,), jnp.int32) for f in item_fields}
+        extra["item"] = jnp.arange(item.vocab, item.vocab + item.hash_buckets, dtype=jnp.int32)
+        fields = {f: jnp.concatenate([jnp.asarray(item_fields[f], jnp.int32), extra[f]]) for f in item_fields}
+        return self.item_embedding(fields)
+
     def candidate_fields(self, batch: Batch) -> dict[str, jax.Array]:
         """The item tower's inputs for the batch's candidates, keyed by field name."""
         return {f: batch[f"cand_{f}"] for f in self.item.fields}
@@ -164,7 +180,8 @@ class TwoTower(nnx.Module):
     ) -> jax.Array:
         """Item-tower outputs of the candidates [B, C, Dt], looked up in ``item_cache`` when given."""
         if item_cache is not None:
-            return jnp.take(item_cache, candidates["cand_item"], axis=0, mode="clip")
+            rows = self.tables.tables["item"].rows(candidates["cand_item"])  # ids past the vocabulary hashed
+            return jnp.take(item_cache, rows, axis=0, mode="clip")
         return self.item_embedding(self.candidate_fields(candidates), key=key)
 
     def needed_keys(self) -> tuple[str, ...]:
