@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -173,3 +174,27 @@ def test_cli_prepare_reports_phases_and_refuses_an_existing_folder(tmp_path, cap
     assert commands.main(["prepare", "--config", str(config), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not list(tmp_path.glob("out.tmp-*"))  # nothing half-written left beside it
+
+
+def _mapped_kib(path) -> int:
+    """KiB of ``path`` this process has mapped in RAM now (Rss of its mappings in /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_a_sequential_pass_leaves_no_pages_of_the_files_mapped(folder):
+    dc, out = folder
+    train = datasets.load_splits(dataclasses.replace(dc, prepared=str(out))).train
+    n, path = train.num_requests, (out / "train" / "cand_item.npy").resolve()
+    by_index = train.gather(np.arange(n))  # a random batch keeps the pages it touched
+    assert _mapped_kib(path) > 0
+    by_slice = train.gather(slice(0, n))  # a sequential pass (fingerprint, eval) releases them behind it
+    assert _mapped_kib(path) == 0
+    _same(by_index, by_slice)
+    _same(train.gather(slice(0, n)), by_slice)  # read back after the release: same values
