@@ -10,14 +10,20 @@ backend that declares softmax with the ALiBi bias (`kernels/hstu_attention/regis
 Table 2, cached prefix at (B, N, C) = (1, 1024, 2048), (32, 1024, 512), (32, 256, 64) with H = 4, D = 128,
 softmax + ALiBi: `hstu_attention_cached` (O(C * N)) beside the full-sequence call on [history ; candidates]
 (L = N + C, targets = C) that it replaces. Each row is checked against the float32 reference forward first.
-Times: forward and forward+backward, median, warm-up excluded (timer as in bench_hstu_attention.py). The table
-goes to experiments/results/ranking_attention_<device>.md with device, jax version and date.
+Times: forward and forward+backward. On an NVIDIA GPU with CUPTI, device kernel time per row (median of repeats,
+as in bench_hstu_attention.py). Elsewhere every row of a shape, forward and forward+backward, is timed in the same
+interleaved rounds (``bench_common.interleaved``: rotating order, one untimed compile call each): the table gives
+median wall and CPU (process) time per call, and each row's time relative to the shape's first row (table 1: the
+first backend; table 2: the "xla cached" row) as the median of per-round CPU-time ratios (wall-time ratios off
+CPU), so load from other jobs hits every row of a round alike. The table goes to
+experiments/results/ranking_attention_<device>.md with the machine, its load average, jax version and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import pathlib
 import sys
@@ -32,6 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_hstu_attention as hb  # noqa: E402
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
 from kernels.hstu_attention import (  # noqa: E402
     attention_mask,
     geometric_alibi_slopes,
@@ -58,11 +65,10 @@ def _alibi_bias(lengths, targets, seq_len, slopes):
     return -slopes[None, :, None, None] * dist[:, None]
 
 
-def _timed(fwd, args, diff_argnums, repeats):
-    """(fwd ms, fwd+bwd ms) of a jitted forward and of value_and_grad of its float32 sum."""
+def _compiled(fwd, args, diff_argnums):
+    """(jitted forward, jitted value_and_grad of its float32 sum)."""
     loss = lambda *a: jnp.sum(fwd(*a).astype(jnp.float32))
-    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=diff_argnums))
-    return hb.time_ms(jax.jit(fwd), args, repeats)[0], hb.time_ms(fwd_bwd, args, repeats)[0]
+    return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=diff_argnums))
 
 
 def _err(got, want) -> float:
@@ -80,7 +86,7 @@ def _supports(name, mode, smoke):
     return smoke or backend.runs_on(jax.default_backend(), jax.devices()[0]) or name == "xla"
 
 
-def softmax_rows(shape, smoke, repeats):
+def softmax_rows(shape, smoke):
     batch, heads, seq_len, dim, targets = shape
     q, k, v, lengths, num_targets, _ = hb.make_inputs(shape)
     slopes = geometric_alibi_slopes(heads)
@@ -92,16 +98,16 @@ def softmax_rows(shape, smoke, repeats):
             continue
         fwd = lambda q, k, v, name=name: hstu_attention(q, k, v, lengths, num_targets, score_fn="softmax",
                                                         alibi_slopes=slopes, implementation=name, interpret=smoke)
-        rows.append(_row(shape, name, fwd, (q, k, v), want, repeats))
+        rows.append(_row(shape, name, fwd, (q, k, v), want))
     mask = attention_mask(lengths, num_targets, seq_len)[:, None]
     bias = _alibi_bias(lengths, num_targets, seq_len, slopes).astype(q.dtype)
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=impl)
-    rows.append(_row(shape, f"dot_product_attention[{impl}], dense bias", dpa, (q, k, v), want, repeats))
+    rows.append(_row(shape, f"dot_product_attention[{impl}], dense bias", dpa, (q, k, v), want))
     return rows
 
 
-def cached_rows(shape, smoke, repeats):
+def cached_rows(shape, smoke):
     batch, n, c = shape
     heads, dim = (2, 16) if smoke else (HEADS, DIM)
     keys = jax.random.split(jax.random.key(0), 5)
@@ -118,7 +124,7 @@ def cached_rows(shape, smoke, repeats):
             continue
         fwd = lambda q, k, v, kp, vp, name=name: hstu_attention_cached(q, k, v, kp, vp, plen, nq, implementation=name,
                                                                        interpret=smoke, **kw)
-        rows.append(_row(label, f"{name} cached", fwd, (q, k, v, kp, vp), want, repeats))
+        rows.append(_row(label, f"{name} cached", fwd, (q, k, v, kp, vp), want))
     for name in BACKENDS:
         if not _supports(name, "full", smoke):
             continue
@@ -129,29 +135,61 @@ def cached_rows(shape, smoke, repeats):
                                  interpret=smoke, **kw)
             return out[:, n:]
 
-        rows.append(_row(label, f"{name} full L=N+C", full, (q, k, v, kp, vp), want, repeats))
+        rows.append(_row(label, f"{name} full L=N+C", full, (q, k, v, kp, vp), want))
     return rows
 
 
-def _row(shape, label, fwd, args, want, repeats):
+def _row(shape, label, fwd, args, want):
+    """A row's check, and its compiled calls for :func:`time_rows` (None when it failed)."""
     try:
         err = _err(jax.jit(fwd)(*args), want)
-        fwd_ms, fwd_bwd_ms = _timed(fwd, args, tuple(range(len(args))), repeats)
-        return (shape, label, "ok" if err <= TOLERANCE else f"FAIL {err:.2e}", f"{fwd_ms:.3f}", f"{fwd_bwd_ms:.3f}")
+        fwd_c, fwd_bwd_c = _compiled(fwd, args, tuple(range(len(args))))
+        row = [shape, label, "ok" if err <= TOLERANCE else f"FAIL {err:.2e}", "-", "-", "-", "-", "-"]
+        return row, (fwd_c, fwd_bwd_c, args)
     except Exception as err:  # a failing backend becomes a row, not a lost run
         first = (str(err).strip().splitlines() or [""])[0][:160].replace("|", "/")
-        return (shape, label, f"{type(err).__name__}: {first}", "-", "-")
+        return [shape, label, f"{type(err).__name__}: {first}", "-", "-", "-", "-", "-"], None
 
 
-def render(softmax, cached, device, smoke) -> str:
-    head = "| shape | call | check | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|"
+def time_rows(built, repeats: int) -> str:
+    """Fill the time columns of one shape's rows (``(row, calls or None)`` pairs); returns the timer used."""
+    ok = [(row, calls) for row, calls in built if calls is not None]
+    if not ok:
+        return "n/a"
+    if jax.default_backend() == "gpu" and hb._cupti_timer() is not None:  # device kernel time, row by row
+        timer = "n/a"
+        for row, (fwd, fwd_bwd, args) in ok:
+            try:
+                fwd_ms, timer = hb.time_ms(fwd, args, repeats)
+                fwd_bwd_ms, timer = hb.time_ms(fwd_bwd, args, repeats)
+                row[3:5] = f"{fwd_ms:.3f}", f"{fwd_bwd_ms:.3f}"
+            except Exception as err:
+                row[2] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+        return timer
+    variants = {}
+    for i, (_, (fwd, fwd_bwd, args)) in enumerate(ok):
+        variants[f"{i}:fwd"] = functools.partial(fwd, *args)
+        variants[f"{i}:fwd_bwd"] = functools.partial(fwd_bwd, *args)
+    timings = interleaved(variants, rounds=repeats, min_call_ms=0.0)
+    # CPU time is what a shared CPU host measures fairly; an accelerator's work is not on this process's clock.
+    clock = "cpu" if jax.default_backend() == "cpu" else "wall"
+    for i, (row, _) in enumerate(ok):
+        f, fb = timings[f"{i}:fwd"], timings[f"{i}:fwd_bwd"]
+        row[3:7] = f"{f.wall_ms:.3f}", f"{fb.wall_ms:.3f}", f"{f.cpu_ms:.3f}", f"{fb.cpu_ms:.3f}"
+        row[7] = f"{ratio(timings, f'{i}:fwd_bwd', '0:fwd_bwd', clock=clock)}"
+    return f"interleaved rounds; relative times are medians of per-round {clock}-time ratios"
+
+
+def render(softmax, cached, machine, smoke, timer) -> str:
+    head = ("| shape | call | check | fwd ms | fwd+bwd ms | fwd CPU ms | fwd+bwd CPU ms | fwd+bwd x first row |\n"
+            "|---|---|---|---|---|---|---|---|")
     lines = [
         f"# Ranking attention benchmark{' (smoke: tiny shapes, interpreted Pallas, not a measurement)' if smoke else ''}",
         "",
-        f"- device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"date {datetime.date.today().isoformat()}",
+        f"- {machine}",
         f"- bf16 inputs, softmax + ALiBi (geometric slopes), full rows; check: forward max |err| / max |ref| "
-        f"vs the float32 reference (pass <= {TOLERANCE}); median of repeats, warm-up excluded",
+        f"vs the float32 reference (pass <= {TOLERANCE}); timer: {timer}",
+        f"- {METHOD_NOTE}",
         "", "## Softmax + ALiBi, (B, H, L, D, targets)", "", head,
         *[f"| {' | '.join(map(str, r))} |" for r in softmax],
         "", f"## Cached prefix, (B, N, C), H = {2 if smoke else HEADS}, D = {16 if smoke else DIM}", "", head,
@@ -167,16 +205,26 @@ def main(argv=None) -> pathlib.Path:
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    repeats = args.repeats or (2 if args.smoke else 50)
+    info = machine_info()
+    repeats = args.repeats or (2 if args.smoke else 20)
     out = args.out or hb.RESULTS / f"ranking_attention_{hb.device_slug(device)}{'_smoke' if args.smoke else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    softmax, cached = [], []
+    softmax, cached, timer = [], [], "n/a"
+
+    def machine() -> str:  # device and load average at the start and now: the file is rewritten after each shape
+        return f"device: {device.device_kind} ({device.platform}), date {datetime.date.today().isoformat()}. " + \
+            machine_line(info, finished=machine_info())
+
     for shape in SMOKE_SOFTMAX if args.smoke else SOFTMAX_SHAPES:
-        softmax += softmax_rows(shape, args.smoke, repeats)
-        out.write_text(render(softmax, cached, device, args.smoke))
+        built = softmax_rows(shape, args.smoke)
+        timer = time_rows(built, repeats)
+        softmax += [row for row, _ in built]
+        out.write_text(render(softmax, cached, machine(), args.smoke, timer))
     for shape in SMOKE_CACHED if args.smoke else CACHED_SHAPES:
-        cached += cached_rows(shape, args.smoke, repeats)
-        out.write_text(render(softmax, cached, device, args.smoke))
+        built = cached_rows(shape, args.smoke)
+        timer = time_rows(built, repeats)
+        cached += [row for row, _ in built]
+        out.write_text(render(softmax, cached, machine(), args.smoke, timer))
     print(out.read_text())
     return out
 
