@@ -91,9 +91,23 @@ class HSTULayer(nnx.Module):
         return self._residual(x, attn, u, key), (k, v)
 
     def history_kv(self, x: jax.Array) -> HistoryKV:
-        """Only the (k, v) of history tokens: the last layer's history outputs are never read."""
-        _, v, _, k = self.project(x)
-        return k, v
+        """Only the (k, v) of history tokens: the last layer's history outputs are never read.
+
+        Projects onto the k and v columns of ``uvqk`` alone (the same dot products as :meth:`project`): the
+        u and q columns of every history row were computed and dropped before, half of this projection's
+        FLOPs and most of its memory traffic in the train step's backward pass.
+        """
+        b, length, _ = x.shape
+        h, dqk, dv = self.heads, self.qk_dim, self.v_dim
+        xn = self.norm_in(x)
+        kernel, bias = self.uvqk.kernel[...].astype(xn.dtype), self.uvqk.bias[...].astype(xn.dtype)
+        if self.uvqk.kernel_scale is not None:  # a float8 kernel (layers/quantize.py), as Dense applies it
+            kernel = kernel * self.uvqk.kernel_scale[...].astype(xn.dtype)
+        v_cols = slice(h * dv, 2 * h * dv)
+        k_cols = slice(2 * h * dv + h * dqk, 2 * h * (dv + dqk))
+        v = jax.nn.silu(jnp.einsum("...i,io->...o", xn, kernel[:, v_cols]) + bias[v_cols])
+        k = jax.nn.silu(jnp.einsum("...i,io->...o", xn, kernel[:, k_cols]) + bias[k_cols])
+        return k.reshape(b, length, h, dqk), v.reshape(b, length, h, dv)
 
     def candidates(
         self, x: jax.Array, kv: HistoryKV, history_len: jax.Array, num_candidates: jax.Array, *,
