@@ -30,10 +30,15 @@ def _cmd(workdir: pathlib.Path) -> list[str]:
     return [sys.executable, "-m", "gesr_jax", "train", "--workdir", str(workdir), *ARGS]
 
 
-def _env() -> dict[str, str]:
+def _env(cache: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = ""  # one CPU device, like a laptop run
     env["CI"] = "true"  # no progress bar
+    # `gesr train` keeps its persistent compilation cache on by default, so a user's restart reads the programs
+    # the killed run compiled; here all three runs share one cache in this test's own folder (most of each
+    # run's CPU time is compilation).
+    env.pop("GESR_NO_COMPILATION_CACHE", None)
+    env["GESR_COMPILATION_CACHE_DIR"] = str(cache)
     return env
 
 
@@ -56,9 +61,10 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cmd(full), env=_env(), check=True, timeout=TIMEOUT_S, capture_output=True)
+    env = _env(tmp_path / "jax_cache")
+    subprocess.run(_cmd(full), env=env, check=True, timeout=TIMEOUT_S, capture_output=True)
 
-    proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT_S
     while not _checkpoint_steps(killed) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -68,6 +74,6 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path):
     assert not (killed / "results.json").exists()
     assert _checkpoint_steps(killed), "no checkpoint was written before the kill"
 
-    resumed = subprocess.run(_cmd(killed), env=_env(), check=True, timeout=TIMEOUT_S, capture_output=True, text=True)
+    resumed = subprocess.run(_cmd(killed), env=env, check=True, timeout=TIMEOUT_S, capture_output=True, text=True)
     assert _final_metrics(killed) == _final_metrics(full), resumed.stdout[-2000:]
     assert max(_checkpoint_steps(killed)) == 1500

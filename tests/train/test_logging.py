@@ -22,7 +22,9 @@ STEPS = ["train.num_steps=4", "train.log_every=2", "train.eval_every=2", "train.
 def logged_run(tmp_path_factory):
     """`gesr train` of synthetic_tiny with stderr redirected to a file (no terminal), cache in a temp folder."""
     tmp = tmp_path_factory.mktemp("logged")
-    env = dict(os.environ, XLA_FLAGS="", GESR_CACHE_DIR=str(tmp / "cache"), GESR_PROGRESS_EVERY_S="0")
+    # One device (the suite's 8-device flag dropped); the suite's other XLA flags (tests/conftest.py) kept.
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
+    env = dict(os.environ, XLA_FLAGS=flags, GESR_CACHE_DIR=str(tmp / "cache"), GESR_PROGRESS_EVERY_S="0")
     env.pop("GESR_NO_COMPILATION_CACHE", None)  # this run exercises the cache, in its own folder
     env.pop("CI", None)
     workdir = tmp / "run"
