@@ -138,7 +138,8 @@ def test_without_hashing_the_validator_refuses_ids_past_the_vocabulary_naming_th
 
 def test_two_ids_past_the_vocabulary_in_different_buckets_get_different_embeddings():
     # The table every model builds for its item ids (FieldTables with the schema's hashed rows).
-    tables = FieldTables({"item": VOCAB}, 8, rngs=nnx.Rngs(params=0), hash_buckets={"item": HASHED.item_hash_buckets("item")})
+    hashed = {"item": HASHED.item_hash_buckets("item")}
+    tables = FieldTables({"item": VOCAB}, 8, rngs=nnx.Rngs(params=0), hash_buckets=hashed)
     table = tables.tables["item"]
     a, b = 10**6, 10**6 + 1
     rows = np.asarray(table.rows(jnp.array([a, b])))
