@@ -6,7 +6,15 @@
 Rows: the jitted train step (forward, backward, AdamW update) of each model kind (``gesr``, ``two_tower``,
 ``genrank``; presets ``synthetic_base``, ``synthetic_base_two_tower``, ``synthetic_genrank``, random parameters,
 every history full), and GESR's serving pair ``encode_request`` (one request) and ``score`` (one chunk of
-candidates against that state, item cache on). For each, FLOPs and bytes come from XLA's compiled cost
+candidates against that state, item cache on). Issue 23 item 4 (what GESR's train step costs beyond HSTU) adds
+three GESR train-step rows: ``before`` (the same model with the formulas the train-step work replaced, kept
+here in :func:`before_train_fixes`, so before/after is a ratio of the same rounds), ``HSTU off`` and ``HSTU, cross
+attention and MLPG off`` (``model.hstu.enabled`` / ``model.cross.*`` / ``model.mlpg.enabled`` switched off: HMA and
+the MoA tokens remain; what each part of the MoA costs beyond the two-tower).
+A second table splits the GESR train step's cost-analysis bytes by the source file of each compiled HLO op
+(the stack frames XLA keeps in the op metadata): where the traffic that bounds it comes from.
+
+For each row, FLOPs and bytes come from XLA's compiled cost
 analysis (``jax.jit(f).lower(*args).compile().cost_analysis()``: "bytes accessed" sums every HLO op's operand
 and result bytes, so it over-counts what reaches DRAM when ops fuse or hit cache; it is the model's traffic,
 not a measured one).
@@ -24,8 +32,11 @@ arithmetic intensity (FLOP per byte), and names which of the two it is.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +54,7 @@ from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, r
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
+from gesr_jax.layers import hstu as hstu_lib  # noqa: E402
 from gesr_jax.train import step as step_lib  # noqa: E402
 
 PRESETS = {"gesr": "synthetic_base", "two_tower": "synthetic_base_two_tower", "genrank": "synthetic_genrank"}
@@ -71,17 +83,129 @@ class Kernel:
     call: Callable[[], Any]
     flops: float
     bytes: float
+    hlo: str = ""
 
 
 def compiled(fn: Callable, *args: Any) -> Kernel:
     exe = jax.jit(fn).lower(*args).compile()
     cost = exe.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per device on older jax
-    return Kernel(lambda: exe(*args), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
+    return Kernel(lambda: exe(*args), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                  exe.as_text())  # fmt: skip
 
 
-def _model(kind: str, n: int, c: int, batch: int) -> tuple[Any, Any, Any, dict[str, np.ndarray]]:
-    cfg = config_lib.load_config(PRESETS[kind], [f"data.history_len={n}", f"data.min_history={min(4, n)}"])
+def _history_kv_before(layer: hstu_lib.HSTULayer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Before ed67cfb: the last HSTU layer's history K/V came from the whole UVQK projection (u, q dropped)."""
+    _, v, _, k = layer.project(x)
+    return k, v
+
+
+@contextlib.contextmanager
+def before_train_fixes():
+    """Trace the model with the formulas issue 23's train-step work replaced (same numbers, tested in
+    tests/models/test_gesr_train_numerics.py), for the ``before`` row."""
+    saved = hstu_lib.HSTULayer.history_kv
+    hstu_lib.HSTULayer.history_kv = _history_kv_before
+    try:
+        yield
+    finally:
+        hstu_lib.HSTULayer.history_kv = saved
+
+
+# GESR train-step variants beyond the three model kinds: (row suffix, config overrides, traced before the fixes).
+GESR_VARIANTS = {
+    "before": ((), True),
+    "HSTU off": (("model.hstu.enabled=false",), False),
+    "HSTU, cross attention and MLPG off": (
+        ("model.hstu.enabled=false", "model.cross.ro=false", "model.cross.nro=false", "model.mlpg.enabled=false"),
+        False),
+}  # fmt: skip
+
+# Source files of the GESR train step's HLO ops, in the order they are matched against an op's stack frames.
+SOURCES = (
+    ("kernels/", "HSTU attention (kernels/, xla backend on CPU)"),
+    ("layers/core.py:dropout", "dropout masks (layers/core.py)"),
+    ("layers/cross_attention.py", "RO/NRO cross attention (layers/cross_attention.py)"),
+    ("layers/hstu.py", "HSTU layers: projections, LayerNorms, residuals (layers/hstu.py, sequence.py)"),
+    ("layers/sequence.py", "HSTU layers: projections, LayerNorms, residuals (layers/hstu.py, sequence.py)"),
+    ("layers/mlpg.py", "MLPG (layers/mlpg.py)"),
+    ("layers/hard_matching.py", "HMA (layers/hard_matching.py)"),
+    ("models/gesr/tokens.py", "MoA tokens (models/gesr/tokens.py)"),
+    ("models/two_tower/", "towers and interaction (models/two_tower/)"),
+    ("optax", "AdamW update and loss (optax, train/step.py)"),
+    ("train/step.py", "AdamW update and loss (optax, train/step.py)"),
+)
+_DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "bf16": 2, "s8": 1, "u8": 1, "s64": 8, "u64": 8,
+                "f64": 8}  # fmt: skip
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", text):
+        total += _DTYPE_BYTES.get(dtype, 0) * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def bytes_by_source(hlo: str) -> dict[str, float]:
+    """Operand + result bytes of every op of the entry computation, by the first ``SOURCES`` file in its stack.
+
+    Reads the compiled HLO text: its FileNames / FileLocations / StackFrames tables and each op's
+    ``stack_frame_id``. Parents are printed one above their index (frame i's parent is ``parent_frame_id - 1``,
+    0 = none). Returns {} when the text has no stack frames (another jax version).
+    """
+    tables: dict[str, dict[int, str]] = collections.defaultdict(dict)
+    section = None
+    for line in hlo.splitlines():
+        text = line.strip()
+        if text in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = text
+        elif section and re.match(r"\d+ ", text):
+            index, value = text.split(" ", 1)
+            tables[section][int(index)] = value
+        elif section and text:
+            section = None
+    if not tables["StackFrames"] or "ENTRY" not in hlo:
+        return {}
+    files = {i: v.strip('"') for i, v in tables["FileNames"].items()}
+    functions = {i: v.strip('"') for i, v in tables["FunctionNames"].items()}
+    loc_file = {}  # location -> "path:function"
+    for i, v in tables["FileLocations"].items():
+        ids = dict(re.findall(r"(\w+)=(\d+)", v))
+        loc_file[i] = f"{files[int(ids['file_name_id'])]}:{functions[int(ids['function_name_id'])]}"
+    frames = {i: tuple(int(x) for x in re.findall(r"=(\d+)", v)[:2]) for i, v in tables["StackFrames"].items()}
+
+    def source(frame: int) -> str:
+        stack, seen = [], set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            location, parent = frames[frame]
+            stack.append(loc_file.get(location, ""))
+            frame = parent - 1
+        joined = " | ".join(stack)
+        return next((label for key, label in SOURCES if key in joined), "other")
+
+    entry = hlo[hlo.index("ENTRY") :]
+    sizes: dict[str, int] = {}
+    out: collections.Counter[str] = collections.Counter()
+    for line in entry.splitlines()[1:]:
+        if line.startswith("}"):
+            break
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(?:, |$)", line)
+        if not m:
+            continue
+        name, shape, op, operands = m.groups()
+        sizes[name] = _shape_bytes(shape)
+        if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+            continue
+        moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        out[source(int(frame.group(1))) if frame else "other"] += moved
+    return dict(out)
+
+
+def _model(kind: str, n: int, c: int, batch: int, overrides: tuple[str, ...] = ()) -> tuple[Any, Any, Any, dict]:
+    cfg = config_lib.load_config(
+        PRESETS[kind], [f"data.history_len={n}", f"data.min_history={min(4, n)}", *overrides])
     schema = dataclasses.replace(datasets.schema_for(cfg.data), num_candidates=c)
     graphdef, params = api.init(cfg, 0, schema)
     data = api.example_batch(cfg, 1, batch, schema)
@@ -93,8 +217,9 @@ def _model(kind: str, n: int, c: int, batch: int) -> tuple[Any, Any, Any, dict[s
     return graphdef, params, schema, data
 
 
-def train_step(kind: str, shapes: Shapes) -> Kernel:
-    graphdef, params, schema, data = _model(kind, shapes.train_history, shapes.train_candidates, shapes.train_batch)
+def train_step(kind: str, shapes: Shapes, overrides: tuple[str, ...] = ()) -> Kernel:
+    graphdef, params, schema, data = _model(
+        kind, shapes.train_history, shapes.train_candidates, shapes.train_batch, overrides)
     tx = optax.adamw(1e-3)
     tasks = schema.tasks
 
@@ -143,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels: dict[str, Kernel] = {}
     for kind in PRESETS:
         kernels[f"train step {kind}"] = train_step(kind, shapes)
+    for suffix, (overrides, before) in GESR_VARIANTS.items():
+        with before_train_fixes() if before else contextlib.nullcontext():
+            kernels[f"train step gesr, {suffix}"] = train_step("gesr", shapes, overrides)
     kernels["gesr encode_request"], kernels["gesr score"] = serving(shapes)
     kernels["probe: matmul"], kernels["probe: stream"] = probes(shapes)
     print("compiled; timing", flush=True)
@@ -188,6 +316,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{k.bytes / (t.cpu_ms / 1e3) / 1e9:.2f} | {f_peak:.3f} | {f_bw:.3f} | {bound / 1e9:.1f} ({which}) | "
             f"{rate / bound:.3f} |"
         )
+    gesr = "train step gesr"
+    step_ratios = [
+        (f"{gesr}, before / {gesr} (CPU time)", ratio(timings, f"{gesr}, before", gesr)),
+        (f"{gesr} / train step two_tower", ratio(timings, gesr, "train step two_tower")),
+        (f"{gesr}, HSTU off / train step two_tower", ratio(timings, f"{gesr}, HSTU off", "train step two_tower")),
+        (f"{gesr}, HSTU, cross attention and MLPG off / train step two_tower",
+         ratio(timings, f"{gesr}, HSTU, cross attention and MLPG off", "train step two_tower")),
+        (f"{gesr} / {gesr}, HSTU off", ratio(timings, gesr, f"{gesr}, HSTU off")),
+    ]  # fmt: skip
+    lines += ["", "GESR train step (issue 23 item 4), ratios of CPU time from the same rounds:", "",
+              "| ratio | median (25th-75th percentile) |", "| --- | --- |"]  # fmt: skip
+    lines += [f"| {name} | {r} |" for name, r in step_ratios]
+    split, split_off = bytes_by_source(kernels[gesr].hlo), bytes_by_source(kernels[f"{gesr}, HSTU off"].hlo)
+    if split:
+        total, total_off = sum(split.values()), max(sum(split_off.values()), 1.0)
+        lines += ["", f"Where the GESR train step's bytes come from: operand and result bytes of each compiled op "
+                  f"({total / 1e6:.0f} MB in all; the cost analysis counts {kernels[gesr].bytes / 1e6:.0f} MB), by "
+                  "the first of these source files in the op's stack frames; beside it the same split of the "
+                  "`HSTU off` row:", "",
+                  f"| source | MB ({gesr}) | share | MB (HSTU off) | share |", "| --- | --- | --- | --- | --- |"]
+        for name, b in sorted(split.items(), key=lambda kv: -kv[1]):
+            b_off = split_off.get(name, 0.0)
+            lines.append(f"| {name} | {b / 1e6:.1f} | {b / total:.1%} | {b_off / 1e6:.1f} | {b_off / total_off:.1%} |")
     lines += [
         "",
         "FLOPs and bytes are XLA's compiled cost analysis of each row (for the probes, the textbook counts: "
@@ -196,8 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         "`x bound`: achieved GFLOP/CPU-s over the roofline bound at the row's intensity (medians).",
         "",
         f"Goals (issue 23): `gesr score` reaches {fractions['gesr score']} of the matmul peak (goal >= 0.15x); the "
-        f"GESR train step {fractions['train step gesr']} (goal >= 0.20x).",
+        f"GESR train step {fractions['train step gesr']} (goal >= 0.20x; before the train-step work "
+        f"{fractions['train step gesr, before']}).",
     ]
+    g = kernels[gesr]
+    g_bound = min(peak, g.flops / max(g.bytes, 1.0) * bandwidth)
+    lines.append(
+        f"The GESR train step's own roofline bound, at its cost-analysis intensity {g.flops / g.bytes:.2f} FLOP/byte, "
+        f"is {g_bound / 1e9:.1f} GFLOP/CPU-s = {g_bound / peak:.3f}x the matmul peak: reaching 0.20x needs fewer "
+        "bytes per FLOP (fused attention), not faster code at the same traffic."
+    )
     models = [n for n in kernels if not n.startswith("probe")]
     top = max(kernels[n].flops / max(kernels[n].bytes, 1.0) for n in models)
     if top < peak / bandwidth:

@@ -23,8 +23,13 @@ def test_bench_roofline_smoke_writes_every_row(tmp_path):
     assert "Load average" in text and "GFLOP per CPU-second" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
     names = [r.split(" | ")[0][2:] for r in rows]
-    assert names == [f"train step {k}" for k in bench.PRESETS] + [
+    table = names[: names.index("probe: stream") + 1]
+    assert table == [f"train step {k}" for k in bench.PRESETS] + [
+        f"train step gesr, {v}" for v in bench.GESR_VARIANTS] + [
         "gesr encode_request", "gesr score", "probe: matmul", "probe: stream"]  # fmt: skip
-    for row in rows:
+    assert "train step gesr, before / train step gesr (CPU time)" in names  # the before/after ratio
+    sources = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and " | " in line]
+    assert "HSTU attention (kernels/, xla backend on CPU)" in sources  # the bytes split read the HLO stack frames
+    for row in rows[: len(table)]:
         gflop, megabytes = (float(x) for x in row.split(" | ")[1:3])
         assert gflop > 0 and megabytes > 0, row  # the cost analysis counted this row's work
