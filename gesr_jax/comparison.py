@@ -359,9 +359,10 @@ def dataset_references(config: Any, split: str = "test") -> dict[str, dict[str, 
 def data_description(config: Any) -> str:
     """One line naming the data a table was computed on, with the counts the loader saw.
 
-    MovieLens: ``"ML-1M (users 1–2999): 2,999 users, 487,650 ratings"``: the folder's name, the user-id
-    range when the log holds fewer users than the users file lists (a partial copy), and the distinct users
-    and ratings of the log (:meth:`gesr_jax.data.movielens.Interactions.seen`). Other sources: their name.
+    MovieLens: ``"ML-1M (users 1–2999): 2,999 users, 487,650 ratings; split global_time_user_holdout"``: the
+    folder's name, the user-id range when the log holds fewer users than the users file lists (a partial copy),
+    the distinct users and ratings of the log (:meth:`gesr_jax.data.movielens.Interactions.seen`) and the
+    request split (data.movielens.split). Other sources: their name.
     """
     data = config.data
     if data.source != "movielens":
@@ -373,7 +374,8 @@ def data_description(config: Any) -> str:
     except (OSError, movielens.DataFormatError) as err:  # a table about runs whose data folder is gone
         folder = data.movielens.path
         return f"{pathlib.Path(folder).name} at {folder}: not readable here, counts unknown ({err})"
-    return describe_interactions(inter.seen(), inter.num_users, pathlib.Path(data.movielens.path).name)
+    described = describe_interactions(inter.seen(), inter.num_users, pathlib.Path(data.movielens.path).name)
+    return f"{described}; split {data.movielens.split}"
 
 
 def describe_interactions(seen: dict[str, int], num_listed_users: int, folder: str) -> str:

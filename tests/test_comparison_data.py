@@ -37,7 +37,9 @@ def test_synthetic_data_is_named_by_source_and_config():
 @pytest.mark.skipif(not ML1M.is_dir(), reason="../shared/data/ml-1m is absent")
 def test_the_shared_ml1m_copy_is_the_first_2999_users():
     config = config_lib.load_config("ml1m_base", ())
-    assert comparison.data_description(config) == "ML-1M (users 1–2999): 2,999 users, 487,650 ratings"
+    assert comparison.data_description(config) == (
+        f"ML-1M (users 1–2999): 2,999 users, 487,650 ratings; split {config.data.movielens.split}"
+    )
 
 
 def test_runs_default_to_the_cache_folder_not_tmp(monkeypatch, tmp_path):
