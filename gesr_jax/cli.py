@@ -182,8 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gesr`` console script; returns the process exit status (``EXIT_STATUS``)."""
     args: Any = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the local launcher re-runs this command
+    ours = logging.getLogger("gesr_jax")
+    level = ours.level  # restored on return: a notebook or test calling main() keeps its own logging
     if args.debug:
-        logging.getLogger("gesr_jax").setLevel(logging.DEBUG)  # also keeps Orbax's logged tracebacks
+        ours.setLevel(logging.DEBUG)  # also keeps Orbax's logged tracebacks
+    try:
+        return _run(args)
+    finally:
+        ours.setLevel(level)
+
+
+def _run(args: Any) -> int:
     try:
         return int(args.func(args))
     except TrainingDivergedError as err:

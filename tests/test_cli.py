@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import logging
 import pathlib
 import sys
 
@@ -146,6 +147,7 @@ def test_debug_prints_the_traceback_and_a_bug_like_oserror_keeps_it(monkeypatch,
     assert cli.main(["--debug", "train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == "error: bad key"
+    assert logging.getLogger("gesr_jax").level == logging.NOTSET  # --debug does not outlive the call
 
     def missing(config, workdir, **kwargs):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")

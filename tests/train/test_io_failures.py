@@ -234,12 +234,15 @@ def test_the_traceback_filter_drops_asyncio_records_about_orbax_tasks_only():
 
     orbax_task = record("unhandled exception during asyncio.run() shutdown\ntask: <Task coro=<f() at /x/orbax/checkpoint/s.py:1>>")
     other_task = record("unhandled exception during asyncio.run() shutdown\ntask: <Task coro=<mine() at /x/app.py:1>>")
-    log = logging.getLogger("asyncio")
+    log, ours = logging.getLogger("asyncio"), logging.getLogger("gesr_jax")
+    saved = ours.level
+    ours.setLevel(logging.NOTSET)  # not `gesr --debug`, whatever ran before in this process
     checkpoint_errors.quiet_orbax_tracebacks(True)
     try:
         assert not log.filter(orbax_task) and log.filter(other_task)
     finally:
         checkpoint_errors.quiet_orbax_tracebacks(False)
+        ours.setLevel(saved)
     assert log.filter(orbax_task)  # released with the checkpoint folder
 
 
@@ -255,6 +258,7 @@ def test_orbax_tracebacks_stay_quiet_under_a_debug_root_logger_and_show_under_ge
     saved = root.level, ours.level
     try:
         root.setLevel(logging.DEBUG)
+        ours.setLevel(logging.NOTSET)
         assert not checkpoint_errors.OrbaxTracebackFilter().filter(rec)
         ours.setLevel(logging.DEBUG)  # what `gesr --debug` sets
         assert checkpoint_errors.OrbaxTracebackFilter().filter(rec)
