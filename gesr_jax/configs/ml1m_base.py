@@ -7,10 +7,11 @@ Launch:   gesr train --config ml1m_base --workdir /tmp/gesr_ml1m --set data.movi
 Baseline: gesr train --config ml1m_base_two_tower --workdir /tmp/gesr_ml1m_tt --set data.movielens.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
-Expected (measured with eval_every=200, patience=2, before issue 22 item 8; to redo):
-          test NE at the best valid step (step 800 for most seeds), 5 paired seeds: consume 0.8716 ± 0.0207,
-          engage 0.8535 ± 0.0137; the two-tower 0.9474 / 0.9111, so ΔNE -8.00 ± 2.11 % / -6.32 ± 1.22 %
-          (experiments/results/ablation_ml1m.md). About 2.5 min per GESR run on a 2-core CPU shared with a second run.
+Expected: test NE at the best valid step (mostly step 500), 5 paired seeds, split global_time_user_holdout
+          (experiments/results/models_ml1m.md): consume 0.8371 ± 0.0176, engage 0.8376 ± 0.0109; vs the
+          two-tower ΔNE -7.74 ± 2.05 % / -5.97 ± 0.88 %, ΔAUC +5.45 / +4.11 points, -7.20 / -5.63 % once each
+          model's intercept is fitted on valid, user bootstrap [-8.76, -6.60] / [-6.85, -4.95] %: "better" on
+          every column. About 8 min of training per GESR run (460 ± 190 s) on a 2-core CPU shared with other runs.
 """
 
 import pathlib

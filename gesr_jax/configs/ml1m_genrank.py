@@ -7,12 +7,13 @@ Launch:   gesr train --config ml1m_genrank --workdir /tmp/gesr_ml1m_genrank --se
 Baseline: gesr train --config ml1m_genrank_interleaved --workdir /tmp/gesr_ml1m_gr_il --set data.movielens.path=/path/to/ml-1m
 Data:     `gesr data download ml-1m --to ~/data` on your machine (the licence forbids redistribution);
           the default path is ../shared/data/ml-1m relative to the repository.
-Expected: test NE at the best valid step, 5 paired seeds (experiments/results/models_ml1m.md): consume
-          0.8441 ± 0.0127, engage 0.8481 ± 0.0102; vs the two-tower -10.88 ± 2.42 % / -6.91 ± 1.31 %. Lower NE
-          than GESR (ml1m_base) on consume (GESR is +3.25 ± 1.90 % against it; engage n.s.), but NOT a better
-          model on that evidence: its consume AUC is not higher (0.7763 vs 0.7776) and on seed 0 the NE gap
-          goes once each model's intercept is fitted on valid (issue 22; redo with the verdict column).
-          All on "ML-1M (users 1–2999)": 2,999 users, 487,650 ratings (the default ../shared/data/ml-1m copy).
+Expected: test NE at the best valid step (mostly step 800), 5 paired seeds, split global_time_user_holdout
+          (experiments/results/models_ml1m.md): consume 0.8227 ± 0.0058, engage 0.8390 ± 0.0052; vs the
+          two-tower -9.33 ± 0.63 % / -5.80 ± 0.54 % with ΔAUC +5.62 / +3.58 points ("better" on every column).
+          Against GESR (ml1m_base) no difference is shown: GESR's paired ΔNE vs this model is +1.75 ± 2.14 %
+          (consume) and -0.17 ± 1.30 % (engage), both CIs hold 0, and the AUCs are 0.7827 vs 0.7843 and
+          0.7899 vs 0.7846. All on "ML-1M (users 1–2999)": 2,999 users, 487,650 ratings (the default
+          ../shared/data/ml-1m copy).
 """
 
 from gesr_jax.config import Config
