@@ -31,12 +31,15 @@ header).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import pathlib
+import resource
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -46,6 +49,7 @@ from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, r
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
+from gesr_jax.layers import cross_attention  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.scorer import Scorer  # noqa: E402
 from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
@@ -55,6 +59,43 @@ SMOKE_SHAPES = [(16, 20), (16, 50)]
 BATCHES = (1, 16)
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODES = ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")
+# Ablations (GESR, at the run's last (N, C) only: (1024, 2000) by default), each the scorer with one fix undone:
+ABLATIONS = {
+    "scorer, unblocked": dict(score_block=None),  # one [R, C] batch per chunk (per-call page faults)
+    "scorer, 1-row blocks": dict(score_group=1),  # blocks request by request: XLA's single-row layout
+    "scorer, literal NRO layout": dict(),  # NRO cross attention in its first "bmhd,bnhd->bhmn" form
+}
+
+
+def literal_attend(q, k, v, valid, *, kind, normalizer):
+    """The NRO/RO attention as first written (before the head-major layout), for the ablation row."""
+    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
+    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
+    mask = valid[:, None, None, :]
+    if kind == "softmax":
+        weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1), 0.0)
+    else:
+        weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
+    return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
+
+
+@contextlib.contextmanager
+def literal_nro():
+    """Trace (compile) with the literal attention; jit keeps what it traced, so only the first call needs it."""
+    saved = cross_attention.attend
+    cross_attention.attend = literal_attend
+    try:
+        yield
+    finally:
+        cross_attention.attend = saved
+
+
+def faults_per_call(fn) -> tuple[float, float]:
+    """(minor page faults, system CPU ms) of one more call of ``fn`` (after the timed rounds)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    jax.block_until_ready(fn())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return after.ru_minflt - before.ru_minflt, (after.ru_stime - before.ru_stime) * 1e3
 
 
 def requests_for(schema, table, n: int, c: int, b: int, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -79,7 +120,9 @@ def requests_for(schema, table, n: int, c: int, b: int, seed: int) -> tuple[list
     return reqs, batch
 
 
-def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: Buckets) -> tuple[list, dict]:
+def bench_shape(
+    presets: tuple[str, str], n: int, c: int, rounds: int, buckets: Buckets, ablate: bool
+) -> tuple[list, dict]:
     """Rows (one per model and mode) and the ratios of each batch size B, all variants of a B interleaved."""
     models = {}
     for kind, preset in zip(("gesr", "two_tower"), presets, strict=True):
@@ -95,11 +138,15 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: 
             full_graphdef, _ = api.abstract_init(full_cfg, schema)
             full = jax.jit(lambda p, batch, cache, g=full_graphdef: api.apply(g, p, batch, item_cache=cache,
                                                                                validate=False))  # fmt: skip
-        models[kind] = (schema, table, scorer, params, naive, full)
+        ablations = {}
+        if kind == "gesr" and ablate:
+            ablations = {mode: Scorer(graphdef, params, schema, table, buckets=buckets, **kw)
+                         for mode, kw in ABLATIONS.items()}  # fmt: skip
+        models[kind] = (schema, table, scorer, params, naive, full, ablations)
     rows, ratios = [], {}
     for b in BATCHES:
         variants, setup, caches = {}, {}, {}
-        for kind, (schema, table, scorer, params, naive, full) in models.items():
+        for kind, (schema, table, scorer, params, naive, full, ablations) in models.items():
             reqs, batch = requests_for(schema, table, n, c, b, seed=n + c + b)
             caches[kind] = reuse = UserStateCache()  # filled by the untimed first call, hit by every timed one
             variants[(kind, "scorer")] = lambda s=scorer, r=reqs: s.score(r)
@@ -110,12 +157,23 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: 
             variants[(kind, "naive apply")] = lambda f=naive, p=params, x=batch, k=cache: f(p, x, k)
             if full is not None:
                 variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
+            for mode, ablated in ablations.items():
+                if mode == "scorer, literal NRO layout":
+                    variants[(kind, mode)] = lambda s=ablated, r=reqs: _with(literal_nro, s.score, r)
+                else:
+                    variants[(kind, mode)] = lambda s=ablated, r=reqs: s.score(r)
         timings = interleaved(variants, rounds, before_each=setup)
+        faults = {}
+        for key, fn in variants.items():
+            if key in setup:
+                setup[key]()
+            faults[key] = faults_per_call(fn)
         for kind in models:
             assert caches[kind].stats.hits >= rounds * b, "the +reuse rows must hit the user-state cache"
         for (kind, mode), t in timings.items():
             rows.append(dict(n=n, c=c, b=b, model=kind, mode=mode, p50=t.wall_ms, p99=t.p99_wall_ms, cpu=t.cpu_ms,
-                             cps=b * c / (t.wall_ms / 1e3), x_naive=ratio(timings, (kind, "naive apply"), (kind, mode))))
+                             cps=b * c / (t.wall_ms / 1e3), x_naive=ratio(timings, (kind, "naive apply"), (kind, mode)),
+                             faults=faults[(kind, mode)][0], sys_ms=faults[(kind, mode)][1]))  # fmt: skip
         g = {m: ("gesr", m) for m in MODES}
         ratios[(n, c, b)] = {
             "GESR scorer x full-sequence apply": ratio(timings, g["full-sequence apply"], g["scorer"]),
@@ -125,10 +183,19 @@ def bench_shape(presets: tuple[str, str], n: int, c: int, rounds: int, buckets: 
             "GESR +reuse x no reuse": ratio(timings, g["scorer"], g["scorer+reuse"]),
             "GESR / two-tower cand/s (scorer)": ratio(timings, ("two_tower", "scorer"), g["scorer"]),
             "GESR / two-tower cand/s (+reuse)": ratio(timings, ("two_tower", "scorer+reuse"), g["scorer+reuse"]),
+            "two-tower scorer x naive": ratio(timings, ("two_tower", "naive apply"), ("two_tower", "scorer")),
+            "two-tower +reuse x naive": ratio(timings, ("two_tower", "naive apply"), ("two_tower", "scorer+reuse")),
         }
+        for mode in ABLATIONS if ablate else ():
+            ratios[(n, c, b)][f"ablation: {mode} / scorer"] = ratio(timings, ("gesr", mode), g["scorer"])
         print(f"N={n} C={c} B={b}: " + ", ".join(f"{k[0]} {k[1]} {t.cpu_ms:.1f} ms CPU" for k, t in timings.items()),
               flush=True)  # fmt: skip
     return rows, ratios
+
+
+def _with(context, fn, *args):
+    with context():
+        return fn(*args)
 
 
 def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse.Namespace, elapsed: float) -> str:
@@ -149,19 +216,27 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "`full-sequence apply`: the same GESR params with `model.hstu.scoring=full` (HSTU over the packed "
         "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split).",
         "",
-        "| N | C | B | model | mode | wall p50 ms | wall p99 ms | CPU ms | cand/s | x naive apply (same model, CPU) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "",
+        f"Scorer: `score_block=128` candidates per block, 2 (request, block) units per step (serving/blocking.py), "
+        f"one fused encode+score call per request group without the user cache. Ablations at N={rows[-1]['n']}, "
+        f"C={rows[-1]['c']} (GESR, same rounds): " + "; ".join(f"`{m}`" for m in ABLATIONS) + " (each undoes "
+        "one fix: blocking, the 2-unit steps, the head-major NRO layout). `faults` / `sys ms`: minor page faults "
+        "and system CPU of one extra call after the rounds (getrusage).",
+        "",
+        "| N | C | B | model | mode | wall p50 ms | wall p99 ms | CPU ms | cand/s | x naive apply (same model, CPU) "
+        "| faults | sys ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['c']} | {r['b']} | {r['model']} | {r['mode']} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['cpu']:.2f} | {r['cps']:,.0f} | {r['x_naive']} |"
+            f"{r['cpu']:.2f} | {r['cps']:,.0f} | {r['x_naive']} | {r['faults']:,.0f} | {r['sys_ms']:.0f} |"
         )
-    names = list(next(iter(ratios.values())))
+    names = list(dict.fromkeys(k for by_name in ratios.values() for k in by_name))
     lines += ["", "Ratios of CPU time from the same rounds (median, 25th-75th percentile):", "",
               "| N | C | B | " + " | ".join(names) + " |", "| --- " * (3 + len(names)) + "|"]  # fmt: skip
     for (n, c, b), by_name in ratios.items():
-        lines.append(f"| {n} | {c} | {b} | " + " | ".join(f"{by_name[k]}" for k in names) + " |")
+        lines.append(f"| {n} | {c} | {b} | " + " | ".join(f"{by_name.get(k, '')}" for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and models, 2 rounds (for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; smoke 2)")
+    parser.add_argument("--shapes", default=None, help="N:C pairs, e.g. 1024:2000 (default: the three above)")
     parser.add_argument("--out", default=None, help="markdown path (default experiments/results/serving_<device>.md)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 5)
@@ -178,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     start = time.perf_counter()
     rows, ratios = [], {}
-    for n, c in SMOKE_SHAPES if args.smoke else SHAPES:
-        shape_rows, shape_ratios = bench_shape(args.presets, n, c, args.repeats, args.buckets)
+    shapes = [tuple(int(x) for x in pair.split(":")) for pair in args.shapes.split(",")] if args.shapes else (
+        SMOKE_SHAPES if args.smoke else SHAPES)  # fmt: skip
+    for n, c in shapes:
+        shape_rows, shape_ratios = bench_shape(args.presets, n, c, args.repeats, args.buckets, (n, c) == shapes[-1])
         rows, ratios = rows + shape_rows, ratios | shape_ratios
     text = render(rows, ratios, info, machine_info(), args, time.perf_counter() - start)
     out = pathlib.Path(args.out) if args.out else RESULTS / f"serving_{info['platform']}{'_smoke' if args.smoke else ''}.md"

@@ -35,9 +35,18 @@ def attend(
     ``q`` is [B, M, H, dh] (per-request queries) or [M, H, dh] (shared by all requests);
     ``k``, ``v`` [B, N, H, dh]; ``valid`` [B, N]. Returns [B, M, H, dh]. A request with no
     valid history gets zeros (never NaN).
+
+    Per-request queries run head-major ([B, H, M, dh] x [B, H, N, dh]): with the heads axis
+    between M and dh, XLA on CPU computes the value product as ``v^T w^T`` and writes the
+    whole [B, H, M, N] weight matrix transposed (measured ~2.5x slower per score entry;
+    experiments/results/serving_cpu.md). Only the small q, k, v, output move, not the scores.
     """
-    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
-    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
+    if q.ndim == 3:
+        qh = jnp.broadcast_to(jnp.swapaxes(q, 0, 1)[None], (k.shape[0], q.shape[1], q.shape[0], q.shape[2]))
+    else:
+        qh = jnp.swapaxes(q, 1, 2)  # [B, H, M, dh]
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
+    scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh) * (q.shape[-1] ** -0.5)
     mask = valid[:, None, None, :]
     if kind == "softmax":
         scores = jnp.where(mask, scores, -1e30)
@@ -47,7 +56,7 @@ def attend(
         weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
     else:
         raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
-    return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
+    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh), 1, 2)
 
 
 class HistoryKV(nnx.Module):

@@ -22,6 +22,7 @@ import numpy as np
 
 from gesr_jax.data.batch import BatchSchema
 from gesr_jax.serving.artifact import ArtifactUnavailable, ExportError
+from gesr_jax.serving.blocking import DEFAULT_GROUP, blocked_score, rowwise_encode
 from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.requests import ParsedRequest, RequestError, pack_candidates, pack_requests, parse_request
 from gesr_jax.serving.user_cache import UserStateCache
@@ -45,9 +46,22 @@ class Engine:
         item_table: Mapping[str, np.ndarray] | None = None,
         user_cache: UserStateCache | None = None,
         max_candidates: int | None = None,
+        score_block: int | None = None,
+        score_group: int = DEFAULT_GROUP,
+        fuse_encode: bool = False,
+        coarse_chunks: bool = False,
     ):
         self.schema, self.tasks = schema, tuple(schema.tasks)
-        self.consts = consts  # arrays passed to every call (params, item cache): arguments, not constants
+        # Arrays passed to every call (params, item cache): arguments, not constants. Flattened once here: a
+        # call then hands jax a flat list of arrays, not the params' nested pytree to flatten again per call.
+        leaves, treedef = jax.tree.flatten(consts)
+        self.consts = leaves
+        self.score_block = score_block
+        self.fuse_encode, self.coarse_chunks = fuse_encode, coarse_chunks
+        if score_block is not None:  # request by request, candidate blocks: see serving/blocking.py
+            encode = rowwise_encode(encode, score_group)
+            score = blocked_score(score, score_block, len(self.tasks), score_group)
+        encode, score = _unflattening(encode, treedef), _unflattening(score, treedef)
         self.buckets = buckets or Buckets()
         self.item_table = {k: np.asarray(v, np.int32) for k, v in (item_table or {}).items()}
         self.user_cache = user_cache
@@ -55,6 +69,13 @@ class Engine:
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._encode = jax.jit(self._counted("encode", encode))
         self._score = jax.jit(self._counted("score", score))
+
+        def encode_score(consts: Any, request: dict[str, jax.Array], candidates: dict[str, jax.Array]) -> Any:
+            state = encode(consts, request)
+            return state, score(consts, state, candidates)
+
+        # fuse_encode: without a user-state cache, a group's first chunk encodes and scores in one call.
+        self._encode_score = jax.jit(self._counted("encode_score", encode_score))
         self._split = jax.jit(self._counted("split", _split_rows))
         self._stack = jax.jit(self._counted("stack", _stack_rows))
 
@@ -117,7 +138,9 @@ class Engine:
     def warmup(self) -> int:
         """Compile every bucket shape now (encode per request size, score per (request, chunk) size).
 
-        Returns how many traces it added; afterwards no request shape compiles anything. A bucket whose
+        Without a user-state cache (and with ``fuse_encode``) it also compiles the fused encode-and-score call
+        per (request, chunk) size; set ``user_cache`` before warming up. Returns how many traces it added;
+        afterwards no request shape compiles anything. A bucket whose
         artifact is damaged (an export loaded with ``verify="lazy"``) is skipped with a warning naming the
         file; its requests then get that error, and every other bucket serves.
         """
@@ -132,29 +155,58 @@ class Engine:
                 state = self._stack(list(self._split(state)))
             for width in self.buckets.chunk_sizes:
                 cands, counts = pack_candidates([], self.schema, rows, width)
+                cands["num_candidates"] = counts
                 try:
-                    jax.block_until_ready(self._score(self.consts, state, cands | {"num_candidates": counts}))
+                    jax.block_until_ready(self._score(self.consts, state, cands))
+                    if self._fused:
+                        request = pack_requests([], self.schema, rows)
+                        jax.block_until_ready(self._encode_score(self.consts, request, cands))
                 except ExportError as err:
                     warnings.warn(f"warmup skips bucket {rows}x{width}: {err}", stacklevel=2)
         return self.num_compiles - before
 
     # ------------------------------------------------------------------------------------------ internals
 
+    @property
+    def _fused(self) -> bool:
+        """Whether a group's first chunk runs as one encode-and-score call (``fuse_encode``, no user cache)."""
+        return self.fuse_encode and self.user_cache is None
+
+    def _plan(self, num_candidates: int) -> list[tuple[int, int]]:
+        """Chunks of a group. With ``coarse_chunks`` (padding is cheap: blocked scoring skips padding blocks,
+        or candidates cost little) the largest buckets, then the smallest bucket that holds the tail: fewer
+        dispatches. Otherwise :meth:`Buckets.chunk_plan` (padding below the smallest bucket)."""
+        if not self.coarse_chunks:
+            return self.buckets.chunk_plan(num_candidates)
+        plan, start, largest = [], 0, self.buckets.chunk_sizes[-1]
+        while num_candidates - start > largest:
+            plan.append((start, largest))
+            start += largest
+        if num_candidates > start:
+            plan.append((start, next(c for c in self.buckets.chunk_sizes if c >= num_candidates - start)))
+        return plan
+
     def _score_group(self, group: list[ParsedRequest]) -> np.ndarray:
         """[T, rows, width] probabilities of one request batch (rows, width >= the group's real sizes)."""
         rows = self.buckets.request_bucket(len(group))
-        state = self._states(group, rows)
-        plan = self.buckets.chunk_plan(max(p.num_candidates for p in group))
+        plan = self._plan(max(p.num_candidates for p in group))
         if not plan:
             return np.zeros((len(self.tasks), rows, 0), np.float32)
         width = plan[-1][0] + plan[-1][1]
         cands, counts = pack_candidates(group, self.schema, rows, width)
         # Dispatch every chunk before reading any back: jax runs them asynchronously.
-        outs = []
+        outs, state = [], None
         for start, size in plan:
             part = {k: v[:, start : start + size] for k, v in cands.items()}
             part["num_candidates"] = np.clip(counts - start, 0, size).astype(np.int32)
-            outs.append(self._score(self.consts, state, part))
+            if state is None and self._fused:
+                state, out = self._encode_score(self.consts, pack_requests(group, self.schema, rows), part)
+            else:
+                state = self._states(group, rows) if state is None else state
+                out = self._score(self.consts, state, part)
+            outs.append(out)
+        if len(outs) == 1:
+            return np.asarray(outs[0])
         return np.concatenate([np.asarray(o) for o in outs], axis=2)
 
     def _states(self, group: list[ParsedRequest], rows: int) -> Any:
@@ -182,6 +234,15 @@ class Engine:
             return row_states[0]
         # Padding rows repeat row 0: their candidates are all padding, so their outputs are dropped.
         return self._stack(row_states + [row_states[0]] * (rows - len(row_states)))
+
+
+def _unflattening(fn: Callable, treedef: Any) -> Callable:
+    """``fn(consts, *args)`` taking the flat list of the consts' leaves instead of the consts pytree."""
+
+    def call(leaves: list, *args: Any) -> Any:
+        return fn(jax.tree.unflatten(treedef, leaves), *args)
+
+    return call
 
 
 def _split_rows(state: Any) -> tuple[Any, ...]:

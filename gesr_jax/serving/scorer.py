@@ -25,10 +25,23 @@ from flax import nnx
 from gesr_jax import api
 from gesr_jax.data import datasets
 from gesr_jax.data.batch import BatchSchema
+from gesr_jax.serving.blocking import DEFAULT_GROUP
 from gesr_jax.serving.buckets import Buckets
 from gesr_jax.serving.engine import Engine, sigmoid_stack
+from gesr_jax.serving.requests import pack_requests
 from gesr_jax.serving.user_cache import UserStateCache
 from gesr_jax.workdir import StepChoice, Workdir
+
+# Candidates per block inside a chunk call: [1, H, 128, N] f32 scores are 1 MiB at H=2, N=1024, within the
+# 1 MiB L2 of a core of the benchmark box (experiments/results/serving_cpu.md has the block-size rows).
+DEFAULT_SCORE_BLOCK = 128
+
+
+def _state_has_history_axis(encode: Any, params: Any, schema: BatchSchema) -> bool:
+    """Whether the encoded state of one request holds a [1, N, ...] tensor (traced shapes only, nothing runs)."""
+    request = pack_requests([], schema, 1)
+    shapes = jax.eval_shape(encode, {"params": params}, request)
+    return any(x.ndim >= 3 and x.shape[1] == schema.history_len for x in jax.tree.leaves(shapes))
 
 
 class Scorer(Engine):
@@ -38,7 +51,15 @@ class Scorer(Engine):
     cache when the model has one and fills item features a request leaves out; without it the cache is
     built only when the item tower reads the item id alone. ``use_item_cache=False`` never builds one. ``fp8=True`` serves
     ``api.quantize_fp8`` weights (kernels with at least ``fp8_min_elements`` entries). ``user_cache``
-    enables user-state reuse.
+    enables user-state reuse. ``score_block`` (candidates) runs each chunk request by request in blocks of that
+    many candidates inside one compiled call (``serving/blocking.py``: cache-sized buffers, no per-call page
+    faults); ``None`` runs a chunk as one [R, C] batch; ``"auto"`` blocks (``DEFAULT_SCORE_BLOCK``) only when
+    candidates attend over the history, i.e. the request state holds per-event tensors ([R, N, ...], e.g. K/V
+    caches): a model whose state is a user vector (the two-tower) has no [C, N] work to block and would pay
+    the loop for nothing. Without a user cache a request group's first chunk encodes and scores in one
+    call; chunks are the largest buckets (then the smallest that holds the tail) when padding is cheap (blocked,
+    or no history attention), else ``Buckets.chunk_plan``. ``score_group`` (request, block) units run per step (2:
+    XLA on CPU picks a ~3x slower layout for the attention of a single row).
     """
 
     def __init__(
@@ -54,6 +75,8 @@ class Scorer(Engine):
         user_cache: UserStateCache | None = None,
         max_candidates: int | None = None,
         use_item_cache: bool = True,
+        score_block: int | str | None = "auto",
+        score_group: int = DEFAULT_GROUP,
     ):
         if fp8:
             graphdef, params = api.quantize_fp8(graphdef, params, min_elements=fp8_min_elements)
@@ -80,9 +103,15 @@ class Scorer(Engine):
             logits = api.score(graphdef, consts["params"], state, candidates, item_cache=consts["item_cache"])
             return sigmoid_stack(logits, tasks)
 
+        attends = _state_has_history_axis(encode, params, schema)
+        if score_block == "auto":
+            score_block = DEFAULT_SCORE_BLOCK if attends else None
+        elif score_block is not None and not isinstance(score_block, int):
+            raise ValueError(f"score_block must be 'auto', None or a positive int, got {score_block!r}")
         super().__init__(
             schema, {"params": params, "item_cache": cache}, encode, score, buckets=buckets,
-            item_table=item_table, user_cache=user_cache, max_candidates=max_candidates,
+            item_table=item_table, user_cache=user_cache, max_candidates=max_candidates, score_block=score_block,
+            score_group=score_group, fuse_encode=True, coarse_chunks=score_block is not None or not attends,
         )  # fmt: skip
 
     @classmethod

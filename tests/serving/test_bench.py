@@ -22,6 +22,7 @@ def test_bench_serving_smoke_writes_the_table(tmp_path):
     for mode in ("scorer", "scorer+reuse", "naive apply"):
         assert f"| {mode} |" in text
     # 2 shapes x 2 batch sizes x 2 models x 3 modes, then one ratio row per (shape, batch size).
-    # Per shape and batch: gesr has scorer, +reuse, naive and full-sequence rows; two_tower the first three.
-    assert text.count("| gesr |") == 16 and text.count("| two_tower |") == 12
+    # Per shape and batch: gesr has scorer, +reuse, naive and full-sequence rows; two_tower the first three;
+    # the last shape adds the three GESR ablation rows per batch size.
+    assert text.count("| gesr |") == 16 + 6 and text.count("| two_tower |") == 12  # + 3 ablations x 2 B (last shape)
     assert "GESR +reuse x naive" in text
