@@ -39,7 +39,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -67,23 +66,11 @@ ABLATIONS = {
 }
 
 
-def literal_attend(q, k, v, valid, *, kind, normalizer):
-    """The NRO/RO attention as first written (before the head-major layout), for the ablation row."""
-    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
-    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
-    mask = valid[:, None, None, :]
-    if kind == "softmax":
-        weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1), 0.0)
-    else:
-        weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
-    return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
-
-
 @contextlib.contextmanager
 def literal_nro():
     """Trace (compile) with the literal attention; jit keeps what it traced, so only the first call needs it."""
     saved = cross_attention.attend
-    cross_attention.attend = literal_attend
+    cross_attention.attend = cross_attention.attend_literal
     try:
         yield
     finally:

@@ -47,16 +47,29 @@ def attend(
         qh = jnp.swapaxes(q, 1, 2)  # [B, H, M, dh]
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
     scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh) * (q.shape[-1] ** -0.5)
+    weights = _weights(scores, valid, kind, normalizer)
+    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh), 1, 2)
+
+
+def attend_literal(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, kind: str, normalizer: float
+) -> jax.Array:
+    """:func:`attend` as the formula is written (token-major einsums): the oracle of its layout, and
+    experiments/bench_serving.py's ablation row. Same arguments and result."""
+    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
+    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
+    return jnp.einsum("bhmn,bnhd->bmhd", _weights(scores, valid, kind, normalizer), v)
+
+
+def _weights(scores: jax.Array, valid: jax.Array, kind: str, normalizer: float) -> jax.Array:
+    """[B, H, M, N] attention weights; invalid keys (and rows with none) weigh exactly 0."""
     mask = valid[:, None, None, :]
     if kind == "softmax":
-        scores = jnp.where(mask, scores, -1e30)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = jnp.where(mask, weights, 0.0)
-    elif kind == "silu":
-        weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
-    else:
-        raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
-    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh), 1, 2)
+        weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+        return jnp.where(mask, weights, 0.0)
+    if kind == "silu":
+        return jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
+    raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
 
 
 class HistoryKV(nnx.Module):

@@ -1,6 +1,6 @@
 """The head-major cross attention (layers/cross_attention.attend) equals the spec's literal einsums.
 
-The literal form below is the formula as first written ([B, H, M, N] scores from "bmhd,bnhd", values back with
+The literal form (attend_literal) is the formula as first written ([B, H, M, N] scores from "bmhd,bnhd", values back with
 "bhmn,bnhd->bmhd"); attend computes the same numbers in a head-major layout that is faster on CPU. Forward and
 gradients (training differentiates through it) must agree within 1e-5 on random inputs, masked rows included.
 """
@@ -12,18 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gesr_jax.layers.cross_attention import attend
-
-
-def literal_attend(q, k, v, valid, *, kind, normalizer):
-    spec = "mhd,bnhd->bhmn" if q.ndim == 3 else "bmhd,bnhd->bhmn"
-    scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
-    mask = valid[:, None, None, :]
-    if kind == "softmax":
-        weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1), 0.0)
-    else:
-        weights = jnp.where(mask, jax.nn.silu(scores), 0.0) / normalizer
-    return jnp.einsum("bhmn,bnhd->bmhd", weights, v)
+from gesr_jax.layers.cross_attention import attend, attend_literal as literal_attend
 
 
 @pytest.mark.parametrize("kind", ["silu", "softmax"])
