@@ -26,7 +26,7 @@ def test_bench_roofline_smoke_writes_every_row(tmp_path):
     table = names[: names.index("probe: stream") + 1]
     assert table == [f"train step {k}" for k in bench.PRESETS] + [
         f"train step gesr, {v}" for v in bench.GESR_VARIANTS] + [
-        "gesr encode_request", "gesr score", "probe: matmul", "probe: stream"]  # fmt: skip
+        "gesr encode_request", "gesr score", "gesr score, blocked (Scorer)", "probe: matmul", "probe: stream"]  # fmt: skip
     assert "train step gesr, before / train step gesr (CPU time)" in names  # the before/after ratio
     sources = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and " | " in line]
     assert "HSTU attention (kernels/, xla backend on CPU)" in sources  # the bytes split read the HLO stack frames
