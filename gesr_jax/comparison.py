@@ -249,23 +249,22 @@ def comparison_table(
 
     ``references`` adds rows that were not trained, label -> task -> NE (e.g. the synthetic log's
     decoupled ceiling); the oracle row comes from the runs' ``<task>/oracle_ne`` when present. Their
-    ΔNE is against the baseline's per-seed NE, like every other row. ``also_vs`` names a second row
-    (e.g. "GESR (all on)" in an ablation table) that every trained row is also compared with, paired.
+    ΔNE is against the baseline's per-seed NE, like every other row. ``also_vs`` names a second row (e.g.
+    "GESR (all on)" in an ablation table) every trained row is also paired with: ΔNE, ΔAUC, verdict.
     """
-    base = results[0]
-    second = None
+    base, second = results[0], None
     if also_vs is not None:
-        matches = [res for res in results if res.variant.label == also_vs]
-        if not matches:
+        second = next((res for res in results if res.variant.label == also_vs), None)
+        if second is None:
             raise ValueError(f"also_vs={also_vs!r} is not a row; rows: {[r.variant.label for r in results]}")
-        second = matches[0]
     header = ["model"]
     has_gauc = all(f"{t}/gauc" in run[split] for t in tasks for res in results for run in res.runs)
     has_recal = all(f"{t}/ne_recal" in run[split] for t in tasks for res in results for run in res.runs)
     has_boot = split == "test" and all(t in run.get("test_users", {}) for t in tasks for res in results for run in res.runs)
     for task in tasks:
         header += [f"NE {task}", f"ΔNE {task} vs {base.variant.label} (%, paired)"]
-        header += [f"ΔNE {task} vs {also_vs} (%, paired)"] if second is not None else []
+        header += [f"ΔNE {task} vs {also_vs} (%, paired)", f"ΔAUC {task} vs {also_vs} (points, paired)",
+                   f"verdict {task} vs {also_vs}"] if second is not None else []  # fmt: skip
         header += [f"AUC {task}", f"ΔAUC {task} (points, paired)"] + ([f"ΔgAUC {task} (points, paired)"] if has_gauc else [])
         header += [f"recal. ΔNE {task} (%, intercept fitted on valid)"] if has_recal else []
         header += [f"ΔNE {task} (%, 95% bootstrap over test users, seed-averaged)"] if has_boot else []
@@ -280,8 +279,7 @@ def comparison_table(
             delta = "0 (baseline)" if res is base else statistics.format_delta(*statistics.mean_ci(rel))
             row += [_mean_ci(res.metric(split, f"{task}/ne"), 4), delta]
             if second is not None:
-                rel2 = paired_delta(second, res, f"{task}/ne", split)
-                row.append("0 (reference)" if res is second else statistics.format_delta(*statistics.mean_ci(rel2)))
+                row += _reference_cells(second, res, task, split, has_recal)
             row.append(_mean_ci(res.metric(split, f"{task}/auc"), 4))
             row += _calibration_cells(base, res, task, split, has_gauc, has_recal)
         if show_best:
@@ -298,7 +296,7 @@ def comparison_table(
         for task in tasks:
             ne = values.get(task, math.nan)
             rel = statistics.paired_relative_delta(base.metric(split, f"{task}/ne"), np.full(len(base.runs), ne))
-            row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel))] + (["—"] if second else []) + ["—"]
+            row += [f"{ne:.4f}", statistics.format_delta(*statistics.mean_ci(rel))] + (["—"] * 3 if second else []) + ["—"]
             row += ["—"] * (2 + has_gauc + has_recal + has_boot)
         row += (["—"] if show_best else []) + ["—"]
         rows.append(row)
@@ -321,6 +319,17 @@ def _calibration_cells(
     cells += [statistics.format_delta(*deltas["recal. ΔNE"])] if has_recal else []
     cells += [boot] if boot is not None else []
     return cells + [calibration.verdict(deltas["ΔNE"], deltas["ΔAUC"], deltas.get("recal. ΔNE"))]
+
+
+def _reference_cells(ref: VariantResult, res: VariantResult, task: str, split: str, has_recal: bool) -> list[str]:
+    """ΔNE, ΔAUC and the verdict of ``res`` against the ``also_vs`` row (e.g. an ablation vs GESR all on)."""
+    if res is ref:
+        return ["0 (reference)", "0 (reference)", "—"]
+    paired_delta(ref, res, f"{task}/ne", split)  # checks the pairing
+    keys = [f"{task}/{m}" for m in ("ne", "auc", *(["ne_recal"] if has_recal else []))]
+    d = calibration.paired_deltas({k: ref.metric(split, k) for k in keys}, {k: res.metric(split, k) for k in keys}, task)
+    fmt = statistics.format_delta
+    return [fmt(*d["ΔNE"]), fmt(*d["ΔAUC"]), calibration.verdict(d["ΔNE"], d["ΔAUC"], d.get("recal. ΔNE"))]
 
 
 def gap_closed(

@@ -178,7 +178,8 @@ def test_comparison_table_also_pairs_each_row_with_a_second_reference(tmp_path):
     def train(config, run_dir):
         value = ne[config.name, config.model.hma.enabled if config.model.kind != "two_tower" else True]
         value *= 1 + 0.05 * config.train.seed  # seeds move every row alike: paired, the changes are exact
-        test = {"consume/ne": value, "consume/auc": 0.8, "num_examples": 10}
+        auc = {0.8: 0.70, 0.72: 0.80, 0.756: 0.78}[ne[config.name, config.model.hma.enabled if config.model.kind != "two_tower" else True]]
+        test = {"consume/ne": value, "consume/auc": auc, "num_examples": 10}
         return {"step": 5, "valid": dict(test), "test": test}
 
     results = comparison.run_variants(variants, tmp_path, train_fn=train, log=lambda _: None)
@@ -186,6 +187,9 @@ def test_comparison_table_also_pairs_each_row_with_a_second_reference(tmp_path):
     assert "ΔNE consume vs two-tower (%, paired) | ΔNE consume vs GESR (%, paired)" in lines[0]
     assert "| 0 (baseline) | 11.11 ± 0.00 |" in lines[2] and "| -10.00 ± 0.00 | 0 (reference) |" in lines[3]
     assert "| -5.50 ± 0.00 | 5.00 ± 0.00 |" in lines[4]  # removing X costs 5 % against full GESR
+    # ... with its paired ΔAUC and verdict against full GESR beside it (no recalibration kept: incomplete)
+    assert "| 5.00 ± 0.00 | -2.00 ± 0.00 | incomplete (NE worse, AUC worse; recal. NE missing) |" in lines[4]
+    assert "| 0 (reference) | 0 (reference) | — |" in lines[3]
     with pytest.raises(ValueError, match="also_vs='nope' is not a row"):
         comparison.comparison_table(results, ["consume"], also_vs="nope")
 
