@@ -11,8 +11,8 @@ Expected: test NE at the best valid step (mostly step 800), 5 paired seeds, spli
           (experiments/results/models_ml1m.md): consume 0.8227 ± 0.0058, engage 0.8390 ± 0.0052; vs the
           two-tower -9.33 ± 0.63 % / -5.80 ± 0.54 % with ΔAUC +5.62 / +3.58 points ("better" on every column).
           Against GESR (ml1m_base) no difference is shown: GESR's paired ΔNE vs this model is +1.75 ± 2.14 %
-          (consume) and -0.17 ± 1.30 % (engage), both CIs hold 0, and the AUCs are 0.7827 vs 0.7843 and
-          0.7899 vs 0.7846. All on "ML-1M (users 1–2999)": 2,999 users, 487,650 ratings (the default
+          (consume) and -0.17 ± 1.30 % (engage), its paired ΔAUC -0.17 ± 0.85 / +0.54 ± 0.64 points: n.s. on
+          every measure. All on "ML-1M (users 1–2999)": 2,999 users, 487,650 ratings (the default
           ../shared/data/ml-1m copy).
 """
 
