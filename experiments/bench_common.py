@@ -205,3 +205,16 @@ METHOD_NOTE = (
     "compile call each; per call the median wall and CPU (process) time over the rounds; every ratio is the "
     "median of per-round CPU-time ratios with its 25th-75th percentile spread in parentheses."
 )
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def write_results(text: str, stem: str, info: Mapping[str, Any], smoke: bool, out: str | None = None) -> pathlib.Path:
+    """Print a benchmark's markdown and write it to ``out`` or ``results/<stem>_<platform>[_smoke].md``."""
+    path = pathlib.Path(out) if out else RESULTS / f"{stem}_{info['platform']}{'_smoke' if smoke else ''}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text, end="")
+    print(f"wrote {path}")
+    return path

@@ -49,7 +49,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio, write_results  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
@@ -60,7 +60,6 @@ from gesr_jax.serving.scorer import DEFAULT_SCORE_BLOCK  # noqa: E402
 from gesr_jax.train import step as step_lib  # noqa: E402
 
 PRESETS = {"gesr": "synthetic_base", "two_tower": "synthetic_base_two_tower", "genrank": "synthetic_genrank"}
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,11 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "contend for the same memory channels, so it (and every memory-bound row with it) falls with the load "
         "average named above."
     )
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"roofline_{info['platform']}{'_smoke' if args.smoke else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    write_results("\n".join(lines) + "\n", "roofline", info, args.smoke, args.out)
     return 0
 
 

@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio, write_results  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
@@ -56,7 +56,6 @@ from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
 SHAPES = [(256, 500), (1024, 500), (1024, 2000)]
 SMOKE_SHAPES = [(16, 20), (16, 50)]
 BATCHES = (1, 16)
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODES = ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")
 # Ablations (GESR, at the run's last (N, C) only: (1024, 2000) by default), each the scorer with one fix undone:
 ABLATIONS = {
@@ -247,11 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         shape_rows, shape_ratios = bench_shape(args.presets, n, c, args.repeats, args.buckets, (n, c) == shapes[-1])
         rows, ratios = rows + shape_rows, ratios | shape_ratios
     text = render(rows, ratios, info, machine_info(), args, time.perf_counter() - start)
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"serving_{info['platform']}{'_smoke' if args.smoke else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"wrote {out}")
+    write_results(text, "serving", info, args.smoke, args.out)
     return 0
 
 

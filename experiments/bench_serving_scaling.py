@@ -38,7 +38,7 @@ from scipy.optimize import nnls
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line  # noqa: E402
+from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, write_results  # noqa: E402
 from bench_serving import requests_for  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
@@ -46,7 +46,6 @@ from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
 from gesr_jax.serving.scorer import Scorer  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TOLERANCE = 0.15  # issue 23: fitted exponents within +-0.15
 
 
@@ -200,12 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "say how far each sweep is from those limits, given how much of the time is the other term and the "
         "constant (per-call overhead, the user tower, the item-cache lookups).",
     ]
-    out = pathlib.Path(args.out) if args.out else RESULTS / (
-        f"serving_scaling_{info['platform']}{'_smoke' if args.smoke else ''}.md")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    write_results("\n".join(lines) + "\n", "serving_scaling", info, args.smoke, args.out)
     return 0
 
 
