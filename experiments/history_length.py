@@ -27,7 +27,7 @@ import time
 import ablations
 import jax
 
-from gesr_jax import comparison, config as config_lib, statistics
+from gesr_jax import comparison, config as config_lib, statistics, strata
 from gesr_jax.train import runtime
 
 PRESET = "ml1m_base"
@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         vs_two_tower(results, lengths, tasks),
         "",
     ]
+    by_tenure = strata.strata_table(by_length, tasks)
+    if by_tenure is not None:
+        lines += ["## Test NE by user tenure (days from the user's first rating to the request; gesr_jax/strata.py)",
+                  "", by_tenure, ""]  # fmt: skip
     comparison.write_report(args.out or ablations.RESULTS / "history_length_ml1m.md", lines, results=by_length)
     return 0
 
