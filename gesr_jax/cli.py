@@ -163,11 +163,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def io_message(err: OSError) -> str:
-    """One line for an I/O failure: a :class:`RunIOError` names its operation and path itself."""
+def io_message(err: OSError, folder: str | None = None) -> str:
+    """One line for an I/O failure: a :class:`RunIOError` names its operation and path itself; an OS error
+    without a file name (a write to an open file, a background writer) names the command's ``folder``."""
     if isinstance(err, RunIOError):
         return str(err)
-    where = f": {err.filename}" if err.filename else ""
+    where = f": {err.filename}" if err.filename else (f" under {folder}" if folder else "")
     return f"I/O failure{where}: {describe_os_error(err)}"
 
 
@@ -202,7 +203,7 @@ def _run(args: Any) -> int:
     except OSError as err:
         if not (isinstance(err, RunIOError) or err.errno in IO_ERRNOS):
             raise  # e.g. a FileNotFoundError from a bug: keep the traceback
-        return _fail(io_message(err), EXIT_IO, args.debug)
+        return _fail(io_message(err, getattr(args, "workdir", None)), EXIT_IO, args.debug)
     except KeyboardInterrupt:
         print("interrupted; the workdir resumes from its latest checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED

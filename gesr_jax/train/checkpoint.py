@@ -143,13 +143,8 @@ class Checkpointer:
             step=ocp.args.JsonSave({"step": int(step), "metadata": metadata or {}, "integrity": integrity}),
             data_iterator=grain.checkpoint.CheckpointSave(data_iterator),
         )
-        try:
-            self._manager.save(step, args=args, force=True)
-        except Exception as err:  # noqa: BLE001 - an OS failure (of this or an earlier background save) is I/O
-            failure = write_error(err, self.directory)
-            if failure is None:
-                raise
-            raise failure from err
+        # An OS failure of this or an earlier background save is I/O: a CheckpointWriteError naming the folder.
+        self._as_write_error(lambda: self._manager.save(step, args=args, force=True))
 
     def restore(
         self, step: int, *, params: Any, opt_state: Any, data_iterator: grain.DatasetIterator
@@ -237,19 +232,25 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every pending save is on disk."""
+        self._as_write_error(self._manager.wait_until_finished)
+
+    def close(self) -> None:
+        """Finish pending saves and close; a save that fails here is a :class:`CheckpointWriteError` too."""
+        if self._open:
+            self._open = False
+            try:
+                self._as_write_error(self._manager.close)
+            finally:
+                quiet_orbax_tracebacks(False)
+
+    def _as_write_error(self, call: Any) -> None:
         try:
-            self._manager.wait_until_finished()
-        except Exception as err:  # noqa: BLE001 - as in save()
+            call()
+        except Exception as err:  # noqa: BLE001 - only OS-level failures are converted; the rest re-raise
             failure = write_error(err, self.directory)
             if failure is None:
                 raise
             raise failure from err
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            quiet_orbax_tracebacks(False)
-            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

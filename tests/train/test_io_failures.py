@@ -265,3 +265,33 @@ def test_orbax_tracebacks_stay_quiet_under_a_debug_root_logger_and_show_under_ge
     finally:
         root.setLevel(saved[0])
         ours.setLevel(saved[1])
+
+
+def test_a_save_that_fails_only_when_the_manager_closes_is_one_checkpoint_write_error(tmp_path):
+    """Orbax can surface a background save's ENOSPC in close(), after save() and wait() returned."""
+    import errno
+
+    from gesr_jax.train.checkpoint_errors import CheckpointWriteError
+
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+
+    def close():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoints._manager.close = close
+    with pytest.raises(CheckpointWriteError, match="No space left on device") as info:
+        checkpoints.close()
+    assert str(tmp_path / "checkpoints") in str(info.value) and info.value.errno == errno.ENOSPC
+    checkpoints.close()  # closed once: a second call does nothing
+
+
+def test_an_os_error_without_a_file_name_names_the_commands_workdir(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def fail(config, workdir, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # e.g. a write() to an open file
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+    assert cli.main(_train(tmp_path / "run")) == cli.EXIT_IO
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line == f"error: I/O failure under {tmp_path / 'run'}: No space left on device [ENOSPC]"
