@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -168,11 +169,8 @@ def config_hash(config: Any) -> str:
 
 
 def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) -> pathlib.Path:
-    """Per row and seed: valid and test metrics, the best step, the config hash and the train time (JSON).
-
-    :func:`read_sidecar` rebuilds the :class:`VariantResult` list, so a table (and its intervals) can be
-    recomputed without the run folders.
-    """
+    """Per row and seed: valid and test metrics, best step, config hash, train time (JSON); :func:`read_sidecar`
+    rebuilds the :class:`VariantResult` list, so a table (and its intervals) is recomputed without the run folders."""
     rows = []
     for res in results:
         seeds = res.seeds or list(range(len(res.runs)))
@@ -187,9 +185,11 @@ def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) ->
             })  # fmt: skip
         rows.append({"label": res.variant.label, "config": res.variant.config,
                      "overrides": list(res.variant.overrides), "runs": records})  # fmt: skip
-    path = pathlib.Path(path)
-    path.write_text(json.dumps({"version": SIDECAR_VERSION, "rows": rows}, indent=1, allow_nan=True) + "\n")
-    return path
+    text = json.dumps({"version": SIDECAR_VERSION, "rows": rows}, indent=1, allow_nan=True)
+    # Lists of numbers (the per-test-user sums) on one line each: indented one per line they doubled the file.
+    text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + ",".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    pathlib.Path(path).write_text(text + "\n")
+    return pathlib.Path(path)
 
 
 def read_sidecar(path: str | pathlib.Path) -> list[VariantResult]:

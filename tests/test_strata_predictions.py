@@ -77,3 +77,4 @@ def test_table_shows_the_user_bootstrap_when_runs_keep_test_user_stats(tmp_path)
     assert "-20.00 [-20.00, -20.00]" in gesr  # every user's loss 20 % lower: -20 % in every resample
     rebuilt = comparison.read_sidecar(comparison.write_sidecar(tmp_path / "t.json", results))
     assert comparison.comparison_table(rebuilt, ("consume",)) == table
+    assert '"loss": [10.0,11.0,9.0]' in (tmp_path / "t.json").read_text()  # number lists on one line each
