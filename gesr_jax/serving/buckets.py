@@ -46,17 +46,21 @@ class Buckets:
             raise ValueError(f"request_bucket: {num_requests} requests, expected 1..{self.max_requests}")
         return next(r for r in self.request_sizes if r >= num_requests)
 
-    def chunk_plan(self, num_candidates: int) -> list[tuple[int, int]]:
+    def chunk_plan(self, num_candidates: int, coarse: bool = False) -> list[tuple[int, int]]:
         """``[(start, size), ...]`` chunks covering ``num_candidates`` slots, every size a chunk bucket.
 
         Greedy: the largest bucket that fits in what is left, and for the tail the smallest bucket that
         covers it, so padding stays below the smallest bucket for any count (e.g. 1100 with (64, 256, 1024)
-        -> 1024 + 64 + 64). Zero candidates give no chunks.
+        -> 1024 + 64 + 64). ``coarse`` (for callers whose padding is cheap, e.g. blocked scoring that skips
+        padding blocks): the largest bucket while more is left, then the smallest that covers the whole tail,
+        so fewer calls (1100 -> 1024 + 256). Zero candidates give no chunks.
         """
         plan: list[tuple[int, int]] = []
         start, left = 0, int(num_candidates)
         while left > 0:
             fitting = [c for c in self.chunk_sizes if c <= left]
+            if coarse and left <= self.chunk_sizes[-1]:
+                fitting = [next(c for c in self.chunk_sizes if c >= left)]
             size = fitting[-1] if fitting else self.chunk_sizes[0]
             plan.append((start, size))
             start, left = start + size, left - size

@@ -57,6 +57,7 @@ class Engine:
         leaves, treedef = jax.tree.flatten(consts)
         self.consts = leaves
         self.score_block = score_block
+        # coarse_chunks: padding is cheap (blocked scoring skips padding blocks), so fewer, larger chunks.
         self.fuse_encode, self.coarse_chunks = fuse_encode, coarse_chunks
         if score_block is not None:  # request by request, candidate blocks: see serving/blocking.py
             encode = rowwise_encode(encode, score_group)
@@ -172,24 +173,10 @@ class Engine:
         """Whether a group's first chunk runs as one encode-and-score call (``fuse_encode``, no user cache)."""
         return self.fuse_encode and self.user_cache is None
 
-    def _plan(self, num_candidates: int) -> list[tuple[int, int]]:
-        """Chunks of a group. With ``coarse_chunks`` (padding is cheap: blocked scoring skips padding blocks,
-        or candidates cost little) the largest buckets, then the smallest bucket that holds the tail: fewer
-        dispatches. Otherwise :meth:`Buckets.chunk_plan` (padding below the smallest bucket)."""
-        if not self.coarse_chunks:
-            return self.buckets.chunk_plan(num_candidates)
-        plan, start, largest = [], 0, self.buckets.chunk_sizes[-1]
-        while num_candidates - start > largest:
-            plan.append((start, largest))
-            start += largest
-        if num_candidates > start:
-            plan.append((start, next(c for c in self.buckets.chunk_sizes if c >= num_candidates - start)))
-        return plan
-
     def _score_group(self, group: list[ParsedRequest]) -> np.ndarray:
         """[T, rows, width] probabilities of one request batch (rows, width >= the group's real sizes)."""
         rows = self.buckets.request_bucket(len(group))
-        plan = self._plan(max(p.num_candidates for p in group))
+        plan = self.buckets.chunk_plan(max(p.num_candidates for p in group), coarse=self.coarse_chunks)
         if not plan:
             return np.zeros((len(self.tasks), rows, 0), np.float32)
         width = plan[-1][0] + plan[-1][1]

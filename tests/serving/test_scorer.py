@@ -112,6 +112,9 @@ def test_chunk_plan_uses_only_buckets_and_covers_every_candidate():
         covered = sum(z for _, z in plan)
         assert covered >= c and covered - c < 64
     assert buckets.chunk_plan(1100) == [(0, 1024), (1024, 64), (1088, 64)]
+    # coarse (blocked scoring: padding is cheap): whole largest buckets, then the smallest covering the tail
+    assert buckets.chunk_plan(1100, coarse=True) == [(0, 1024), (1024, 256)]
+    assert buckets.chunk_plan(2000, coarse=True) == [(0, 1024), (1024, 1024)] and buckets.chunk_plan(0, coarse=True) == []
     assert [Buckets((1, 4, 16)).request_bucket(n) for n in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
     with pytest.raises(ValueError, match="chunk_sizes"):
         Buckets((1,), ())
