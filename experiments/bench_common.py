@@ -11,6 +11,8 @@ Every ``experiments/bench_*.py`` times its variants with :func:`interleaved`::
     f"{r}"                                                  # "2.31x (2.20-2.45)"
     header = machine_line(info, finished=machine_info())    # a markdown line naming the machine and its load
 
+    add_cpus_arg(parser); pin_cpus(parser.parse_args().cpus)   # --cpus 1: run on CPU 1 only, before jax starts
+
 How: each variant is called once untimed (compiles), then ``rounds`` rounds run every variant once each, in an
 order that rotates from round to round, so a burst of load from another job hits all variants of a round
 alike. A call is timed with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU seconds of this
@@ -19,6 +21,12 @@ the CPU time mostly does not. A ratio of two variants is the median of the per-r
 a round saw the same load), with the 25th-75th percentile as its spread. A variant shorter than
 ``min_call_ms`` is called several times per timed sample (the same count every round), so timer resolution
 and dispatch jitter stay small against it. Results are per call.
+
+``--cpus`` (:func:`pin_cpus`) pins the process to some logical CPUs before jax builds its thread pool. On a
+shared box, the CPU time of a multi-threaded XLA call also counts its threads' spinning and waiting for
+each other, which grows with the other jobs' load: two unpinned runs of bench_serving half an hour apart
+gave ratios 2x apart (experiments/results/serving_cpu.md). Pinned to one CPU, XLA runs one thread and the
+CPU time is the work of the call.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METHOD_NOTE", "Ratio", "Timing", "interleaved", "load_average", "machine_info", "machine_line", "ratio"]
+__all__ = [
+    "METHOD_NOTE", "Ratio", "Timing", "add_cpus_arg", "compiled_cost", "interleaved", "load_average", "machine_info",
+    "machine_line", "pin_cpus", "ratio",
+]  # fmt: skip
 
 
 def _block(value: Any) -> Any:
@@ -169,6 +180,45 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def add_cpus_arg(parser: Any) -> None:
+    """The ``--cpus`` option every benchmark shares (see the module docstring)."""
+    parser.add_argument(
+        "--cpus", default=None, help="pin to these logical CPUs before jax starts, e.g. '1' or '0,1' (default: all)"
+    )
+
+
+def pin_cpus(spec: str | None) -> set[int] | None:
+    """Pin this process to the CPUs of ``spec`` ("1", "0,2", "0-3"); call it before jax's first computation.
+
+    XLA sizes its CPU thread pool from the CPUs the process may run on when the backend starts, so pinning
+    afterwards would leave more threads than CPUs. Returns the CPU set (None for ``spec`` None).
+    """
+    if spec is None:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus |= set(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--cpus must look like '1', '0,2' or '0-3', got {spec!r}") from None
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus <= available:
+        raise ValueError(f"--cpus {spec!r}: this process may run on CPUs {sorted(available)} only")
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def compiled_cost(fn: Callable, *args: Any) -> tuple[Any, float, float]:
+    """``(executable, FLOPs, bytes accessed)`` of ``jax.jit(fn)`` at ``args``, from XLA's compiled cost analysis."""
+    import jax
+
+    exe = jax.jit(fn).lower(*args).compile()
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per device on older jax
+    return exe, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
 def machine_info() -> dict[str, Any]:
     """Platform, device, CPU model and core count, jax/python versions, date and the load average now."""
     import jax
@@ -179,6 +229,7 @@ def machine_info() -> dict[str, Any]:
         "device": getattr(device, "device_kind", str(device)),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "pinned": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "arch": platform.machine(),
         "jax": jax.__version__,
         "python": platform.python_version(),
@@ -190,9 +241,13 @@ def machine_info() -> dict[str, Any]:
 def machine_line(info: Mapping[str, Any], *, finished: Mapping[str, Any] | None = None) -> str:
     """One markdown line naming the machine, versions and the load average at the start (and end) of a run."""
     load = "/".join(f"{x:.2f}" for x in info["load"])
+    pinned = info.get("pinned")
+    cores = f"{info['cores']} logical cores visible"
+    if pinned is not None and len(pinned) < (info["cores"] or 0):
+        cores += f", this process pinned to CPU {','.join(map(str, pinned))} (`--cpus`)"
     text = (
         f"Machine: platform **{info['platform']}** ({info['device']}), CPU {info['cpu']} ({info['arch']}, "
-        f"{info['cores']} logical cores visible, shared with other jobs); jax {info['jax']}, Python "
+        f"{cores}, shared with other jobs); jax {info['jax']}, Python "
         f"{info['python']}; {info['date']}. Load average (1/5/15 min) at start {load}"
     )
     if finished is not None:

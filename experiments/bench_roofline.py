@@ -49,7 +49,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    METHOD_NOTE, add_cpus_arg, compiled_cost, interleaved, machine_info,
+    machine_line, pin_cpus, ratio, write_results,
+)
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
@@ -88,11 +91,8 @@ class Kernel:
 
 
 def compiled(fn: Callable, *args: Any) -> Kernel:
-    exe = jax.jit(fn).lower(*args).compile()
-    cost = exe.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per device on older jax
-    return Kernel(lambda: exe(*args), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                  exe.as_text())  # fmt: skip
+    exe, flops, nbytes = compiled_cost(fn, *args)
+    return Kernel(lambda: exe(*args), flops, nbytes, exe.as_text())
 
 
 def _history_kv_before(layer: hstu_lib.HSTULayer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (for tests)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--out", default=None, help="markdown path (default experiments/results/roofline_<platform>.md)")
+    add_cpus_arg(parser)
     args = parser.parse_args(argv)
+    pin_cpus(args.cpus)
     shapes, rounds = (SMOKE, 2) if args.smoke else (FULL, args.rounds)
     info = machine_info()
     start = time.perf_counter()
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         machine_line(info, finished=machine_info())
         + f" Command: `nice python experiments/bench_roofline.py{' --smoke' if args.smoke else ''}"
-        f" --rounds {rounds}`; whole run {time.perf_counter() - start:.0f} s.",
+        f" --rounds {rounds}{' --cpus ' + args.cpus if args.cpus else ''}`;"
+        f" whole run {time.perf_counter() - start:.0f} s.",
         "",
         METHOD_NOTE,
         "",

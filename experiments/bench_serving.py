@@ -43,13 +43,24 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    METHOD_NOTE,
+    add_cpus_arg,
+    compiled_cost,
+    interleaved,
+    machine_info,
+    machine_line,
+    pin_cpus,
+    ratio,
+    write_results,
+)
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
 from gesr_jax.layers import cross_attention  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
+from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
 from gesr_jax.serving.scorer import Scorer  # noqa: E402
 from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
 
@@ -139,6 +150,7 @@ def bench_shape(
             setup[(kind, "scorer")] = lambda s=scorer: setattr(s, "user_cache", None)
             variants[(kind, "scorer+reuse")] = lambda s=scorer, r=reqs: s.score(r)
             setup[(kind, "scorer+reuse")] = lambda s=scorer, u=reuse: setattr(s, "user_cache", u)
+            variants[(kind, "parse and pack only")] = lambda s=scorer, r=reqs: host_work(s, r)
             cache = scorer.item_cache
             variants[(kind, "naive apply")] = lambda f=naive, p=params, x=batch, k=cache: f(p, x, k)
             if full is not None:
@@ -171,6 +183,13 @@ def bench_shape(
             "GESR / two-tower cand/s (+reuse)": ratio(timings, ("two_tower", "scorer+reuse"), g["scorer+reuse"]),
             "two-tower scorer x naive": ratio(timings, ("two_tower", "naive apply"), ("two_tower", "scorer")),
             "two-tower +reuse x naive": ratio(timings, ("two_tower", "naive apply"), ("two_tower", "scorer+reuse")),
+            "two-tower parse and pack / naive": ratio(timings, ("two_tower", "parse and pack only"),
+                                                      ("two_tower", "naive apply")),  # fmt: skip
+        }
+        full_flops, scorer_flops, score_flops = arithmetic(models["gesr"], b)
+        ratios[(n, c, b)] |= {
+            "FLOPs: full-sequence / scorer": f"{full_flops / scorer_flops:.2f}x",
+            "FLOPs: full-sequence / score only (+reuse)": f"{full_flops / score_flops:.2f}x",
         }
         for mode in ABLATIONS if ablate else ():
             ratios[(n, c, b)][f"ablation: {mode} / scorer"] = ratio(timings, ("gesr", mode), g["scorer"])
@@ -179,9 +198,41 @@ def bench_shape(
     return rows, ratios
 
 
+def host_work(scorer: Scorer, reqs: list[dict]) -> dict:
+    """What the Scorer does on the host before its first jitted call: validate each request, pack the arrays."""
+    parsed = [scorer.parse(r, i) for i, r in enumerate(reqs)]
+    rows = scorer.buckets.request_bucket(len(parsed))
+    width = max(p.num_candidates for p in parsed)
+    return pack_requests(parsed, scorer.schema, rows) | pack_candidates(parsed, scorer.schema, rows, width)[0]
+
+
+def arithmetic(model: tuple, b: int) -> tuple[float, float, float]:
+    """XLA cost-analysis FLOPs of one call of B requests: full-sequence apply, encode + score, score alone.
+
+    The time ratios against the full-sequence model cannot exceed these FLOP ratios by much unless the
+    full-sequence call runs further below the machine's peak than the Scorer does: the candidate-side work
+    (projections, NRO cross attention, MLPG) is the same in both, and only the attention pairs differ,
+    (N + C)^2 against N^2 + C*N. Exact C, no padding; the Scorer's blocks hold the same arithmetic.
+    """
+    schema, table, scorer, params, _, full, _ = model
+    _, batch = requests_for(schema, table, schema.history_len, schema.num_candidates, b, seed=0)
+    graphdef, cache = scorer.graphdef, scorer.item_cache
+    _, full_flops, _ = compiled_cost(full, params, batch, cache)
+    _, encode_flops, _ = compiled_cost(lambda p, x: api.encode_request(graphdef, p, x), params, batch)
+    state = jax.jit(lambda p, x: api.encode_request(graphdef, p, x))(params, batch)
+    _, score_flops, _ = compiled_cost(
+        lambda p, s, x, k: api.score(graphdef, p, s, x, item_cache=k), params, state, batch, cache
+    )
+    return full_flops, encode_flops + score_flops, score_flops
+
+
 def _with(context, fn, *args):
     with context():
         return fn(*args)
+
+
+def _flag(name: str, value: str | None) -> str:
+    return f" --{name} {value}" if value else ""
 
 
 def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse.Namespace, elapsed: float) -> str:
@@ -189,7 +240,8 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "# Serving benchmark: GESR Scorer vs two-tower Scorer vs api.apply (cached and full-sequence)",
         "",
         machine_line(info, finished=end) + f" Command: `python experiments/bench_serving.py"
-        f"{' --smoke' if args.smoke else ''} --repeats {args.repeats}` ({args.repeats} rounds); whole run "
+        f"{' --smoke' if args.smoke else ''} --repeats {args.repeats}{_flag('shapes', args.shapes)}"
+        f"{_flag('cpus', args.cpus)}` ({args.repeats} rounds); whole run "
         f"{elapsed:.0f} s.",
         "",
         METHOD_NOTE,
@@ -200,7 +252,10 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
         "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays. "
         "`full-sequence apply`: the same GESR params with `model.hstu.scoring=full` (HSTU over the packed "
-        "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split).",
+        "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split). "
+        "`parse and pack only`: the Scorer's host work before its first jitted call (validating every request "
+        "and packing its arrays), which `naive apply` skips. `FLOPs:` columns: XLA's cost analysis of one call "
+        "(`arithmetic()` in the script), the ratio the time ratios would show at equal FLOP rates.",
         "",
         "",
         f"Scorer: `score_block=128` candidates per block, 2 (request, block) units per step (serving/blocking.py), "
@@ -232,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; smoke 2)")
     parser.add_argument("--shapes", default=None, help="N:C pairs, e.g. 1024:2000 (default: the three above)")
     parser.add_argument("--out", default=None, help="markdown path (default experiments/results/serving_<device>.md)")
+    add_cpus_arg(parser)
     args = parser.parse_args(argv)
+    pin_cpus(args.cpus)
     args.repeats = args.repeats or (2 if args.smoke else 5)
     args.presets = ("synthetic_tiny", "synthetic_tiny_two_tower") if args.smoke else (
         "synthetic_base", "synthetic_base_two_tower")  # fmt: skip

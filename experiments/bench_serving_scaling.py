@@ -38,7 +38,15 @@ from scipy.optimize import nnls
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    METHOD_NOTE,
+    add_cpus_arg,
+    interleaved,
+    machine_info,
+    machine_line,
+    pin_cpus,
+    write_results,
+)
 from bench_serving import requests_for  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sweeps and model, 2 rounds (for tests)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; smoke 2)")
     parser.add_argument("--out", default=None, help="markdown path (default results/serving_scaling_<platform>.md)")
+    add_cpus_arg(parser)
     args = parser.parse_args(argv)
+    pin_cpus(args.cpus)
     sweeps, preset = (SMOKE, "synthetic_tiny") if args.smoke else (FULL, "synthetic_base")
     rounds = args.rounds or (2 if args.smoke else 7)
     info = machine_info()
@@ -147,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "# How GESR serving cost grows with history length N and candidate count C",
         "",
         machine_line(info, finished=end) + f" Command: `nice python experiments/bench_serving_scaling.py"
-        f"{' --smoke' if args.smoke else ''} --rounds {rounds}`; whole run {time.perf_counter() - start:.0f} s.",
+        f"{' --smoke' if args.smoke else ''} --rounds {rounds}{' --cpus ' + args.cpus if args.cpus else ''}`;"
+        f" whole run {time.perf_counter() - start:.0f} s.",
         "",
         METHOD_NOTE,
         "",

@@ -18,19 +18,17 @@ column: "better"/"worse" only when all these agree (gesr_jax/calibration.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import pathlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from gesr_jax import calibration, config as config_lib, statistics
+from gesr_jax import calibration, config as config_lib, sidecar, statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,18 +157,10 @@ def write_report(
     return path
 
 
-SIDECAR_VERSION = 1
-
-
-def config_hash(config: Any) -> str:
-    """sha256 (first 16 hex digits) of a config's canonical JSON: equal hashes, equal configs."""
-    text = json.dumps(config_lib.to_dict(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) -> pathlib.Path:
     """Per row and seed: valid and test metrics, best step, config hash, train time (JSON); :func:`read_sidecar`
-    rebuilds the :class:`VariantResult` list, so a table (and its intervals) is recomputed without the run folders."""
+    rebuilds the :class:`VariantResult` list, so a table (and its intervals) is recomputed without the run folders
+    (gesr_jax/sidecar.py: the file's form and size limit)."""
     rows = []
     for res in results:
         seeds = res.seeds or list(range(len(res.runs)))
@@ -179,24 +169,20 @@ def write_sidecar(path: str | pathlib.Path, results: Sequence[VariantResult]) ->
             config = config_lib.load_config(res.variant.config, (*res.variant.overrides, *seed_overrides(seed)))
             records.append({
                 "seed": seed, "best_step": run.get("best_step"), "step": run.get("step"),
-                "config_hash": config_hash(config), "train_seconds": seconds,
+                "config_hash": sidecar.config_hash(config), "train_seconds": seconds,
                 "valid": run.get("valid", {}), "test": run.get("test", {}),
                 **({"test_users": run["test_users"]} if "test_users" in run else {}),
             })  # fmt: skip
         rows.append({"label": res.variant.label, "config": res.variant.config,
                      "overrides": list(res.variant.overrides), "runs": records})  # fmt: skip
-    text = json.dumps({"version": SIDECAR_VERSION, "rows": rows}, indent=1, allow_nan=True)
-    # Lists of numbers (the per-test-user sums) on one line each: indented one per line they doubled the file.
-    text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + ",".join(m.group(1).split()).replace(",,", ",") + "]", text)
-    pathlib.Path(path).write_text(text + "\n")
-    return pathlib.Path(path)
+    return sidecar.write(path, rows)  # over sidecar.MAX_SIDECAR_BYTES without the per-test-user sums
 
 
 def read_sidecar(path: str | pathlib.Path) -> list[VariantResult]:
     """The rows of a sidecar written by :func:`write_sidecar`, ready for :func:`comparison_table`."""
     data = json.loads(pathlib.Path(path).read_text())
-    if data.get("version") != SIDECAR_VERSION:
-        raise ValueError(f"{path}: sidecar version {data.get('version')!r}, expected {SIDECAR_VERSION}")
+    if data.get("version") != sidecar.SIDECAR_VERSION:
+        raise ValueError(f"{path}: sidecar version {data.get('version')!r}, expected {sidecar.SIDECAR_VERSION}")
     out = []
     for row in data["rows"]:
         variant = Variant(row["label"], row["config"], tuple(row["overrides"]))

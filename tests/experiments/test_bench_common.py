@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
-from bench_common import Ratio, Timing, interleaved, machine_info, machine_line, ratio  # noqa: E402
+from bench_common import Ratio, Timing, interleaved, machine_info, machine_line, pin_cpus, ratio  # noqa: E402
 
 
 def test_every_variant_runs_once_per_round_in_a_rotating_order():
@@ -52,3 +52,24 @@ def test_machine_line_names_the_cpu_and_the_load():
     info = machine_info()
     line = machine_line(info, finished=info)
     assert info["cpu"] in line and "Load average" in line and "at end" in line and f"jax {info['jax']}" in line
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cpus_parses_the_spec_refuses_unknown_cpus_and_the_machine_line_says_so():
+    import os
+
+    info = machine_info()  # before pinning: jax sizes its thread pool when it starts
+    before = os.sched_getaffinity(0)
+    first = min(before)
+    try:
+        assert pin_cpus(None) is None and os.sched_getaffinity(0) == before
+        assert pin_cpus(f"{first}") == {first} and os.sched_getaffinity(0) == {first}
+        info |= {"cores": max(len(before), 2), "pinned": sorted(os.sched_getaffinity(0))}
+        assert f"pinned to CPU {first}" in machine_line(info)
+        with pytest.raises(ValueError, match="--cpus must look like"):
+            pin_cpus("one")
+        with pytest.raises(ValueError, match="may run on CPUs"):
+            pin_cpus("100000")
+        assert os.sched_getaffinity(0) == {first}  # a refused spec changes nothing
+    finally:
+        os.sched_setaffinity(0, before)
