@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import platform
 import sys
@@ -33,7 +32,8 @@ import ablations
 import jax
 import numpy as np
 
-from gesr_jax import cascade, catalogue as catalogue_lib, comparison, config as config_lib, metrics, statistics, strata
+from gesr_jax import cascade, catalogue as catalogue_lib, comparison, config as config_lib, metrics, sidecar
+from gesr_jax import statistics, strata
 from gesr_jax.data import datasets
 
 RESULTS, RUNS_ROOT = ablations.RESULTS, ablations.RUNS_ROOT  # the table folder and ablations.py's run folders
@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                   "", by_tenure, ""]  # fmt: skip
     suffix = "_clean" if args.catalogue == "clean" else ""
     report = comparison.write_report(args.out or RESULTS / f"cascade_{args.dataset}{suffix}.md", lines)
-    sidecar = {"catalogue": args.catalogue, "k": args.k, "per_seed": [{"seed": s, **rows} for s, rows in enumerate(per_seed)]}
-    report.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")  # per seed and row: the metrics, steps
-    print(f"wrote {report.with_suffix('.json')}")
+    records = {"catalogue": args.catalogue, "k": args.k,
+               "per_seed": [{"seed": s, **rows} for s, rows in enumerate(per_seed)]}  # fmt: skip
+    # per seed and row: the metrics and steps, and the per-user sums unless they pass sidecar.MAX_SIDECAR_BYTES
+    print(f"wrote {sidecar.write_json(report.with_suffix('.json'), records, 'users')}")
     return 0
 
 

@@ -33,14 +33,29 @@ def _dumps(data: dict[str, Any]) -> str:
     return re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + ",".join(m.group(1).split()).replace(",,", ",") + "]", text)
 
 
-def write(path: str | pathlib.Path, rows: list[dict[str, Any]], max_bytes: int = MAX_SIDECAR_BYTES) -> pathlib.Path:
-    """Write ``{"version", "rows"}`` to ``path``, without the per-test-user sums if they exceed ``max_bytes``."""
-    text = _dumps({"version": SIDECAR_VERSION, "rows": rows})
-    if len(text.encode()) > max_bytes:
-        size = len(text.encode())
-        drop = lambda runs: [{k: v for k, v in r.items() if k != "test_users"} for r in runs]  # noqa: E731
-        rows = [{**row, "runs": drop(row["runs"])} for row in rows]
-        reason = f"per-test-user sums (test_users): the file would be {size / 1e6:.1f} MB, over {max_bytes / 1e6:g} MB"
-        text = _dumps({"version": SIDECAR_VERSION, "left_out": reason, "rows": rows})
+def _without(value: Any, key: str) -> Any:
+    """``value`` with every mapping entry named ``key`` removed, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
+
+
+def write_json(
+    path: str | pathlib.Path, data: dict[str, Any], bulky: str, max_bytes: int = MAX_SIDECAR_BYTES
+) -> pathlib.Path:
+    """Write ``data`` to ``path``; past ``max_bytes``, without its ``bulky`` entries (at any depth), and the
+    file's ``"left_out"`` says which and why."""
+    text = _dumps(data)
+    size = len(text.encode())
+    if size > max_bytes:
+        reason = f"{bulky} (the per-test-user sums): the file would be {size / 1e6:.1f} MB, over {max_bytes / 1e6:g} MB"
+        text = _dumps({"left_out": reason, **_without(data, bulky)})
     pathlib.Path(path).write_text(text + "\n")
     return pathlib.Path(path)
+
+
+def write(path: str | pathlib.Path, rows: list[dict[str, Any]], max_bytes: int = MAX_SIDECAR_BYTES) -> pathlib.Path:
+    """A comparison sidecar ``{"version", "rows"}``; over ``max_bytes`` without the ``test_users`` sums."""
+    return write_json(path, {"version": SIDECAR_VERSION, "rows": rows}, "test_users", max_bytes)

@@ -27,3 +27,13 @@ def test_an_oversized_sidecar_leaves_out_the_per_user_sums_and_says_so(tmp_path)
     run = data["rows"][0]["runs"][0]
     assert "test_users" not in run
     assert run["test"] == {"consume/ne": 0.8} and run["valid"] == {"consume/ne": 0.7}
+
+
+def test_write_json_drops_the_bulky_entries_at_any_depth_only_when_over_the_limit(tmp_path):
+    data = {"k": 200, "per_seed": [{"seed": s, "GESR": {"hr@10": 0.05, "users": {"user": list(range(3000))}}}
+                                   for s in range(2)]}  # fmt: skip
+    kept = json.loads(sidecar.write_json(tmp_path / "a.json", data, "users").read_text())
+    assert kept == data
+    small = json.loads(sidecar.write_json(tmp_path / "b.json", data, "users", max_bytes=5_000).read_text())
+    assert small["left_out"].startswith("users (the per-test-user sums)")
+    assert small["per_seed"] == [{"seed": s, "GESR": {"hr@10": 0.05}} for s in range(2)] and small["k"] == 200
