@@ -1,7 +1,11 @@
 """Serving benchmark (issue 12): GESR Scorer vs two-tower Scorer vs naive ``api.apply``, in one process.
 
-    python experiments/bench_serving.py                 # (N, C) in {(256, 500), (1024, 500), (1024, 2000)}
+    python experiments/bench_serving.py --cpus 1        # (N, C) in {(256, 500), (1024, 500), (1024, 2000)}
     python experiments/bench_serving.py --smoke         # tiny shapes, 2 repeats (tests)
+
+``--cpus 1`` (bench_common.pin_cpus) runs it on one CPU, so CPU time is the work of each call and not also
+the spinning of XLA's worker threads, which grows with the machine's load (the unpinned runs of
+experiments/results/serving_cpu.md moved by 2x between two runs).
 
 Models: the ``synthetic_base`` GESR and its two-tower (``synthetic_base_two_tower``: the same user and item
 towers), random parameters (latency does not depend on training), schema of the synthetic log with
