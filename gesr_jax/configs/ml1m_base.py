@@ -52,8 +52,8 @@ def get_config() -> Config:
         ),
         # Model selection: valid every 100 steps (issue 22 item 8: test NE moved several % between evaluations 200
         # steps apart around the optimum, 400-1000), the best kept, stop after 4 passes (400 steps, as before)
-        # without improvement. Test NE drifts at flat AUC (calibration), so the step is chosen on valid. The
-        # tables in experiments/results/*ml1m*.md were run with eval_every=200, patience=2: redo them.
+        # without improvement. Test NE drifts at flat AUC (calibration), so the step is chosen on valid. Every
+        # experiments/results/*ml1m*.md table was redone with these settings (2026-12-07).
         train=TrainConfig(
             batch_size=128, num_steps=1600, learning_rate=2e-3, warmup_steps=50, log_every=100, eval_every=100,
             checkpoint_every=100, patience=4,
