@@ -100,6 +100,12 @@ def from_data_config(data_config: Any) -> CleanCatalogue:
     return CleanCatalogue.from_events(inter.user, inter.item, inter.timestamp, inter.item_known)
 
 
+def default_for(data_config: Any) -> str:
+    """The catalogue a cascade uses unless told: "clean" where the data has a rating log (MovieLens), else "all"
+    (the synthetic log has none). "all" is the protocol of the tables before issue 22, kept behind the flag."""
+    return "clean" if data_config.source == "movielens" else "all"
+
+
 def check_catalogue(name: str) -> str:
     if name not in CATALOGUES:
         raise ValueError(f"catalogue must be one of {CATALOGUES}, got {name!r}")

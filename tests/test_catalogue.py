@@ -70,6 +70,11 @@ def test_unknown_catalogue_and_non_movielens_source_are_refused():
         catalogue.from_data_config(config_lib.load_config("synthetic_tiny").data)
 
 
+def test_the_default_catalogue_is_clean_where_the_data_has_a_rating_log():
+    assert catalogue.default_for(config_lib.load_config("synthetic_tiny").data) == "all"
+    assert catalogue.default_for(config_lib.load_config("ml1m_base").data) == "clean"
+
+
 @pytest.fixture(scope="module")
 def tiny():
     gesr_config = config_lib.load_config("synthetic_tiny")
