@@ -47,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import ratio as bench_ratio  # noqa: E402
 from bench_common import (  # noqa: E402
     METHOD_NOTE,
     add_cpus_arg,
@@ -55,7 +56,6 @@ from bench_common import (  # noqa: E402
     machine_info,
     machine_line,
     pin_cpus,
-    ratio,
     write_results,
 )
 
@@ -122,11 +122,11 @@ def requests_for(schema, table, n: int, c: int, b: int, seed: int) -> tuple[list
 
 
 def bench_shape(
-    presets: tuple[str, str], n: int, c: int, rounds: int, buckets: Buckets, ablate: bool
+    presets: dict[str, str], n: int, c: int, rounds: int, buckets: Buckets, ablate: bool
 ) -> tuple[list, dict]:
     """Rows (one per model and mode) and the ratios of each batch size B, all variants of a B interleaved."""
     models = {}
-    for kind, preset in zip(("gesr", "two_tower"), presets, strict=True):
+    for kind, preset in presets.items():
         cfg = config_lib.load_config(preset, [f"data.history_len={n}"])
         schema = dataclasses.replace(datasets.schema_for(cfg.data), num_candidates=c)
         table = datasets.item_table(cfg.data)
@@ -174,9 +174,14 @@ def bench_shape(
             assert caches[kind].stats.hits >= rounds * b, "the +reuse rows must hit the user-state cache"
         for (kind, mode), t in timings.items():
             rows.append(dict(n=n, c=c, b=b, model=kind, mode=mode, p50=t.wall_ms, p99=t.p99_wall_ms, cpu=t.cpu_ms,
-                             cps=b * c / (t.wall_ms / 1e3), x_naive=ratio(timings, (kind, "naive apply"), (kind, mode)),
+                             cps=b * c / (t.wall_ms / 1e3),
+                             x_naive=bench_ratio(timings, (kind, "naive apply"), (kind, mode)),
                              faults=faults[(kind, mode)][0], sys_ms=faults[(kind, mode)][1]))  # fmt: skip
         g = {m: ("gesr", m) for m in MODES}
+
+        def ratio(timings: dict, num: tuple, den: tuple) -> object:  # "" where a model was left out (--models)
+            return bench_ratio(timings, num, den) if num in timings and den in timings else ""
+
         ratios[(n, c, b)] = {
             "GESR scorer x full-sequence apply": ratio(timings, g["full-sequence apply"], g["scorer"]),
             "GESR +reuse x full-sequence apply": ratio(timings, g["full-sequence apply"], g["scorer+reuse"]),
@@ -190,11 +195,12 @@ def bench_shape(
             "two-tower parse and pack / naive": ratio(timings, ("two_tower", "parse and pack only"),
                                                       ("two_tower", "naive apply")),  # fmt: skip
         }
-        full_flops, scorer_flops, score_flops = arithmetic(models["gesr"], b)
-        ratios[(n, c, b)] |= {
-            "FLOPs: full-sequence / scorer": f"{full_flops / scorer_flops:.2f}x",
-            "FLOPs: full-sequence / score only (+reuse)": f"{full_flops / score_flops:.2f}x",
-        }
+        if "gesr" in models:
+            full_flops, scorer_flops, score_flops = arithmetic(models["gesr"], b)
+            ratios[(n, c, b)] |= {
+                "FLOPs: full-sequence / scorer": f"{full_flops / scorer_flops:.2f}x",
+                "FLOPs: full-sequence / score only (+reuse)": f"{full_flops / score_flops:.2f}x",
+            }
         for mode in ABLATIONS if ablate else ():
             ratios[(n, c, b)][f"ablation: {mode} / scorer"] = ratio(timings, ("gesr", mode), g["scorer"])
         print(f"N={n} C={c} B={b}: " + ", ".join(f"{k[0]} {k[1]} {t.cpu_ms:.1f} ms CPU" for k, t in timings.items()),
@@ -245,12 +251,13 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "",
         machine_line(info, finished=end) + f" Command: `python experiments/bench_serving.py"
         f"{' --smoke' if args.smoke else ''} --repeats {args.repeats}{_flag('shapes', args.shapes)}"
-        f"{_flag('cpus', args.cpus)}` ({args.repeats} rounds); whole run "
+        f"{_flag('cpus', args.cpus)}{_flag('models', args.models if len(args.presets) < 2 else None)}`"
+        f" ({args.repeats} rounds); whole run "
         f"{elapsed:.0f} s.",
         "",
         METHOD_NOTE,
         "",
-        "Models: `" + "` / `".join(args.presets) + "` (random parameters), item cache on for every row. "
+        "Models: `" + "` / `".join(args.presets.values()) + "` (random parameters), item cache on for every row. "
         f"Scorer buckets: requests {list(args.buckets.request_sizes)}, chunks {list(args.buckets.chunk_sizes)}. "
         "Latency per call of B requests (median wall, p99 wall, median CPU); cand/s = B*C/wall p50. "
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
@@ -277,7 +284,7 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
             f"| {r['n']} | {r['c']} | {r['b']} | {r['model']} | {r['mode']} | {r['p50']:.2f} | {r['p99']:.2f} | "
             f"{r['cpu']:.2f} | {r['cps']:,.0f} | {r['x_naive']} | {r['faults']:,.0f} | {r['sys_ms']:.0f} |"
         )
-    names = list(dict.fromkeys(k for by_name in ratios.values() for k in by_name))
+    names = list(dict.fromkeys(k for by_name in ratios.values() for k, v in by_name.items() if v != ""))
     lines += ["", "Ratios of CPU time from the same rounds (median, 25th-75th percentile):", "",
               "| N | C | B | " + " | ".join(names) + " |", "| --- " * (3 + len(names)) + "|"]  # fmt: skip
     for (n, c, b), by_name in ratios.items():
@@ -291,12 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; smoke 2)")
     parser.add_argument("--shapes", default=None, help="N:C pairs, e.g. 1024:2000 (default: the three above)")
     parser.add_argument("--out", default=None, help="markdown path (default experiments/results/serving_<device>.md)")
+    parser.add_argument("--models", default="gesr,two_tower", help="which of gesr, two_tower to time (default both)")
     add_cpus_arg(parser)
     args = parser.parse_args(argv)
     pin_cpus(args.cpus)
     args.repeats = args.repeats or (2 if args.smoke else 5)
-    args.presets = ("synthetic_tiny", "synthetic_tiny_two_tower") if args.smoke else (
-        "synthetic_base", "synthetic_base_two_tower")  # fmt: skip
+    base = "synthetic_tiny" if args.smoke else "synthetic_base"
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not chosen or not set(chosen) <= {"gesr", "two_tower"}:
+        parser.error(f"--models takes gesr and/or two_tower, got {args.models!r}")
+    args.presets = {m: base if m == "gesr" else f"{base}_two_tower" for m in chosen}
     args.buckets = Buckets((1, 16), (16, 64) if args.smoke else (256, 1024))
     info = machine_info()
     start = time.perf_counter()

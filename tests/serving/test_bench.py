@@ -21,8 +21,17 @@ def test_bench_serving_smoke_writes_the_table(tmp_path):
     assert "Machine: platform" in text and "jax " in text
     for mode in ("scorer", "scorer+reuse", "naive apply"):
         assert f"| {mode} |" in text
-    # 2 shapes x 2 batch sizes x 2 models x 3 modes, then one ratio row per (shape, batch size).
-    # Per shape and batch: gesr has scorer, +reuse, naive and full-sequence rows; two_tower the first three;
-    # the last shape adds the three GESR ablation rows per batch size.
-    assert text.count("| gesr |") == 16 + 6 and text.count("| two_tower |") == 12  # + 3 ablations x 2 B (last shape)
-    assert "GESR +reuse x naive" in text
+    # Per shape (2) and batch size (2): gesr has scorer, +reuse, parse and pack, naive and full-sequence rows;
+    # two_tower the first four; the last shape adds the three GESR ablation rows per batch size.
+    assert text.count("| gesr |") == 20 + 6 and text.count("| two_tower |") == 16
+    assert "GESR +reuse x naive" in text and "FLOPs: full-sequence / scorer" in text
+    assert "| parse and pack only |" in text
+
+
+def test_bench_serving_refuses_an_unknown_model(capsys):
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "experiments" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--smoke", "--models", "gesr,genrank"])
+    assert exc.value.code == 2 and "--models takes gesr and/or two_tower" in capsys.readouterr().err
