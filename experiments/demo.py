@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         results = comparison.run_variants(
-            variants, workdir, seeds=tuple(range(args.seeds)), extra_overrides=args.overrides
+            variants, workdir, seeds=tuple(range(args.seeds)), extra_overrides=args.overrides,
+            prediction_metrics=True,  # the recalibrated NE the verdict column needs
         )
         config = config_lib.load_config(args.config, args.overrides)
     except config_lib.ConfigError as err:

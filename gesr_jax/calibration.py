@@ -63,7 +63,11 @@ def recalibrated_ne(
 
 
 def verdict(
-    delta_ne: tuple[float, float], delta_auc: tuple[float, float], delta_ne_recal: tuple[float, float] | None
+    delta_ne: tuple[float, float],
+    delta_auc: tuple[float, float],
+    delta_ne_recal: tuple[float, float] | None,
+    *,
+    recal_applies: bool = True,
 ) -> str:
     """One word per comparison from (mean, CI half-width) pairs of variant-minus-base measures.
 
@@ -71,6 +75,7 @@ def verdict(
     measures better: ``"better"``; all worse: ``"worse"``; all n.s.: ``"n.s."``; otherwise
     ``"disagree (NE better, AUC n.s., recal. NE worse)"`` naming each. A missing recalibrated ΔNE
     (predictions not kept) is named ``"recal. NE missing"`` and the verdict cannot be "better"/"worse".
+    ``recal_applies=False`` (a comparison on the valid split, where the intercept is fitted): NE and AUC decide.
     """
     def word(mean: float, half: float, lower_is_better: bool) -> str:
         if not math.isfinite(mean) or statistics.ci_contains_zero(mean, half):
@@ -78,6 +83,9 @@ def verdict(
         return "better" if (mean < 0) == lower_is_better else "worse"
 
     words = {"NE": word(*delta_ne, True), "AUC": word(*delta_auc, False)}
+    if not recal_applies:
+        values = set(words.values())
+        return values.pop() if len(values) == 1 else "disagree (" + ", ".join(f"{n} {w}" for n, w in words.items()) + ")"
     if delta_ne_recal is not None:
         words["recal. NE"] = word(*delta_ne_recal, True)
     values = set(words.values())

@@ -304,7 +304,8 @@ def _calibration_cells(
     cells += [statistics.format_delta(*deltas["ΔgAUC"])] if has_gauc else []
     cells += [statistics.format_delta(*deltas["recal. ΔNE"])] if has_recal else []
     cells += [boot] if boot is not None else []
-    return cells + [calibration.verdict(deltas["ΔNE"], deltas["ΔAUC"], deltas.get("recal. ΔNE"))]
+    return cells + [calibration.verdict(deltas["ΔNE"], deltas["ΔAUC"], deltas.get("recal. ΔNE"),
+                                        recal_applies=split == "test")]  # fmt: skip
 
 
 def _reference_cells(ref: VariantResult, res: VariantResult, task: str, split: str, has_recal: bool) -> list[str]:
@@ -315,7 +316,8 @@ def _reference_cells(ref: VariantResult, res: VariantResult, task: str, split: s
     keys = [f"{task}/{m}" for m in ("ne", "auc", *(["ne_recal"] if has_recal else []))]
     d = calibration.paired_deltas({k: ref.metric(split, k) for k in keys}, {k: res.metric(split, k) for k in keys}, task)
     fmt = statistics.format_delta
-    return [fmt(*d["ΔNE"]), fmt(*d["ΔAUC"]), calibration.verdict(d["ΔNE"], d["ΔAUC"], d.get("recal. ΔNE"))]
+    verdict = calibration.verdict(d["ΔNE"], d["ΔAUC"], d.get("recal. ΔNE"), recal_applies=split == "test")
+    return [fmt(*d["ΔNE"]), fmt(*d["ΔAUC"]), verdict]
 
 
 def gap_closed(

@@ -36,6 +36,14 @@ def test_verdict_needs_all_three_measures():
     assert calibration.verdict(better_ne, better_auc, None).startswith("incomplete")
 
 
+def test_on_the_valid_split_ne_and_auc_decide():
+    # The intercept is fitted on valid, so a valid-split comparison has no recalibrated NE to wait for.
+    better_ne, better_auc = (-3.0, 1.0), (0.5, 0.2)
+    assert calibration.verdict(better_ne, better_auc, None, recal_applies=False) == "better"
+    assert calibration.verdict(better_ne, (0.0, 0.3), None, recal_applies=False) == "disagree (NE better, AUC n.s.)"
+    assert calibration.verdict(better_ne, better_auc, (2.0, 1.0), recal_applies=False) == "better"  # ignored
+
+
 def test_paired_deltas_are_paired_per_seed():
     base = {"t/ne": np.array([1.0, 0.8]), "t/auc": np.array([0.7, 0.72])}
     var = {"t/ne": np.array([0.9, 0.72]), "t/auc": np.array([0.71, 0.73])}
