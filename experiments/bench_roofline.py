@@ -1,6 +1,6 @@
 """Roofline table (issue 23 item 2): how much of the machine each train step and serving call uses.
 
-    nice python experiments/bench_roofline.py            # the shapes below -> experiments/results/roofline_<platform>.md
+    python experiments/bench_roofline.py --cpus 1        # the shapes below -> experiments/results/roofline_<platform>.md
     python experiments/bench_roofline.py --smoke         # tiny shapes, 2 rounds (tests)
 
 Rows: the jitted train step (forward, backward, AdamW update) of each model kind (``gesr``, ``two_tower``,
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Roofline: train steps and serving calls against a matmul peak and a streaming bandwidth",
         "",
         machine_line(info, finished=machine_info())
-        + f" Command: `nice python experiments/bench_roofline.py{' --smoke' if args.smoke else ''}"
+        + f" Command: `python experiments/bench_roofline.py{' --smoke' if args.smoke else ''}"
         f" --rounds {rounds}{' --cpus ' + args.cpus if args.cpus else ''}`;"
         f" whole run {time.perf_counter() - start:.0f} s.",
         "",

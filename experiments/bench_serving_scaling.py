@@ -1,6 +1,6 @@
 """How GESR serving cost grows (issue 23 item 5): Scorer latency over history length N and candidate count C.
 
-    nice python experiments/bench_serving_scaling.py            # -> experiments/results/serving_scaling_<platform>.md
+    python experiments/bench_serving_scaling.py --cpus 1        # -> experiments/results/serving_scaling_<platform>.md
     python experiments/bench_serving_scaling.py --smoke         # tiny sweeps, 2 rounds (tests)
 
 One request (B=1) with a full N-event history and C candidates, served by the ``synthetic_base`` GESR
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# How GESR serving cost grows with history length N and candidate count C",
         "",
-        machine_line(info, finished=end) + f" Command: `nice python experiments/bench_serving_scaling.py"
+        machine_line(info, finished=end) + f" Command: `python experiments/bench_serving_scaling.py"
         f"{' --smoke' if args.smoke else ''} --rounds {rounds}{' --cpus ' + args.cpus if args.cpus else ''}`;"
         f" whole run {time.perf_counter() - start:.0f} s.",
         "",
