@@ -79,16 +79,34 @@ def cached_bias(spec: ScoreSpec, prefix_len, num_prefix, num_queries, alibi_slop
     return scores.bias(spec, dist, dt, _per_head(alibi_slopes), _per_head(time_slopes))
 
 
-def cached_mask(prefix_len, num_queries, num_prefix, num_rows, *, self_term, contextual_len, max_attn_len):
-    """Boolean [B, C, N + 1]: prefix keys j < prefix_len (window: prefix_len - j <= w unless j < contextual_len),
-    then the self key (when self_term); rows c >= num_queries see nothing."""
+def cached_prefix_bias(spec: ScoreSpec, prefix_len, num_prefix, num_queries, alibi_slopes, timestamps,
+                       prefix_timestamps, time_slopes):
+    """The first N key columns of `cached_bias`, [B, H, C, N] (None when no bias is on). The self key's column
+    is 0 by construction (distance 0, time difference 0), so a caller that keeps the self key apart adds none."""
+    if not spec.has_bias:
+        return None
+    j = jnp.arange(num_prefix, dtype=jnp.int32)
+    dist = (prefix_len[:, None] - j[None, :])[:, None, None, :].astype(jnp.float32)  # [B, 1, 1, N]: same per row
+    dt = None if timestamps is None else (timestamps[:, :, None] - prefix_timestamps[:, None, :])[:, None]
+    return scores.bias(spec, dist, dt, _per_head(alibi_slopes), _per_head(time_slopes))
+
+
+def cached_mask_parts(prefix_len, num_queries, num_prefix, num_rows, *, self_term, contextual_len, max_attn_len):
+    """(Boolean [B, C, N] over the prefix keys, [B, C] for the self key): the two parts of `cached_mask`."""
     j = jnp.arange(num_prefix, dtype=jnp.int32)[None, :]
     keys = j < prefix_len[:, None]
     if max_attn_len is not None:
         keys &= ((prefix_len[:, None] - j) <= max_attn_len) | (j < contextual_len)
     rows = jnp.arange(num_rows, dtype=jnp.int32)[None, :] < num_queries[:, None]
-    selfk = rows & self_term
-    return jnp.concatenate([rows[:, :, None] & keys[:, None, :], selfk[:, :, None]], -1)
+    return rows[:, :, None] & keys[:, None, :], rows & self_term
+
+
+def cached_mask(prefix_len, num_queries, num_prefix, num_rows, *, self_term, contextual_len, max_attn_len):
+    """Boolean [B, C, N + 1]: prefix keys j < prefix_len (window: prefix_len - j <= w unless j < contextual_len),
+    then the self key (when self_term); rows c >= num_queries see nothing."""
+    prefix, selfk = cached_mask_parts(prefix_len, num_queries, num_prefix, num_rows, self_term=self_term,
+                                      contextual_len=contextual_len, max_attn_len=max_attn_len)
+    return jnp.concatenate([prefix, selfk[:, :, None]], -1)
 
 
 def softmax_weights(z: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

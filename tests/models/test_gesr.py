@@ -288,9 +288,10 @@ def test_no_history_tensor_is_materialised_per_candidate():
             assert b * c not in shape or n not in shape, f"[B*C, N, ...]-like intermediate {shape}"
             if c in shape and n in shape:
                 # Allowed: attention scores/weights [B, H, C, N] and the attention's validity mask [B, C, N]
-                # (built from positions and lengths). A [B, C, N] id-equality table (brute-force HMA) or a
-                # [B, C, N, D] history copy fails here.
-                mask = dtype == "bool" and primitive != "eq" and sorted(shape) == sorted((b, c, n))
+                # (built from positions and lengths; also as [B, 1, C, N]). A [B, C, N] id-equality table
+                # (brute-force HMA) or a [B, C, N, D] history copy fails here.
+                unit_free = sorted(d for d in shape if d != 1)
+                mask = dtype == "bool" and primitive != "eq" and unit_free == sorted((b, c, n))
                 assert mask or sorted(shape) == sorted((b, 2, c, n)), f"per-candidate history {dtype}{shape} ({primitive})"
 
 
