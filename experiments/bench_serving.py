@@ -63,6 +63,8 @@ from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
 from gesr_jax.layers import cross_attention  # noqa: E402
+from kernels.hstu_attention import reference as hstu_reference  # noqa: E402
+from kernels.hstu_attention.backends import xla as xla_backend  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
 from gesr_jax.serving.scorer import Scorer  # noqa: E402
@@ -77,7 +79,9 @@ ABLATIONS = {
     "scorer, unblocked": dict(score_block=None),  # one [R, C] batch per chunk (per-call page faults)
     "scorer, 1-row blocks": dict(score_group=1),  # blocks request by request: XLA's single-row layout
     "scorer, literal NRO layout": dict(),  # NRO cross attention in its first "bmhd,bnhd->bhmn" form
+    "scorer, concatenated cached forward": dict(),  # cached HSTU forward on the [.., N + 1] concatenation
 }
+CONTEXTS = {"scorer, literal NRO layout": "literal_nro", "scorer, concatenated cached forward": "concatenated_cached"}
 
 
 @contextlib.contextmanager
@@ -89,6 +93,26 @@ def literal_nro():
         yield
     finally:
         cross_attention.attend = saved
+
+
+def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps,
+                             prefix_timestamps, time_slopes, cfg):
+    """The xla backend's cached forward before the split (scores concatenated with the self key, then sliced)."""
+    mask, z = xla_backend._cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps,
+                                    prefix_timestamps, time_slopes)  # fmt: skip
+    p, _ = xla_backend._forward_weights(cfg, z, mask)
+    return hstu_reference.cached_values(p, v, v_prefix).astype(q.dtype), None
+
+
+@contextlib.contextmanager
+def concatenated_cached():
+    """Trace with the concatenated cached forward (serving never differentiates: the primal calls _cached_fwd)."""
+    saved = xla_backend._cached_fwd
+    xla_backend._cached_fwd = _concatenated_cached_fwd
+    try:
+        yield
+    finally:
+        xla_backend._cached_fwd = saved
 
 
 def faults_per_call(fn) -> tuple[float, float]:
@@ -160,8 +184,9 @@ def bench_shape(
             if full is not None:
                 variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
             for mode, ablated in ablations.items():
-                if mode == "scorer, literal NRO layout":
-                    variants[(kind, mode)] = lambda s=ablated, r=reqs: _with(literal_nro, s.score, r)
+                if mode in CONTEXTS:
+                    context = globals()[CONTEXTS[mode]]
+                    variants[(kind, mode)] = lambda s=ablated, r=reqs, x=context: _with(x, s.score, r)
                 else:
                     variants[(kind, mode)] = lambda s=ablated, r=reqs: s.score(r)
         timings = interleaved(variants, rounds, before_each=setup)
@@ -272,7 +297,8 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         f"Scorer: `score_block=128` candidates per block, 2 (request, block) units per step (serving/blocking.py), "
         f"one fused encode+score call per request group without the user cache. Ablations at N={rows[-1]['n']}, "
         f"C={rows[-1]['c']} (GESR, same rounds): " + "; ".join(f"`{m}`" for m in ABLATIONS) + " (each undoes "
-        "one fix: blocking, the 2-unit steps, the head-major NRO layout). `faults` / `sys ms`: minor page faults "
+        "one fix: blocking, the 2-unit steps, the head-major NRO layout, the split cached HSTU forward). "
+        "`faults` / `sys ms`: minor page faults "
         "and system CPU of one extra call after the rounds (getrusage).",
         "",
         "| N | C | B | model | mode | wall p50 ms | wall p99 ms | CPU ms | cand/s | x naive apply (same model, CPU) "
