@@ -65,24 +65,21 @@ def full_bias(spec: ScoreSpec, lengths, num_targets, seq_len, alibi_slopes, time
 
 def cached_bias(spec: ScoreSpec, prefix_len, num_prefix, num_queries, alibi_slopes, timestamps,
                 prefix_timestamps, time_slopes):
-    """Dense [B, H, C, N + 1] bias of the cached call: N prefix keys (distance prefix_len - j), then the self key."""
-    if not spec.has_bias:
+    """Dense [B, H, C, N + 1] bias of the cached call: N prefix keys (distance prefix_len - j), then the self key
+    (distance 0, time difference 0: bias 0)."""
+    prefix = cached_prefix_bias(spec, prefix_len, num_prefix, num_queries, alibi_slopes, timestamps,
+                                prefix_timestamps, time_slopes)
+    if prefix is None:
         return None
-    j = jnp.arange(num_prefix, dtype=jnp.int32)
-    batch = prefix_len.shape[0]
-    dist_p = jnp.broadcast_to((prefix_len[:, None] - j[None, :])[:, None, :], (batch, num_queries, num_prefix))
-    dist = jnp.concatenate([dist_p, jnp.zeros((batch, num_queries, 1), jnp.int32)], -1)[:, None].astype(jnp.float32)
-    dt = None
-    if timestamps is not None:
-        dt_p = timestamps[:, :, None] - prefix_timestamps[:, None, :]
-        dt = jnp.concatenate([dt_p, jnp.zeros((batch, num_queries, 1), dt_p.dtype)], -1)[:, None]
-    return scores.bias(spec, dist, dt, _per_head(alibi_slopes), _per_head(time_slopes))
+    batch, heads = prefix_len.shape[0], prefix.shape[1]
+    prefix = jnp.broadcast_to(prefix, (batch, heads, num_queries, num_prefix))
+    return jnp.concatenate([prefix, jnp.zeros((batch, heads, num_queries, 1), prefix.dtype)], -1)
 
 
 def cached_prefix_bias(spec: ScoreSpec, prefix_len, num_prefix, num_queries, alibi_slopes, timestamps,
                        prefix_timestamps, time_slopes):
-    """The first N key columns of `cached_bias`, [B, H, C, N] (None when no bias is on). The self key's column
-    is 0 by construction (distance 0, time difference 0), so a caller that keeps the self key apart adds none."""
+    """The first N key columns of `cached_bias`, broadcastable to [B, H, C, N] (None when no bias is on). The
+    self key's column is 0 (distance 0, time difference 0), so a caller that keeps the self key apart adds none."""
     if not spec.has_bias:
         return None
     j = jnp.arange(num_prefix, dtype=jnp.int32)
@@ -160,11 +157,14 @@ def hstu_attention_reference(
     return out.astype(q.dtype)
 
 
+def self_scores(q, k, alpha):
+    """[B, H, C] float32: alpha q.k of each row with its own key (the cached call's self term)."""
+    return alpha * jnp.einsum("bchd,bchd->bhc", q.astype(jnp.float32), k.astype(jnp.float32), precision=_HI)
+
+
 def cached_scores(q, k, k_prefix, alpha):
     """[B, H, C, N + 1] float32: alpha q.k_prefix, then alpha q.k of each row's own key."""
-    sp = _scores(q, k_prefix, alpha)
-    ss = alpha * jnp.einsum("bchd,bchd->bhc", q.astype(jnp.float32), k.astype(jnp.float32), precision=_HI)
-    return jnp.concatenate([sp, ss[..., None]], -1)
+    return jnp.concatenate([_scores(q, k_prefix, alpha), self_scores(q, k, alpha)[..., None]], -1)
 
 
 def cached_values(p, v, v_prefix):

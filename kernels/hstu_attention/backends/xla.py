@@ -138,7 +138,7 @@ def _cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, times
     bias = ref.cached_prefix_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps,
                                   time_slopes)
     z_p = scores.add_bias(ref._scores(q, k_prefix, cfg.alpha), bias)  # [B, H, C, N]
-    z_s = cfg.alpha * jnp.einsum("bchd,bchd->bhc", q.astype(jnp.float32), k.astype(jnp.float32), precision=_HI)
+    z_s = ref.self_scores(q, k, cfg.alpha)  # [B, H, C]
     p_p, p_s, lse = _split_weights(cfg, z_p, mask_p, z_s, mask_s)
     out = jnp.einsum("bhcj,bjhd->bchd", p_p, v_prefix.astype(jnp.float32), precision=_HI)
     out = (out + jnp.swapaxes(p_s, 1, 2)[..., None] * v.astype(jnp.float32)).astype(q.dtype)
