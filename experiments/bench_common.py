@@ -31,6 +31,7 @@ CPU time is the work of the call.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -180,21 +181,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def add_cpus_arg(parser: Any) -> None:
-    """The ``--cpus`` option every benchmark shares (see the module docstring)."""
-    parser.add_argument(
-        "--cpus", default=None, help="pin to these logical CPUs before jax starts, e.g. '1' or '0,1' (default: all)"
-    )
-
-
-def pin_cpus(spec: str | None) -> set[int] | None:
-    """Pin this process to the CPUs of ``spec`` ("1", "0,2", "0-3"); call it before jax's first computation.
-
-    XLA sizes its CPU thread pool from the CPUs the process may run on when the backend starts, so pinning
-    afterwards would leave more threads than CPUs. Returns the CPU set (None for ``spec`` None).
-    """
-    if spec is None:
-        return None
+def _cpu_set(spec: str) -> set[int]:
+    """The CPUs of ``spec`` ("1", "0,2", "0-3"), all of them ones this process may run on; else ValueError."""
     cpus: set[int] = set()
     try:
         for part in spec.split(","):
@@ -205,6 +193,32 @@ def pin_cpus(spec: str | None) -> set[int] | None:
     available = os.sched_getaffinity(0)
     if not cpus or not cpus <= available:
         raise ValueError(f"--cpus {spec!r}: this process may run on CPUs {sorted(available)} only")
+    return cpus
+
+
+def _cpus_option(spec: str) -> str:
+    try:
+        _cpu_set(spec)
+    except ValueError as err:  # argparse then names the option and exits 2 with the usage line
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
+
+
+def add_cpus_arg(parser: argparse.ArgumentParser) -> None:
+    """The ``--cpus`` option every benchmark shares (see the module docstring); checked when parsed."""
+    parser.add_argument("--cpus", default=None, type=_cpus_option,
+                        help="pin to these logical CPUs before jax starts, e.g. '1' or '0,1' (default: all)")
+
+
+def pin_cpus(spec: str | None) -> set[int] | None:
+    """Pin this process to the CPUs of ``spec`` ("1", "0,2", "0-3"); call it before jax's first computation.
+
+    XLA sizes its CPU thread pool from the CPUs the process may run on when the backend starts, so pinning
+    afterwards would leave more threads than CPUs. Returns the CPU set (None for ``spec`` None).
+    """
+    if spec is None:
+        return None
+    cpus = _cpu_set(spec)
     os.sched_setaffinity(0, cpus)
     return cpus
 

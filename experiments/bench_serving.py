@@ -81,7 +81,6 @@ ABLATIONS = {
     "scorer, literal NRO layout": dict(),  # NRO cross attention in its first "bmhd,bnhd->bhmn" form
     "scorer, concatenated cached forward": dict(),  # cached HSTU forward on the [.., N + 1] concatenation
 }
-CONTEXTS = {"scorer, literal NRO layout": "literal_nro", "scorer, concatenated cached forward": "concatenated_cached"}
 
 
 @contextlib.contextmanager
@@ -113,6 +112,10 @@ def concatenated_cached():
         yield
     finally:
         xla_backend._cached_fwd = saved
+
+
+# The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
+CONTEXTS = {"scorer, literal NRO layout": literal_nro, "scorer, concatenated cached forward": concatenated_cached}
 
 
 def faults_per_call(fn) -> tuple[float, float]:
@@ -185,8 +188,7 @@ def bench_shape(
                 variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
             for mode, ablated in ablations.items():
                 if mode in CONTEXTS:
-                    context = globals()[CONTEXTS[mode]]
-                    variants[(kind, mode)] = lambda s=ablated, r=reqs, x=context: _with(x, s.score, r)
+                    variants[(kind, mode)] = lambda s=ablated, r=reqs, x=CONTEXTS[mode]: _with(x, s.score, r)
                 else:
                     variants[(kind, mode)] = lambda s=ablated, r=reqs: s.score(r)
         timings = interleaved(variants, rounds, before_each=setup)

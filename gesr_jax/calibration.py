@@ -83,18 +83,14 @@ def verdict(
         return "better" if (mean < 0) == lower_is_better else "worse"
 
     words = {"NE": word(*delta_ne, True), "AUC": word(*delta_auc, False)}
-    if not recal_applies:
-        values = set(words.values())
-        return values.pop() if len(values) == 1 else "disagree (" + ", ".join(f"{n} {w}" for n, w in words.items()) + ")"
-    if delta_ne_recal is not None:
+    if recal_applies and delta_ne_recal is not None:
         words["recal. NE"] = word(*delta_ne_recal, True)
+    complete = delta_ne_recal is not None or not recal_applies
     values = set(words.values())
-    if len(values) == 1 and delta_ne_recal is not None:
+    if len(values) == 1 and complete:
         return values.pop()
     detail = ", ".join(f"{name} {w}" for name, w in words.items())
-    if delta_ne_recal is None:
-        return f"incomplete ({detail}; recal. NE missing)"
-    return f"disagree ({detail})"
+    return f"disagree ({detail})" if complete else f"incomplete ({detail}; recal. NE missing)"
 
 
 def seed_average(per_seed: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
-from bench_common import Ratio, Timing, interleaved, machine_info, machine_line, pin_cpus, ratio  # noqa: E402
+from bench_common import Ratio, Timing, add_cpus_arg, interleaved, machine_info, machine_line, pin_cpus  # noqa: E402
+from bench_common import ratio  # noqa: E402
 
 
 def test_every_variant_runs_once_per_round_in_a_rotating_order():
@@ -73,3 +74,18 @@ def test_pin_cpus_parses_the_spec_refuses_unknown_cpus_and_the_machine_line_says
         assert os.sched_getaffinity(0) == {first}  # a refused spec changes nothing
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_the_cpus_option_is_checked_when_parsed(capsys):
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser()
+    add_cpus_arg(parser)
+    first = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    assert parser.parse_args(["--cpus", str(first)]).cpus == str(first)
+    assert parser.parse_args([]).cpus is None
+    for bad, said in (("one", "--cpus must look like"), ("100000", "may run on CPUs")):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--cpus", bad])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
