@@ -12,6 +12,8 @@ class BlockSizes:
 
     block_q / block_k tile the forward (and the dq pass of the backward); block_q_bwd / block_k_bwd tile the
     dk/dv pass, where the key block is the resident one. num_warps / num_stages only matter to Triton.
+    examples: batch examples per block of the CPU "xla_blocked" backend (the Pallas grids run one example per
+    program and ignore it).
     """
 
     block_q: int = 64
@@ -20,6 +22,7 @@ class BlockSizes:
     block_k_bwd: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    examples: int = 1
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

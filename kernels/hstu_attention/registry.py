@@ -15,7 +15,8 @@ from kernels.hstu_attention.config import BlockSizes
 
 # One line per backend: the module that declares `BACKEND`. Order only breaks priority ties.
 _BACKEND_MODULES = (
-    "kernels.hstu_attention.backends.xla",
+    "kernels.hstu_attention.backends.xla.dense",
+    "kernels.hstu_attention.backends.xla.blocked",
     "kernels.hstu_attention.backends.triton",
     "kernels.hstu_attention.backends.mosaic_gpu",
     "kernels.hstu_attention.backends.tpu",

@@ -111,12 +111,18 @@ _full.defvjp(_full_fwd, _full_bwd)
 
 
 # --- cached prefix ----------------------------------------------------------------------------------------------
-def _cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps, time_slopes):
+# The prefix keys and the self key stay apart in both passes: a [B, H, C, N + 1] concatenation would copy the
+# largest tensor, and slicing it again for the value products would copy it once more (forward: 1.6x the time
+# at a serving block, B=2, C=128, N=1024 on CPU; the backward's copies were ~4 % of the GESR train step).
+def _cached_parts(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps, time_slopes):
+    """((mask_p [B, 1, C, N], mask_s [B, 1, C]), (z_p [B, H, C, N], z_s [B, H, C])): prefix keys, self key."""
     rows, n = q.shape[1], k_prefix.shape[1]
-    mask = ref.cached_mask(prefix_len, nq, n, rows, self_term=cfg.self_term, contextual_len=cfg.contextual_len,
-                           max_attn_len=cfg.max_attn_len)[:, None]
-    bias = ref.cached_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps, time_slopes)
-    return mask, scores.add_bias(ref.cached_scores(q, k, k_prefix, cfg.alpha), bias)
+    mask_p, mask_s = ref.cached_mask_parts(prefix_len, nq, n, rows, self_term=cfg.self_term,
+                                           contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len)
+    bias = ref.cached_prefix_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps,
+                                  time_slopes)
+    z_p = scores.add_bias(ref._scores(q, k_prefix, cfg.alpha), bias)
+    return (mask_p[:, None], mask_s[:, None]), (z_p, ref.self_scores(q, k, cfg.alpha))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
@@ -128,17 +134,8 @@ def _cached(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamp
 
 def _cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
                 time_slopes, cfg):
-    # The prefix keys and the self key stay apart: the [B, H, C, N + 1] concatenation of `_cached_z` is a copy
-    # of the largest tensor, and slicing it again for the value product another (1.6x the forward's time at a
-    # serving block, B=2, C=128, N=1024 on CPU). Same weights; the backward recomputes the concatenated form.
-    rows, n = q.shape[1], k_prefix.shape[1]
-    mask_p, mask_s = ref.cached_mask_parts(prefix_len, nq, n, rows, self_term=cfg.self_term,
-                                           contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len)
-    mask_p, mask_s = mask_p[:, None], mask_s[:, None]  # [B, 1, C, N], [B, 1, C]
-    bias = ref.cached_prefix_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps,
-                                  time_slopes)
-    z_p = scores.add_bias(ref._scores(q, k_prefix, cfg.alpha), bias)  # [B, H, C, N]
-    z_s = ref.self_scores(q, k, cfg.alpha)  # [B, H, C]
+    (mask_p, mask_s), (z_p, z_s) = _cached_parts(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps,
+                                                 prefix_timestamps, time_slopes)
     p_p, p_s, lse = _split_weights(cfg, z_p, mask_p, z_s, mask_s)
     out = jnp.einsum("bhcj,bjhd->bchd", p_p, v_prefix.astype(jnp.float32), precision=_HI)
     out = (out + jnp.swapaxes(p_s, 1, 2)[..., None] * v.astype(jnp.float32)).astype(q.dtype)
@@ -162,36 +159,41 @@ def _split_weights(cfg: _Config, z_p, mask_p, z_s, mask_s):
     return e_p / safe[..., None], e_s / safe, lse
 
 
+def _split_dz(cfg: _Config, z_p, mask_p, dp_p, z_s, mask_s, dp_s, lse):
+    """`_dz` of the row [z_p ; z_s] with the self column kept apart: (P_p, dS_p, P_s, dS_s)."""
+    if not cfg.spec.softmax:
+        p_p, ds_p = _dz(cfg, z_p, mask_p, dp_p, None)
+        p_s, ds_s = _dz(cfg, z_s, mask_s, dp_s, None)
+        return p_p, ds_p, p_s, ds_s
+    lse_s = lse[..., 0]
+    p_p = jnp.where(mask_p, jnp.exp(jnp.where(mask_p, z_p, lse) - lse), 0.0)
+    p_s = jnp.where(mask_s, jnp.exp(jnp.where(mask_s, z_s, lse_s) - lse_s), 0.0)
+    delta = jnp.sum(p_p * dp_p, axis=-1) + p_s * dp_s  # the softmax row's sum runs over both parts
+    return p_p, p_p * (dp_p - delta[..., None]), p_s, p_s * (dp_s - delta)
+
+
 def _cached_bwd(cfg, res, d_out):
     q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps, time_slopes, lse = res
-    mask, z = _cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps, prefix_timestamps,
-                        time_slopes)
+    (mask_p, mask_s), (z_p, z_s) = _cached_parts(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps,
+                                                 prefix_timestamps, time_slopes)
     f32 = lambda x: x.astype(jnp.float32)
     do = f32(d_out)
-    dp = jnp.concatenate([
-        jnp.einsum("bchd,bjhd->bhcj", do, f32(v_prefix), precision=_HI),
-        jnp.einsum("bchd,bchd->bhc", do, f32(v), precision=_HI)[..., None],
-    ], -1)
-    p, ds = _dz(cfg, z, mask, dp, lse)
-    ds_q = ds * cfg.alpha
-    self_p, self_ds = jnp.swapaxes(p[..., -1], 1, 2)[..., None], jnp.swapaxes(ds_q[..., -1], 1, 2)[..., None]
-    dq = jnp.einsum("bhcj,bjhd->bchd", ds_q[..., :-1], f32(k_prefix), precision=_HI) + self_ds * f32(k)
-    dk_prefix = jnp.einsum("bhcj,bchd->bjhd", ds_q[..., :-1], f32(q), precision=_HI)
-    dv_prefix = jnp.einsum("bhcj,bchd->bjhd", p[..., :-1], do, precision=_HI)
-    dk, dv = self_ds * f32(q), self_p * do
+    dp_p = jnp.einsum("bchd,bjhd->bhcj", do, f32(v_prefix), precision=_HI)
+    dp_s = jnp.einsum("bchd,bchd->bhc", do, f32(v), precision=_HI)
+    p_p, ds_p, p_s, ds_s = _split_dz(cfg, z_p, mask_p, dp_p, z_s, mask_s, dp_s, lse)
+    # alpha scales the [B, C, H, D] gradients, not the [B, H, C, N] dS (z = alpha q.k + bias).
+    self_p, self_ds = jnp.swapaxes(p_s, 1, 2)[..., None], jnp.swapaxes(ds_s, 1, 2)[..., None]  # [B, C, H, 1]
+    dq = cfg.alpha * (jnp.einsum("bhcj,bjhd->bchd", ds_p, f32(k_prefix), precision=_HI) + self_ds * f32(k))
+    dk_prefix = cfg.alpha * jnp.einsum("bhcj,bchd->bjhd", ds_p, f32(q), precision=_HI)
+    dv_prefix = jnp.einsum("bhcj,bchd->bjhd", p_p, do, precision=_HI)
+    dk, dv = cfg.alpha * self_ds * f32(q), self_p * do
     d_alibi, d_time = None, None
     if cfg.spec.has_bias:
-        batch, rows, n = q.shape[0], q.shape[1], k_prefix.shape[1]
-        j = jnp.arange(n, dtype=jnp.int32)
-        dist = jnp.concatenate([
-            jnp.broadcast_to((prefix_len[:, None] - j)[:, None, :], (batch, rows, n)),
-            jnp.zeros((batch, rows, 1), jnp.int32),
-        ], -1)[:, None].astype(jnp.float32)
-        dt = None
-        if timestamps is not None:
-            dt_p = timestamps[:, :, None] - prefix_timestamps[:, None, :]
-            dt = jnp.concatenate([dt_p, jnp.zeros((batch, rows, 1), dt_p.dtype)], -1)[:, None]
-        d_alibi, d_time = _slope_grads(cfg, ds, dist, dt, alibi_slopes, time_slopes)
+        # The self key's distance and time difference are 0, so only the prefix part enters the slope gradients.
+        j = jnp.arange(k_prefix.shape[1], dtype=jnp.int32)
+        dist = (prefix_len[:, None] - j)[:, None, None, :].astype(jnp.float32)  # [B, 1, 1, N]
+        dt = None if timestamps is None else (timestamps[:, :, None] - prefix_timestamps[:, None, :])[:, None]
+        d_alibi, d_time = _slope_grads(cfg, ds_p, dist, dt, alibi_slopes, time_slopes)
     cast = lambda x, like: x.astype(like.dtype)
     return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dk_prefix, k_prefix), cast(dv_prefix, v_prefix),
             None, None, d_alibi, None, None, d_time)
