@@ -64,7 +64,7 @@ from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
 from gesr_jax.layers import cross_attention  # noqa: E402
 from kernels.hstu_attention import reference as hstu_reference  # noqa: E402
-from kernels.hstu_attention.backends import xla as xla_backend  # noqa: E402
+from kernels.hstu_attention.backends.xla import dense as xla_backend  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
 from gesr_jax.serving.scorer import Scorer  # noqa: E402
