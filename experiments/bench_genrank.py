@@ -32,7 +32,9 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import METHOD_NOTE, interleaved, machine_info, machine_line, ratio  # noqa: E402
+from bench_common import (  # noqa: E402
+    METHOD_NOTE, add_cpus_arg, interleaved, machine_info, machine_line, pin_cpus, ratio,
+)
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
@@ -86,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 2 rounds (for tests)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--out", default=None, help="output markdown path")
+    add_cpus_arg(parser)
     args = parser.parse_args(argv)
+    pin_cpus(args.cpus)
     lengths, batch, rounds = ((8,), 4, 2) if args.smoke else ((50, 200), 64, args.repeats)
     info = machine_info()
     start = time.perf_counter()
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "# GenRank efficiency: action-oriented vs interleaved tokens",
         "",
         machine_line(info, finished=machine_info()) + " Command `python experiments/bench_genrank.py"
-        f"{' --smoke' if args.smoke else f' --repeats {rounds}'}`; whole run {time.perf_counter() - start:.0f} s. "
+        f"{' --smoke' if args.smoke else f' --repeats {rounds}'}{' --cpus ' + args.cpus if args.cpus else ''}`; "
+        f"whole run {time.perf_counter() - start:.0f} s. "
         f"Random parameters; train step B={batch}, C=16; latency B=1, C=16; {rounds} interleaved rounds.",
         "",
         METHOD_NOTE,

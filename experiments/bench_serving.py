@@ -64,6 +64,7 @@ from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
 from gesr_jax.layers import cross_attention  # noqa: E402
 from kernels.hstu_attention import reference as hstu_reference  # noqa: E402
+from kernels.hstu_attention import scores as hstu_scores  # noqa: E402
 from kernels.hstu_attention.backends.xla import dense as xla_backend  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
@@ -97,8 +98,12 @@ def literal_nro():
 def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps,
                              prefix_timestamps, time_slopes, cfg):
     """The xla backend's cached forward before the split (scores concatenated with the self key, then sliced)."""
-    mask, z = xla_backend._cached_z(cfg, q, k, k_prefix, prefix_len, nq, alibi_slopes, timestamps,
-                                    prefix_timestamps, time_slopes)  # fmt: skip
+    rows, n = q.shape[1], k_prefix.shape[1]
+    mask = hstu_reference.cached_mask(prefix_len, nq, n, rows, self_term=cfg.self_term,
+                                      contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len)[:, None]
+    bias = hstu_reference.cached_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps,
+                                      time_slopes)  # fmt: skip
+    z = hstu_scores.add_bias(hstu_reference.cached_scores(q, k, k_prefix, cfg.alpha), bias)
     p, _ = xla_backend._forward_weights(cfg, z, mask)
     return hstu_reference.cached_values(p, v, v_prefix).astype(q.dtype), None
 
@@ -116,6 +121,17 @@ def concatenated_cached():
 
 # The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
 CONTEXTS = {"scorer, literal NRO layout": literal_nro, "scorer, concatenated cached forward": concatenated_cached}
+
+
+FULL_DENSE = "full-sequence apply, dense attention (xla)"
+DENSE = "model.hstu.attention_impl=xla"
+
+
+def _full_sequence(preset: str, n: int, schema, *overrides: str):
+    """jitted ``api.apply`` of ``preset`` with ``model.hstu.scoring=full`` (params of the cached model fit it)."""
+    cfg = config_lib.load_config(preset, [f"data.history_len={n}", "model.hstu.scoring=full", *overrides])
+    graphdef, _ = api.abstract_init(cfg, schema)
+    return jax.jit(lambda p, batch, cache: api.apply(graphdef, p, batch, item_cache=cache, validate=False))
 
 
 def faults_per_call(fn) -> tuple[float, float]:
@@ -160,21 +176,21 @@ def bench_shape(
         graphdef, params = api.init(cfg, 0, schema)
         scorer = Scorer(graphdef, params, schema, table, buckets=buckets)
         naive = jax.jit(lambda p, batch, cache, g=graphdef: api.apply(g, p, batch, item_cache=cache, validate=False))
-        full = None
+        full = full_dense = None
         if kind == "gesr":  # same parameters, HSTU over the packed [history ; candidates] sequence
-            full_cfg = config_lib.load_config(preset, [f"data.history_len={n}", "model.hstu.scoring=full"])
-            full_graphdef, _ = api.abstract_init(full_cfg, schema)
-            full = jax.jit(lambda p, batch, cache, g=full_graphdef: api.apply(g, p, batch, item_cache=cache,
-                                                                               validate=False))  # fmt: skip
+            full = _full_sequence(preset, n, schema)
+            # The same on the dense "xla" attention (the CPU default before "xla_blocked"): an ablation row,
+            # and the program whose cost analysis counts the FLOPs (a blocked loop body would count once).
+            full_dense = _full_sequence(preset, n, schema, DENSE)
         ablations = {}
         if kind == "gesr" and ablate:
             ablations = {mode: Scorer(graphdef, params, schema, table, buckets=buckets, **kw)
                          for mode, kw in ABLATIONS.items()}  # fmt: skip
-        models[kind] = (schema, table, scorer, params, naive, full, ablations)
+        models[kind] = (schema, table, scorer, params, naive, full, full_dense, ablations)
     rows, ratios = [], {}
     for b in BATCHES:
         variants, setup, caches = {}, {}, {}
-        for kind, (schema, table, scorer, params, naive, full, ablations) in models.items():
+        for kind, (schema, table, scorer, params, naive, full, full_dense, ablations) in models.items():
             reqs, batch = requests_for(schema, table, n, c, b, seed=n + c + b)
             caches[kind] = reuse = UserStateCache()  # filled by the untimed first call, hit by every timed one
             variants[(kind, "scorer")] = lambda s=scorer, r=reqs: s.score(r)
@@ -186,6 +202,8 @@ def bench_shape(
             variants[(kind, "naive apply")] = lambda f=naive, p=params, x=batch, k=cache: f(p, x, k)
             if full is not None:
                 variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
+            if full_dense is not None and ablate:
+                variants[(kind, FULL_DENSE)] = lambda f=full_dense, p=params, x=batch, k=cache: f(p, x, k)
             for mode, ablated in ablations.items():
                 if mode in CONTEXTS:
                     variants[(kind, mode)] = lambda s=ablated, r=reqs, x=CONTEXTS[mode]: _with(x, s.score, r)
@@ -223,13 +241,18 @@ def bench_shape(
                                                       ("two_tower", "naive apply")),  # fmt: skip
         }
         if "gesr" in models:
-            full_flops, scorer_flops, score_flops = arithmetic(models["gesr"], b)
+            full_flops, scorer_flops, score_flops = arithmetic(models["gesr"], presets["gesr"], b)
             ratios[(n, c, b)] |= {
                 "FLOPs: full-sequence / scorer": f"{full_flops / scorer_flops:.2f}x",
                 "FLOPs: full-sequence / score only (+reuse)": f"{full_flops / score_flops:.2f}x",
             }
         for mode in ABLATIONS if ablate else ():
             ratios[(n, c, b)][f"ablation: {mode} / scorer"] = ratio(timings, ("gesr", mode), g["scorer"])
+        if ablate:
+            ratios[(n, c, b)] |= {
+                f"GESR scorer x {FULL_DENSE}": ratio(timings, ("gesr", FULL_DENSE), g["scorer"]),
+                f"GESR +reuse x {FULL_DENSE}": ratio(timings, ("gesr", FULL_DENSE), g["scorer+reuse"]),
+            }
         print(f"N={n} C={c} B={b}: " + ", ".join(f"{k[0]} {k[1]} {t.cpu_ms:.1f} ms CPU" for k, t in timings.items()),
               flush=True)  # fmt: skip
     return rows, ratios
@@ -243,17 +266,21 @@ def host_work(scorer: Scorer, reqs: list[dict]) -> dict:
     return pack_requests(parsed, scorer.schema, rows) | pack_candidates(parsed, scorer.schema, rows, width)[0]
 
 
-def arithmetic(model: tuple, b: int) -> tuple[float, float, float]:
+def arithmetic(model: tuple, preset: str, b: int) -> tuple[float, float, float]:
     """XLA cost-analysis FLOPs of one call of B requests: full-sequence apply, encode + score, score alone.
+
+    Counted on the dense "xla" attention: "xla_blocked" (the CPU default) runs the same arithmetic in a loop
+    whose body the cost analysis counts once.
 
     The time ratios against the full-sequence model cannot exceed these FLOP ratios by much unless the
     full-sequence call runs further below the machine's peak than the Scorer does: the candidate-side work
     (projections, NRO cross attention, MLPG) is the same in both, and only the attention pairs differ,
     (N + C)^2 against N^2 + C*N. Exact C, no padding; the Scorer's blocks hold the same arithmetic.
     """
-    schema, table, scorer, params, _, full, _ = model
+    schema, table, scorer, params, _, _, full, _ = model  # the dense-attention full-sequence model
     _, batch = requests_for(schema, table, schema.history_len, schema.num_candidates, b, seed=0)
-    graphdef, cache = scorer.graphdef, scorer.item_cache
+    cfg = config_lib.load_config(preset, [f"data.history_len={schema.history_len}", DENSE])
+    graphdef, cache = api.abstract_init(cfg, schema)[0], scorer.item_cache
     _, full_flops, _ = compiled_cost(full, params, batch, cache)
     _, encode_flops, _ = compiled_cost(lambda p, x: api.encode_request(graphdef, p, x), params, batch)
     state = jax.jit(lambda p, x: api.encode_request(graphdef, p, x))(params, batch)
@@ -290,7 +317,9 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "`+reuse`: the same requests again, user states from the cache (only candidates are scored). "
         "`naive apply`: one `jax.jit(api.apply)` call of the exact [B, N] / [B, C] shape from ready arrays. "
         "`full-sequence apply`: the same GESR params with `model.hstu.scoring=full` (HSTU over the packed "
-        "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split). "
+        "[history ; candidates] sequence, O((N+C)^2): the model before the request/candidate split), on the "
+        "platform's default attention backend (on CPU `xla_blocked`, the dense formulas over blocks of examples); "
+        f"`{FULL_DENSE}` (ablation shape only): the same on the dense `xla` backend, the CPU default before. "
         "`parse and pack only`: the Scorer's host work before its first jitted call (validating every request "
         "and packing its arrays), which `naive apply` skips. `FLOPs:` columns: XLA's cost analysis of one call "
         "(`arithmetic()` in the script), the ratio the time ratios would show at equal FLOP rates.",
