@@ -43,6 +43,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -68,7 +69,7 @@ from kernels.hstu_attention import scores as hstu_scores  # noqa: E402
 from kernels.hstu_attention.backends.xla import dense as xla_backend  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
-from gesr_jax.serving.scorer import Scorer  # noqa: E402
+from gesr_jax.serving.scorer import DEFAULT_SCORE_BLOCK, Scorer  # noqa: E402
 from gesr_jax.serving.user_cache import UserStateCache  # noqa: E402
 
 SHAPES = [(256, 500), (1024, 500), (1024, 2000)]
@@ -81,6 +82,7 @@ ABLATIONS = {
     "scorer, 1-row blocks": dict(score_group=1),  # blocks request by request: XLA's single-row layout
     "scorer, literal NRO layout": dict(),  # NRO cross attention in its first "bmhd,bnhd->bhmn" form
     "scorer, concatenated cached forward": dict(),  # cached HSTU forward on the [.., N + 1] concatenation
+    "scorer, token-major value product": dict(),  # the attention's p @ v with v as [B, N, H, D] (transposed GEMM)
 }
 
 
@@ -105,7 +107,8 @@ def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_
                                       time_slopes)  # fmt: skip
     z = hstu_scores.add_bias(hstu_reference.cached_scores(q, k, k_prefix, cfg.alpha), bias)
     p, _ = xla_backend._forward_weights(cfg, z, mask)
-    return hstu_reference.cached_values(p, v, v_prefix).astype(q.dtype), None
+    out = xla_backend._weighted_values(p[..., :-1], v_prefix) + jnp.swapaxes(p[..., -1], 1, 2)[..., None] * v
+    return out.astype(q.dtype), None
 
 
 @contextlib.contextmanager
@@ -119,8 +122,25 @@ def concatenated_cached():
         xla_backend._cached_fwd = saved
 
 
+def _token_major_values(p, v):
+    """The value product as the formula is written: v [B, N, H, D] as it comes (XLA: v^T p^T, p transposed)."""
+    return jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+@contextlib.contextmanager
+def token_major_values():
+    """Trace with the attention forward's value product token-major (before it ran head-major)."""
+    saved = xla_backend._weighted_values
+    xla_backend._weighted_values = _token_major_values
+    try:
+        yield
+    finally:
+        xla_backend._weighted_values = saved
+
+
 # The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
-CONTEXTS = {"scorer, literal NRO layout": literal_nro, "scorer, concatenated cached forward": concatenated_cached}
+CONTEXTS = {"scorer, literal NRO layout": literal_nro, "scorer, concatenated cached forward": concatenated_cached,
+            "scorer, token-major value product": token_major_values}
 
 
 FULL_DENSE = "full-sequence apply, dense attention (xla)"
@@ -325,10 +345,12 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         "(`arithmetic()` in the script), the ratio the time ratios would show at equal FLOP rates.",
         "",
         "",
-        f"Scorer: `score_block=128` candidates per block, 2 (request, block) units per step (serving/blocking.py), "
+        f"Scorer: `score_block={DEFAULT_SCORE_BLOCK}` candidates per block, 2 (request, block) units per step "
+        "(serving/blocking.py), "
         f"one fused encode+score call per request group without the user cache. Ablations at N={rows[-1]['n']}, "
         f"C={rows[-1]['c']} (GESR, same rounds): " + "; ".join(f"`{m}`" for m in ABLATIONS) + " (each undoes "
-        "one fix: blocking, the 2-unit steps, the head-major NRO layout, the split cached HSTU forward). "
+        "one fix: blocking, the 2-unit steps, the head-major NRO layout, the split cached HSTU forward, the "
+        "head-major value product of the HSTU attention forward). "
         "`faults` / `sys ms`: minor page faults "
         "and system CPU of one extra call after the rounds (getrusage).",
         "",

@@ -6,7 +6,7 @@ N=1024 that is 128 MiB per tensor, which glibc serves with fresh ``mmap`` blocks
 ~0.5 s of system CPU per call on the 2-core box) and which no cache holds. :func:`blocked_score` runs the
 same traceable ``score(consts, state, candidates)`` under ``lax.map`` over the R requests and, within a
 request, over blocks of ``block`` candidates, so XLA's temporary buffers are one block's ([1, H, block, N]:
-1 MiB at block 128, N=1024) and are reused from block to block. Blocks past a request's last candidate are
+2 MiB at block 256, N=1024) and are reused from block to block. Blocks past a request's last candidate are
 skipped (``lax.cond``), so a chunk padded far beyond its candidates costs almost nothing.
 
 Numerics: every model scores each candidate independently of the other candidates and requests (the

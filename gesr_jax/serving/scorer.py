@@ -32,9 +32,10 @@ from gesr_jax.serving.requests import pack_requests
 from gesr_jax.serving.user_cache import UserStateCache
 from gesr_jax.workdir import StepChoice, Workdir
 
-# Candidates per block inside a chunk call: [1, H, 128, N] f32 scores are 1 MiB at H=2, N=1024, within the
-# 1 MiB L2 of a core of the benchmark box (experiments/results/serving_cpu.md has the block-size rows).
-DEFAULT_SCORE_BLOCK = 128
+# Candidates per block inside a chunk call ([1, H, 256, N] f32 scores: 2 MiB at H=2, N=1024). On the 2-core
+# benchmark box 256 beat 128 and 512 at N = 256, 1024 and 2048 once the attention's value product ran
+# head-major (128 was best before; experiments/results/serving_cpu.md).
+DEFAULT_SCORE_BLOCK = 256
 
 
 def _state_has_history_axis(encode: Any, params: Any, schema: BatchSchema) -> bool:

@@ -4,7 +4,8 @@ The dense backend materialises [B, H, rows, keys] scores for the whole batch at 
 (B=32, H=2, N=256) each such tensor is 16 MiB, so every elementwise pass over it (mask, SiLU, its gradient)
 streams from main memory. Here `jax.lax.map` runs the same custom-vjp forward and backward over blocks of
 `examples` examples, so one block's scores (about `SCORE_BLOCK_BYTES`) stay in the core's cache between the
-passes. Same arithmetic, same FLOPs; the batch is padded to a multiple of the block with length-0 examples
+passes. Same formulas (a block's backward recomputes its scores, which XLA may share with the forward in one
+dense call); the batch is padded to a multiple of the block with length-0 examples
 (exact zeros, cut off again). Picked by `implementation=None` on CPU only: on accelerators a sequential map
 over the batch would waste the device (the Pallas kernels block inside one launch).
 """
