@@ -169,8 +169,8 @@ class Row:
 
 
 def describe(impl: str, blocks: BlockSizes | None) -> str:
-    if impl == "xla":
-        return "-"
+    if impl not in DEFAULT_BLOCK_SIZES:  # no tiles: "xla", and "xla_blocked" (examples per block chosen by size)
+        return "-" if blocks is None else f"{blocks.examples} examples per block"
     b = blocks or DEFAULT_BLOCK_SIZES[impl]
     text = f"fwd {b.block_q}x{b.block_k}, bwd {b.block_q_bwd}x{b.block_k_bwd}"
     return text + (f", w{b.num_warps} s{b.num_stages}" if impl == "pallas_triton" else "")
@@ -311,9 +311,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     interpret = args.smoke
     repeats = args.repeats or (2 if args.smoke else 50)
     impls = args.impl.split(",") if args.impl else default_implementations(jax.default_backend())
-    unknown = sorted(set(impls) - {"xla", *DEFAULT_BLOCK_SIZES})
+    unknown = sorted(set(impls) - set(BACKENDS))
     if unknown:
-        raise SystemExit(f"--impl: unknown backend(s) {unknown}; known: xla, {', '.join(DEFAULT_BLOCK_SIZES)}")
+        raise SystemExit(f"--impl: unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     impls = (["xla"] if "xla" in impls else []) + [i for i in impls if i != "xla"]
     tolerance = 3e-2
     suffix = ("_sweep" if args.sweep else "") + ("_smoke" if args.smoke else "")
