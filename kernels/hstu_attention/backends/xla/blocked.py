@@ -12,12 +12,12 @@ over the batch would waste the device (the Pallas kernels block inside one launc
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from kernels.hstu_attention import scores
 from kernels.hstu_attention.backends.xla import dense as xla
-from kernels.hstu_attention.base import Backend
 
 # Bytes of one float32 [examples, H, rows, keys] score block; a core's L2 on the CPUs we measured
 # (experiments/results/roofline_cpu.md) is 0.5-1 MiB. `BlockSizes.examples` overrides the choice.
@@ -95,14 +95,12 @@ def attention_cached(q, k, v, k_prefix, v_prefix, prefix_len, num_queries, *, se
     return _blocked(run, per_example, (alibi_slopes, time_slopes), examples)
 
 
-BACKEND = Backend(
+# Runs every dtype, score function, bias and mode the dense backend does (it calls the dense backend's functions).
+BACKEND = dataclasses.replace(
+    xla.BACKEND,
     name="xla_blocked",
     module=__name__,
     platforms=("cpu",),
-    dtypes=("float32", "bfloat16", "float16"),
-    score_fns=scores.SCORE_FNS,
-    biases=frozenset({"alibi", "time"}),
-    modes=("full", "cached"),
     priority=1,
     attention=attention,
     attention_cached=attention_cached,
