@@ -87,14 +87,14 @@ ABLATIONS = {
 
 
 @contextlib.contextmanager
-def literal_nro():
-    """Trace (compile) with the literal attention; jit keeps what it traced, so only the first call needs it."""
-    saved = cross_attention.attend
-    cross_attention.attend = cross_attention.attend_literal
+def _patched(owner, name: str, value):
+    """Trace (compile) with ``owner.name`` replaced; jit keeps what it traced, so only the first call needs it."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        cross_attention.attend = saved
+        setattr(owner, name, saved)
 
 
 def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps,
@@ -111,36 +111,18 @@ def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_
     return out.astype(q.dtype), None
 
 
-@contextlib.contextmanager
-def concatenated_cached():
-    """Trace with the concatenated cached forward (serving never differentiates: the primal calls _cached_fwd)."""
-    saved = xla_backend._cached_fwd
-    xla_backend._cached_fwd = _concatenated_cached_fwd
-    try:
-        yield
-    finally:
-        xla_backend._cached_fwd = saved
-
-
 def _token_major_values(p, v):
     """The value product as the formula is written: v [B, N, H, D] as it comes (XLA: v^T p^T, p transposed)."""
     return jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-@contextlib.contextmanager
-def token_major_values():
-    """Trace with the attention forward's value product token-major (before it ran head-major)."""
-    saved = xla_backend._weighted_values
-    xla_backend._weighted_values = _token_major_values
-    try:
-        yield
-    finally:
-        xla_backend._weighted_values = saved
-
-
 # The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
-CONTEXTS = {"scorer, literal NRO layout": literal_nro, "scorer, concatenated cached forward": concatenated_cached,
-            "scorer, token-major value product": token_major_values}
+# Serving never differentiates, so the primal (`_cached_fwd`) is what the cached-forward ablation replaces.
+CONTEXTS = {
+    "scorer, literal NRO layout": lambda: _patched(cross_attention, "attend", cross_attention.attend_literal),
+    "scorer, concatenated cached forward": lambda: _patched(xla_backend, "_cached_fwd", _concatenated_cached_fwd),
+    "scorer, token-major value product": lambda: _patched(xla_backend, "_weighted_values", _token_major_values),
+}
 
 
 FULL_DENSE = "full-sequence apply, dense attention (xla)"
