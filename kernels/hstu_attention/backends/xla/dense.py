@@ -3,7 +3,8 @@
 The hand-written backward is the formula set the Pallas kernels implement (recomputed scores; softmax from the
 saved row log-sum-exp; slope gradients as -sum over (b, i, j) of dS * distance per head), so checking this
 backend against autodiff of `reference.py` checks the formulas themselves. Dense [B, H, rows, keys] tensors:
-the CPU fallback and the oracle, not the fast path. Supports every dtype, score function, bias and mode.
+the fallback on every platform and the oracle, not the fast path (on CPU, "xla_blocked" in `blocked.py` runs
+these functions a few examples at a time). Supports every dtype, score function, bias and mode.
 """
 
 from __future__ import annotations
