@@ -27,10 +27,10 @@ SCORE_BLOCK_BYTES = 1 << 20
 def examples_per_block(batch: int, heads: int, rows: int, keys: int, block_sizes=None) -> int:
     """Examples per block: `block_sizes.examples` if given, else as many as fit SCORE_BLOCK_BYTES, at least 2.
 
-    At least 2: with one example per block XLA on CPU lays the value product out transposed (the train step
-    ran 1.15-1.18x slower with 1-example blocks than with 2; the Scorer groups rows in pairs for the same
-    reason, serving/blocking.py). Preferably a divisor of the batch, which needs no padding: padding copies
-    q, k, v and the residuals (~3 % of a GESR train step with 7-example blocks of a 32-example batch).
+    At least 2: the train step ran 1.15-1.18x slower with 1-example blocks than with 2 (measured before the
+    value product ran head-major, `dense._weighted_values`, which removed most of the single-row penalty in the
+    Scorer; not remeasured). Preferably a divisor of the batch, which needs no padding: padding copies q, k, v
+    and the residuals (~3 % of a GESR train step with 7-example blocks of a 32-example batch).
     """
     if block_sizes is not None:
         return max(1, min(batch, block_sizes.examples))
