@@ -54,7 +54,7 @@ from bench_common import (  # noqa: E402
     METHOD_NOTE, add_cpus_arg, compiled_cost, interleaved, machine_info,
     machine_line, pin_cpus, ratio, write_results,
 )
-from roofline_sources import bytes_by_source, time_by_source  # noqa: E402
+from roofline_sources import ATTENTION_SOURCE, bytes_by_source, time_by_source  # noqa: E402
 
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
@@ -148,11 +148,14 @@ ATTENTION_IMPL = {"gesr": "model.hstu.attention_impl", "genrank": "model.decoder
 def train_step(kind: str, shapes: Shapes, overrides: tuple[str, ...] = ()) -> Kernel:
     """The jitted train step as the config runs it, with FLOPs and bytes counted on the dense "xla" attention.
 
-    On CPU the default attention backend is "xla_blocked": the same arithmetic over blocks of examples under
-    `lax.map`, whose loop body the cost analysis would count once.
+    On CPU the default attention backend is "xla_blocked": the same formulas over blocks of examples under
+    `lax.map`, whose loop body the cost analysis would count once. A step with no attention op (e.g. HSTU
+    off) is counted as it runs, without compiling it a second time.
     """
     kernel = _train_step(kind, shapes, overrides)
     if kind not in ATTENTION_IMPL or any(o.startswith(ATTENTION_IMPL[kind] + "=") for o in overrides):
+        return kernel
+    if not bytes_by_source(kernel.hlo).get(ATTENTION_SOURCE):
         return kernel
     dense = _train_step(kind, shapes, (*overrides, f"{ATTENTION_IMPL[kind]}=xla"))
     return dataclasses.replace(kernel, flops=dense.flops, bytes=dense.bytes, cost_hlo=dense.hlo)

@@ -271,7 +271,7 @@ def host_work(scorer: Scorer, reqs: list[dict]) -> dict:
 def arithmetic(model: tuple, preset: str, b: int) -> tuple[float, float, float]:
     """XLA cost-analysis FLOPs of one call of B requests: full-sequence apply, encode + score, score alone.
 
-    Counted on the dense "xla" attention: "xla_blocked" (the CPU default) runs the same arithmetic in a loop
+    Counted on the dense "xla" attention: "xla_blocked" (the CPU default) runs the same formulas in a loop
     whose body the cost analysis counts once.
 
     The time ratios against the full-sequence model cannot exceed these FLOP ratios by much unless the

@@ -21,9 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 
+ATTENTION_SOURCE = "HSTU attention (kernels/)"
 # Source files of the GESR train step's HLO ops, in the order they are matched against an op's stack frames.
 SOURCES = (
-    ("kernels/", "HSTU attention (kernels/)"),
+    ("kernels/", ATTENTION_SOURCE),
     ("layers/core.py:dropout", "dropout masks (layers/core.py)"),
     ("layers/cross_attention.py", "RO/NRO cross attention (layers/cross_attention.py)"),
     ("layers/hstu.py", "HSTU layers: projections, LayerNorms, residuals (layers/hstu.py, sequence.py)"),

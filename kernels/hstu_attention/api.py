@@ -42,7 +42,7 @@ Backends (`implementation=`), one module or package each under `backends/`, list
 ------------------------------------------------------------------------------------------------------
   * "xla": pure jnp, materialises the dense scores; every feature; the fallback everywhere and the test oracle.
   * "xla_blocked" (CPU, picked by None there): the "xla" formulas over blocks of examples (`lax.map`), so one
-    block's scores stay in cache; same arithmetic, every feature.
+    block's scores stay in cache; same formulas, every feature.
   * "pallas_triton" (any CUDA GPU), "pallas_mosaic_gpu" (Hopper), "pallas_tpu": see each declaration for the
     dtypes, score functions, biases and modes it runs (`registry.capability_table()`, docs/kernels.md).
   * None: the highest-priority backend for this platform that declares support for the request, else "xla".
