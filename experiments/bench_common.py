@@ -32,13 +32,14 @@ CPU time is the work of the call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import pathlib
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -221,6 +222,20 @@ def pin_cpus(spec: str | None) -> set[int] | None:
     cpus = _cpu_set(spec)
     os.sched_setaffinity(0, cpus)
     return cpus
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` replaced by ``value`` inside the block: an ablation traced (compiled) with an older formula.
+
+    jit keeps what it traced, so only a variant's first (compiling) call needs the block.
+    """
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def compiled_cost(fn: Callable, *args: Any) -> tuple[Any, float, float]:

@@ -7,9 +7,10 @@ Rows: the jitted train step (forward, backward, AdamW update) of each model kind
 ``genrank``; presets ``synthetic_base``, ``synthetic_base_two_tower``, ``synthetic_genrank``, random parameters,
 every history full), and GESR's serving pair ``encode_request`` (one request) and ``score`` (one chunk of
 candidates against that state, item cache on; once as one call and once blocked as the Scorer runs it,
-serving/blocking.py). Issue 23 item 4 (what GESR's train step costs beyond HSTU) adds four GESR train-step rows:
+serving/blocking.py). Issue 23 item 4 (what GESR's train step costs beyond HSTU) adds five GESR train-step rows:
 ``before`` (the same model with the formulas the train-step work replaced, kept here in
-:func:`before_train_fixes`, so before/after is a ratio of the same rounds), ``dense attention (xla)`` (HSTU
+:func:`before_train_fixes`, so before/after is a ratio of the same rounds), ``einsum projections`` (only the
+projections' einsum form put back: the effect of layers/core.matmul_last_axis alone), ``dense attention (xla)`` (HSTU
 attention on the dense backend instead of the CPU default ``xla_blocked``), ``HSTU off`` and ``HSTU, cross
 attention and MLPG off`` (``model.hstu.enabled`` / ``model.cross.*`` / ``model.mlpg.enabled`` switched off: HMA
 and the MoA tokens remain; what each part of the MoA costs beyond the two-tower).
@@ -51,7 +52,7 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    METHOD_NOTE, add_cpus_arg, compiled_cost, interleaved, machine_info,
+    METHOD_NOTE, add_cpus_arg, compiled_cost, interleaved, machine_info, patched,
     machine_line, pin_cpus, ratio, write_results,
 )
 from roofline_sources import ATTENTION_SOURCE, bytes_by_source, time_by_source  # noqa: E402
@@ -59,6 +60,7 @@ from roofline_sources import ATTENTION_SOURCE, bytes_by_source, time_by_source  
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
+from gesr_jax.layers import core as core_lib  # noqa: E402
 from gesr_jax.layers import hstu as hstu_lib  # noqa: E402
 from gesr_jax.serving import blocking  # noqa: E402
 from gesr_jax.serving.scorer import DEFAULT_SCORE_BLOCK  # noqa: E402
@@ -104,27 +106,39 @@ def _history_kv_before(layer: hstu_lib.HSTULayer, x: jax.Array) -> tuple[jax.Arr
     return k, v
 
 
+def _einsum_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Before layers/core.matmul_last_axis: Dense and the HSTU history K/V as ``einsum("...i,io->...o")``."""
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+@contextlib.contextmanager
+def einsum_projections():
+    """Trace with the projections' einsum form (same values; tests/layers/test_core_matmul.py)."""
+    with contextlib.ExitStack() as stack:
+        for module in (core_lib, hstu_lib):
+            stack.enter_context(patched(module, "matmul_last_axis", _einsum_last_axis))
+        yield
+
+
 @contextlib.contextmanager
 def before_train_fixes():
     """Trace the model with the formulas issue 23's train-step work replaced (same numbers, tested in
-    tests/models/test_gesr_train_numerics.py), for the ``before`` row."""
-    saved = hstu_lib.HSTULayer.history_kv
-    hstu_lib.HSTULayer.history_kv = _history_kv_before
-    try:
+    tests/models/test_gesr_train_numerics.py and tests/layers/test_core_matmul.py), for the ``before`` row."""
+    with patched(hstu_lib.HSTULayer, "history_kv", _history_kv_before), einsum_projections():
         yield
-    finally:
-        hstu_lib.HSTULayer.history_kv = saved
 
 
-# GESR train-step variants beyond the three model kinds: (row suffix, config overrides, traced before the fixes).
+# GESR train-step variants beyond the three model kinds: (row suffix, config overrides, the context it is traced in).
 GESR_VARIANTS = {
-    "before": ((), True),
-    "dense attention (xla)": (("model.hstu.attention_impl=xla",), False),
-    "HSTU off": (("model.hstu.enabled=false",), False),
+    "before": ((), before_train_fixes),
+    "einsum projections": ((), einsum_projections),
+    "dense attention (xla)": (("model.hstu.attention_impl=xla",), contextlib.nullcontext),
+    "HSTU off": (("model.hstu.enabled=false",), contextlib.nullcontext),
     "HSTU, cross attention and MLPG off": (
         ("model.hstu.enabled=false", "model.cross.ro=false", "model.cross.nro=false", "model.mlpg.enabled=false"),
-        False),
+        contextlib.nullcontext),
 }  # fmt: skip
+
 
 def _model(kind: str, n: int, c: int, batch: int, overrides: tuple[str, ...] = ()) -> tuple[Any, Any, Any, dict]:
     cfg = config_lib.load_config(
@@ -222,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels: dict[str, Kernel] = {}
     for kind in PRESETS:
         kernels[f"train step {kind}"] = train_step(kind, shapes)
-    for suffix, (overrides, before) in GESR_VARIANTS.items():
-        with before_train_fixes() if before else contextlib.nullcontext():
+    for suffix, (overrides, context) in GESR_VARIANTS.items():
+        with context():
             kernels[f"train step gesr, {suffix}"] = train_step("gesr", shapes, overrides)
     kernels["gesr encode_request"], kernels["gesr score"], kernels["gesr score, blocked (Scorer)"] = serving(shapes)
     kernels["probe: matmul"], kernels["probe: stream"] = probes(shapes)
@@ -274,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     gesr = "train step gesr"
     step_ratios = [
         (f"{gesr}, before / {gesr} (CPU time)", ratio(timings, f"{gesr}, before", gesr)),
+        (f"{gesr}, einsum projections / {gesr}", ratio(timings, f"{gesr}, einsum projections", gesr)),
         (f"{gesr}, dense attention (xla) / {gesr}", ratio(timings, f"{gesr}, dense attention (xla)", gesr)),
         (f"{gesr} / train step two_tower", ratio(timings, gesr, "train step two_tower")),
         (f"{gesr}, HSTU off / train step two_tower", ratio(timings, f"{gesr}, HSTU off", "train step two_tower")),

@@ -35,7 +35,6 @@ header).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import pathlib
 import resource
@@ -56,6 +55,7 @@ from bench_common import (  # noqa: E402
     interleaved,
     machine_info,
     machine_line,
+    patched,
     pin_cpus,
     write_results,
 )
@@ -86,17 +86,6 @@ ABLATIONS = {
 }
 
 
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    """Trace (compile) with ``owner.name`` replaced; jit keeps what it traced, so only the first call needs it."""
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
-
-
 def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps,
                              prefix_timestamps, time_slopes, cfg):
     """The xla backend's cached forward before the split (scores concatenated with the self key, then sliced)."""
@@ -119,9 +108,9 @@ def _token_major_values(p, v):
 # The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
 # Serving never differentiates, so the primal (`_cached_fwd`) is what the cached-forward ablation replaces.
 CONTEXTS = {
-    "scorer, literal NRO layout": lambda: _patched(cross_attention, "attend", cross_attention.attend_literal),
-    "scorer, concatenated cached forward": lambda: _patched(xla_backend, "_cached_fwd", _concatenated_cached_fwd),
-    "scorer, token-major value product": lambda: _patched(xla_backend, "_weighted_values", _token_major_values),
+    "scorer, literal NRO layout": lambda: patched(cross_attention, "attend", cross_attention.attend_literal),
+    "scorer, concatenated cached forward": lambda: patched(xla_backend, "_cached_fwd", _concatenated_cached_fwd),
+    "scorer, token-major value product": lambda: patched(xla_backend, "_weighted_values", _token_major_values),
 }
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gesr_jax.data.batch import lengths_mask
-from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold
+from gesr_jax.layers.core import Dense, LayerNorm, dropout, fold, matmul_last_axis
 from gesr_jax.layers.sequence import HistoryKV, encode_prefix, last_history, pack, run_packed, score_against_prefix
 from kernels.hstu_attention import hstu_attention, hstu_attention_cached
 
@@ -105,8 +105,8 @@ class HSTULayer(nnx.Module):
             kernel = kernel * self.uvqk.kernel_scale[...].astype(xn.dtype)
         v_cols = slice(h * dv, 2 * h * dv)
         k_cols = slice(2 * h * dv + h * dqk, 2 * h * (dv + dqk))
-        v = jax.nn.silu(jnp.einsum("...i,io->...o", xn, kernel[:, v_cols]) + bias[v_cols])
-        k = jax.nn.silu(jnp.einsum("...i,io->...o", xn, kernel[:, k_cols]) + bias[k_cols])
+        v = jax.nn.silu(matmul_last_axis(xn, kernel[:, v_cols]) + bias[v_cols])
+        k = jax.nn.silu(matmul_last_axis(xn, kernel[:, k_cols]) + bias[k_cols])
         return k.reshape(b, length, h, dqk), v.reshape(b, length, h, dv)
 
     def candidates(

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
-from bench_common import Ratio, Timing, add_cpus_arg, interleaved, machine_info, machine_line, pin_cpus  # noqa: E402
+from bench_common import (  # noqa: E402
+    Ratio, Timing, add_cpus_arg, interleaved, machine_info, machine_line, patched, pin_cpus,
+)
 from bench_common import ratio  # noqa: E402
 
 
@@ -89,3 +91,15 @@ def test_the_cpus_option_is_checked_when_parsed(capsys):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["--cpus", bad])
         assert exc.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_patched_replaces_an_attribute_inside_the_block_only():
+    class Owner:
+        formula = "new"
+
+    with patched(Owner, "formula", "old"):
+        assert Owner.formula == "old"
+    assert Owner.formula == "new"
+    with pytest.raises(RuntimeError), patched(Owner, "formula", "old"):
+        raise RuntimeError("a failed trace")
+    assert Owner.formula == "new"  # restored on the way out of an error too
