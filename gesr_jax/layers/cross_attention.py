@@ -47,8 +47,28 @@ def attend(
         qh = jnp.swapaxes(q, 1, 2)  # [B, H, M, dh]
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
     scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh) * (q.shape[-1] ** -0.5)
-    weights = _weights(scores, valid, kind, normalizer)
-    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh), 1, 2)
+    weights, row_scale = _unnormalised_weights(scores, valid, kind, normalizer)
+    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh) * row_scale, 1, 2)
+
+
+def _unnormalised_weights(scores: jax.Array, valid: jax.Array, kind: str, normalizer: float):
+    """(w [B, H, M, N], scale [B, H, M, 1] or a float): :func:`_weights` is ``w * scale``.
+
+    The scale (softmax: 1 / the row sum; silu: 1 / normalizer) multiplies the [.., M, dh] values product
+    instead of the [.., M, N] weights: one pass less over the largest tensor. The softmax shift is the
+    row max over valid keys as a constant (the normalised result does not depend on it), 0 for a row
+    with none, whose weights are all exp(-inf) = 0 and whose sum is replaced by 1: zeros, never NaN.
+    """
+    mask = valid[:, None, None, :]
+    if kind == "softmax":
+        shift = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        weights = jnp.exp(jnp.where(mask, scores - shift, -jnp.inf))
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        return weights, 1.0 / jnp.where(total > 0, total, 1.0)
+    if kind == "silu":
+        return jnp.where(mask, jax.nn.silu(scores), 0.0), 1.0 / normalizer
+    raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
 
 
 def attend_literal(
