@@ -117,12 +117,16 @@ def interleaved(
     warmup: int = 1,
     min_call_ms: float = 5.0,
     before_each: Mapping[str, Callable[[], Any]] | None = None,
+    prime: bool = False,
 ) -> dict[str, Timing]:
     """Time every variant once per round, ``rounds`` rounds; per-call wall and CPU milliseconds per round.
 
     ``variants`` are zero-argument callables (their jax results are waited for). ``before_each[name]`` runs
     untimed before each of that variant's samples (e.g. to reset a cache). The first ``warmup`` calls of each
     variant are untimed; the last of them sets how many calls make one sample (``min_call_ms``).
+    ``prime=True`` runs one more untimed call right before each sample, so a sample finds its own variant's
+    parameters and buffers in cache rather than the previous variant's (a server running one model sees the
+    former; a 2.5 ms call measured 7 ms cold after a larger model's call on the 2-core benchmark box).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -144,6 +148,8 @@ def interleaved(
             if name in setup:
                 setup[name]()
             fn, n = variants[name], calls[name]
+            if prime:
+                _block(fn())
             wall0, cpu0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 _block(fn())

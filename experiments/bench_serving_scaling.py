@@ -11,8 +11,11 @@ Random parameters: latency does not depend on training. Two sweeps:
 * N in {128, 256, 512, 1024, 2048} at C = 1000 (one model per N: the schema's history length);
 * C in {250, 500, 1000, 2000, 4000} at N = 512 (one model, five requests).
 
-All points of a sweep are timed in the same interleaved rounds (``bench_common.interleaved``); latency is the
-median CPU (process) time per call, wall time beside it.
+All points of a sweep are timed in the same interleaved rounds (``bench_common.interleaved``), each sample
+after one untimed call of the same point (``prime=True``): a server runs one model back to back, while a
+sample right after a larger model's call starts with that model's data in cache (the N=128 point took 2.5 ms
+alone and 7 ms between the N=256 and N=2048 models). Latency is the median CPU (process) time per call,
+wall time beside it.
 
 The design promises O(N^2 + C N): the history's causal self attention is N^2, each candidate attends to the N
 history keys. The fit is ``t = a N^2 + b C N + c`` by non-negative least squares over both sweeps (relative
@@ -83,7 +86,7 @@ def sweep_n(preset: str, sweeps: Sweeps, rounds: int) -> dict[int, object]:
         scorer, schema, table = scorer_for(preset, n, sweeps.fixed_c)
         reqs, _ = requests_for(schema, table, n, sweeps.fixed_c, 1, seed=n)
         calls[n] = lambda s=scorer, r=reqs: s.score(r)
-    return interleaved(calls, rounds)
+    return interleaved(calls, rounds, prime=True)
 
 
 def sweep_c(preset: str, sweeps: Sweeps, rounds: int) -> dict[int, object]:
@@ -92,7 +95,7 @@ def sweep_c(preset: str, sweeps: Sweeps, rounds: int) -> dict[int, object]:
     for c in sweeps.c_values:
         reqs, _ = requests_for(schema, table, sweeps.fixed_n, c, 1, seed=c)
         calls[c] = lambda s=scorer, r=reqs: s.score(r)
-    return interleaved(calls, rounds)
+    return interleaved(calls, rounds, prime=True)
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> float:

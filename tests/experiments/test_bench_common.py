@@ -38,6 +38,14 @@ def test_a_short_variant_is_called_several_times_per_sample():
     assert n > 1 and count[0] == 1 + 3 * n
 
 
+def test_prime_calls_each_variant_once_untimed_right_before_its_sample():
+    calls: list[str] = []
+    variants = {name: (lambda n=name: calls.append(n)) for name in "ab"}
+    out = interleaved(variants, rounds=2, min_call_ms=0.0, prime=True)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"]  # warm-up, then prime + sample
+    assert all(t.rounds == 2 and t.calls_per_sample == 1 for t in out.values())
+
+
 def test_ratio_is_the_median_of_per_round_ratios():
     timings = {"slow": Timing(wall=[1, 1, 1, 1], cpu=[2.0, 4.0, 9.0, 30.0], calls_per_sample=1),
                "fast": Timing(wall=[1, 2, 1, 1], cpu=[1.0, 2.0, 3.0, 10.0], calls_per_sample=1)}  # fmt: skip
