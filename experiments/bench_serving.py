@@ -80,7 +80,7 @@ MODES = ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")
 ABLATIONS = {
     "scorer, unblocked": dict(score_block=None),  # one [R, C] batch per chunk (per-call page faults)
     "scorer, 1-row blocks": dict(score_group=1),  # blocks request by request: XLA's single-row layout
-    "scorer, literal NRO layout": dict(),  # NRO cross attention as first written ("bmhd,bnhd->bhmn", normalised weights)
+    "scorer, literal NRO layout": dict(),  # NRO cross attention as first written ("bmhd,bnhd", normalised weights)
     "scorer, concatenated cached forward": dict(),  # cached HSTU forward on the [.., N + 1] concatenation
     "scorer, token-major value product": dict(),  # the attention's p @ v with v as [B, N, H, D] (transposed GEMM)
 }

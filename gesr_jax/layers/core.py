@@ -74,8 +74,9 @@ def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel`` over x's last axis, as one 2-D GEMM over x's leading axes flattened.
 
     Why flattened: differentiating ``einsum("...i,io->...o")`` with two or more leading axes, XLA on CPU
-    computes the kernel gradient as a transposed copy of dy plus a dot that is not a GEMM (4.6x the time of
-    this layer's whole backward at [32, 256, 32] x [32, 128], 2-core CPU box; experiments/results/roofline_cpu.md).
+    computes the kernel gradient as a transposed copy of dy plus a dot that is not a GEMM. That made this
+    layer's whole backward 4.6x slower at [32, 256, 32] x [32, 128] on the 2-core CPU box. The GESR train step
+    ran 1.19x slower with the einsum (the ``einsum projections`` row of experiments/results/roofline_cpu.md).
     """
     rows = math.prod(x.shape[:-1])
     return (x.reshape(rows, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
