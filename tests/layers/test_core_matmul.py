@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gesr_jax.layers.core import Dense, matmul_last_axis
 
@@ -26,8 +27,6 @@ def test_values_and_gradients_equal_the_einsum(lead):
 def test_dense_kernel_gradient_is_one_gemm():
     """The reason for the 2-D form: the kernel gradient of a [B, N, i] input compiles to a GEMM on the
     flattened rows, with no transposed copy of dy (what the einsum's gradient compiled to on CPU)."""
-    from flax import nnx
-
     layer = Dense(8, 16, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     x = jnp.ones((4, 32, 8))
