@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gesr_jax import config as config_lib
-from gesr_jax import config_commands
+from gesr_jax import config_commands, host_memory
 from gesr_jax.config import ConfigError
 from gesr_jax.data import commands as data_commands
 from gesr_jax.data.datasets import DataError
@@ -193,8 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours.setLevel(level)
 
 
+def _host_allocator() -> None:
+    """Before any command touches JAX's backend: XLA's per-call buffers then reuse freed host memory."""
+    try:
+        host_memory.configure_from_env()
+    except ValueError as err:  # a bad $GESR_HOST_ALLOCATOR: one usage line
+        raise ConfigError(str(err)) from None
+
+
 def _run(args: Any) -> int:
     try:
+        _host_allocator()
         return int(args.func(args))
     except TrainingDivergedError as err:
         return _fail(str(err), EXIT_DIVERGED, args.debug)

@@ -34,6 +34,11 @@ def shared_data() -> pathlib.Path:
 # another run left nor fill ~/.cache (tests of the cache itself set their own folder).
 os.environ.setdefault("GESR_NO_COMPILATION_CACHE", "1")
 
+# `gesr` and the benchmarks set glibc malloc to keep freed memory (gesr_jax/host_memory.py), for the rest of the
+# process: the test workers, which call them in-process, keep glibc's defaults (tests/test_host_memory.py runs
+# the setting in fresh processes).
+os.environ.setdefault("GESR_HOST_ALLOCATOR", "default")
+
 # Files whose few tests each run for a minute or more (a notebook, a trained workdir, three `gesr train` runs).
 # pyproject.toml adds `--no-loadscope-reorder`, so `--dist loadfile` (`make test`) hands files out in the order
 # below: these first, then the files with the most tests (xdist's own rule, which put these last, so one of them
