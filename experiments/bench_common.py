@@ -11,7 +11,7 @@ Every ``experiments/bench_*.py`` times its variants with :func:`interleaved`::
     f"{r}"                                                  # "2.31x (2.20-2.45)"
     header = machine_line(info, finished=machine_info())    # a markdown line naming the machine and its load
 
-    add_cpus_arg(parser); pin_cpus(parser.parse_args().cpus)   # --cpus 1: run on CPU 1 only, before jax starts
+    add_cpus_arg(parser); start_process(parser.parse_args())   # --cpus 1: run on CPU 1 only, before jax starts
 
 How: each variant is called once untimed (compiles), then ``rounds`` rounds run every variant once each, in an
 order that rotates from round to round, so a burst of load from another job hits all variants of a round
@@ -27,6 +27,12 @@ shared box, the CPU time of a multi-threaded XLA call also counts its threads' s
 each other, which grows with the other jobs' load: two unpinned runs of bench_serving half an hour apart
 gave ratios 2x apart (experiments/results/serving_cpu.md). Pinned to one CPU, XLA runs one thread and the
 CPU time is the work of the call.
+
+``--host-allocator`` (:func:`start_process`, default ``$GESR_HOST_ALLOCATOR`` or "retain", as the ``gesr``
+command) sets glibc malloc to keep freed memory (``gesr_jax/host_memory.py``). With glibc's defaults every
+call of a program with a temporary buffer above 32-64 MiB maps it afresh and page-faults it in: system time
+that varied 2x between runs of bench_serving and was a third of the GESR train step's CPU time. The machine line
+names the setting.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import numpy as np
 
 __all__ = [
     "METHOD_NOTE", "Ratio", "Timing", "add_cpus_arg", "compiled_cost", "interleaved", "load_average", "machine_info",
-    "machine_line", "pin_cpus", "ratio",
+    "machine_line", "pin_cpus", "ratio", "start_process", "with_memory_released",
 ]  # fmt: skip
 
 
@@ -123,7 +129,9 @@ def interleaved(
 
     ``variants`` are zero-argument callables (their jax results are waited for). ``before_each[name]`` runs
     untimed before each of that variant's samples (e.g. to reset a cache). The first ``warmup`` calls of each
-    variant are untimed; the last of them sets how many calls make one sample (``min_call_ms``).
+    variant are untimed; one more untimed call after them sets how many calls make one sample, at least
+    ``min_call_ms`` of wall time (none with ``min_call_ms=0``). Sizing on the last warm-up call instead gave every
+    jitted variant one call per sample, since with ``warmup=1`` that call is the one that compiles.
     ``prime=True`` runs one more untimed call right before each sample, so a sample finds its own variant's
     parameters and buffers in cache rather than the previous variant's (a server running one model sees the
     former; a 2.5 ms call measured 7 ms cold after a larger model's call on the 2-core benchmark box).
@@ -134,14 +142,18 @@ def interleaved(
     setup = dict(before_each or {})
     calls: dict[str, int] = {}
     for name in names:
-        elapsed = 0.0
         for _ in range(max(warmup, 1)):
+            if name in setup:
+                setup[name]()
+            _block(variants[name]())
+        calls[name] = 1
+        if min_call_ms > 0:  # sized by one more call: a jitted variant's first call compiles
             if name in setup:
                 setup[name]()
             start = time.perf_counter()
             _block(variants[name]())
             elapsed = (time.perf_counter() - start) * 1e3
-        calls[name] = max(1, int(np.ceil(min_call_ms / max(elapsed, 1e-3)))) if elapsed < min_call_ms else 1
+            calls[name] = max(1, int(np.ceil(min_call_ms / max(elapsed, 1e-3))))
     out = {name: Timing([], [], calls[name]) for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates every round
@@ -212,9 +224,24 @@ def _cpus_option(spec: str) -> str:
 
 
 def add_cpus_arg(parser: argparse.ArgumentParser) -> None:
-    """The ``--cpus`` option every benchmark shares (see the module docstring); checked when parsed."""
+    """The ``--cpus`` and ``--host-allocator`` options the benchmarks share (see the module docstring)."""
+    from gesr_jax import host_memory
+
     parser.add_argument("--cpus", default=None, type=_cpus_option,
                         help="pin to these logical CPUs before jax starts, e.g. '1' or '0,1' (default: all)")
+    parser.add_argument("--host-allocator", choices=host_memory.CHOICES,
+                        default=os.environ.get(host_memory.ENV) or "retain",
+                        help="'retain': glibc malloc keeps freed memory for the next call (gesr_jax/host_memory.py); "
+                             "'default': glibc's defaults (default: $GESR_HOST_ALLOCATOR, else retain)")
+
+
+def start_process(args: argparse.Namespace) -> None:
+    """Apply ``--cpus`` and ``--host-allocator`` of :func:`add_cpus_arg`; call it before jax's first computation."""
+    from gesr_jax import host_memory
+
+    pin_cpus(args.cpus)
+    if args.host_allocator == "retain":
+        host_memory.retain_host_memory()
 
 
 def pin_cpus(spec: str | None) -> set[int] | None:
@@ -228,6 +255,19 @@ def pin_cpus(spec: str | None) -> set[int] | None:
     cpus = _cpu_set(spec)
     os.sched_setaffinity(0, cpus)
     return cpus
+
+
+def with_memory_released(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` after giving the heap's free memory back to the kernel (``host_memory.release_free_memory``), so
+    its temporaries are faulted in afresh, as with glibc's defaults (where a block above 32-64 MiB is a new
+    mapping per call). The ablation of ``--host-allocator retain``, timed in the same rounds."""
+    from gesr_jax import host_memory
+
+    def run() -> Any:
+        host_memory.release_free_memory()
+        return _block(call())
+
+    return run
 
 
 @contextlib.contextmanager
@@ -258,8 +298,11 @@ def machine_info() -> dict[str, Any]:
     """Platform, device, CPU model and core count, jax/python versions, date and the load average now."""
     import jax
 
+    from gesr_jax import host_memory
+
     device = jax.devices()[0]
     return {
+        "host_allocator": host_memory.current().detail,
         "platform": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "cpu": _cpu_model(),
@@ -287,6 +330,8 @@ def machine_line(info: Mapping[str, Any], *, finished: Mapping[str, Any] | None 
     )
     if finished is not None:
         text += ", at end " + "/".join(f"{x:.2f}" for x in finished["load"])
+    if info.get("host_allocator"):
+        text += f". Host memory: {info['host_allocator']}"
     return text + "."
 
 

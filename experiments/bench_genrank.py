@@ -33,7 +33,7 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    METHOD_NOTE, add_cpus_arg, interleaved, machine_info, machine_line, pin_cpus, ratio,
+    METHOD_NOTE, add_cpus_arg, interleaved, machine_info, machine_line, start_process, ratio,
 )
 
 from gesr_jax import api  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output markdown path")
     add_cpus_arg(parser)
     args = parser.parse_args(argv)
-    pin_cpus(args.cpus)
+    start_process(args)
     lengths, batch, rounds = ((8,), 4, 2) if args.smoke else ((50, 200), 64, args.repeats)
     info = machine_info()
     start = time.perf_counter()

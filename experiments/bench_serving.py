@@ -56,7 +56,8 @@ from bench_common import (  # noqa: E402
     machine_info,
     machine_line,
     patched,
-    pin_cpus,
+    start_process,
+    with_memory_released,
     write_results,
 )
 
@@ -115,6 +116,7 @@ CONTEXTS = {
 
 
 FULL_DENSE = "full-sequence apply, dense attention (xla)"
+RELEASED = "memory released"  # bench_common.with_memory_released: faulted in per call, as without the setting
 DENSE = "model.hstu.attention_impl=xla"
 
 
@@ -195,6 +197,9 @@ def bench_shape(
                 variants[(kind, "full-sequence apply")] = lambda f=full, p=params, x=batch, k=cache: f(p, x, k)
             if full_dense is not None and ablate:
                 variants[(kind, FULL_DENSE)] = lambda f=full_dense, p=params, x=batch, k=cache: f(p, x, k)
+            if full is not None and ablate:  # what `--host-allocator retain` removes from the goal's baseline
+                variants[(kind, f"full-sequence apply, {RELEASED}")] = with_memory_released(
+                    variants[(kind, "full-sequence apply")])
             for mode, ablated in ablations.items():
                 if mode in CONTEXTS:
                     variants[(kind, mode)] = lambda s=ablated, r=reqs, x=CONTEXTS[mode]: _with(x, s.score, r)
@@ -239,6 +244,10 @@ def bench_shape(
             }
         for mode in ABLATIONS if ablate else ():
             ratios[(n, c, b)][f"ablation: {mode} / scorer"] = ratio(timings, ("gesr", mode), g["scorer"])
+        if ablate:
+            released = ("gesr", f"full-sequence apply, {RELEASED}")
+            ratios[(n, c, b)][f"ablation: full-sequence apply, {RELEASED} / full-sequence apply"] = ratio(
+                timings, released, g["full-sequence apply"])
         if ablate:
             ratios[(n, c, b)] |= {
                 f"GESR scorer x {FULL_DENSE}": ratio(timings, ("gesr", FULL_DENSE), g["scorer"]),
@@ -321,7 +330,10 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         f"one fused encode+score call per request group without the user cache. Ablations at N={rows[-1]['n']}, "
         f"C={rows[-1]['c']} (GESR, same rounds): " + "; ".join(f"`{m}`" for m in ABLATIONS) + " (each undoes "
         "one fix: blocking, the 2-unit steps, the head-major NRO layout, the split cached HSTU forward, the "
-        "head-major value product of the HSTU attention forward). "
+        f"head-major value product of the HSTU attention forward); and `full-sequence apply` with `{RELEASED}` "
+        "(the heap's free memory given back to the kernel before each call, so the call faults its temporaries "
+        "in afresh as with glibc's defaults: what the machine line's host memory setting removes; the Scorer's "
+        "blocked calls did not fault with glibc's defaults: 2 faults per call in run 8 of serving_cpu.md). "
         "`faults` / `sys ms`: minor page faults "
         "and system CPU of one extra call after the rounds (getrusage).",
         "",
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="gesr,two_tower", help="which of gesr, two_tower to time (default both)")
     add_cpus_arg(parser)
     args = parser.parse_args(argv)
-    pin_cpus(args.cpus)
+    start_process(args)
     args.repeats = args.repeats or (2 if args.smoke else 5)
     base = "synthetic_tiny" if args.smoke else "synthetic_base"
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]

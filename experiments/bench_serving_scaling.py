@@ -47,7 +47,7 @@ from bench_common import (  # noqa: E402
     interleaved,
     machine_info,
     machine_line,
-    pin_cpus,
+    start_process,
     write_results,
 )
 from bench_serving import requests_for  # noqa: E402
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="markdown path (default results/serving_scaling_<platform>.md)")
     add_cpus_arg(parser)
     args = parser.parse_args(argv)
-    pin_cpus(args.cpus)
+    start_process(args)
     sweeps, preset = (SMOKE, "synthetic_tiny") if args.smoke else (FULL, "synthetic_base")
     rounds = args.rounds or (2 if args.smoke else 7)
     info = machine_info()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -35,7 +36,19 @@ def test_a_short_variant_is_called_several_times_per_sample():
 
     out = interleaved({"tiny": tiny}, rounds=3, min_call_ms=50.0)
     n = out["tiny"].calls_per_sample
-    assert n > 1 and count[0] == 1 + 3 * n
+    assert n > 1 and count[0] == 1 + 1 + 3 * n  # warm-up, the call that sizes a sample, 3 samples
+
+
+def test_a_slow_first_call_does_not_size_the_samples():
+    count = [0]
+
+    def compiles_first():  # like a jitted function: the first call is long, the rest are instant
+        count[0] += 1
+        if count[0] == 1:
+            time.sleep(0.06)
+
+    out = interleaved({"jitted": compiles_first}, rounds=2, min_call_ms=20.0)
+    assert out["jitted"].calls_per_sample > 1
 
 
 def test_prime_calls_each_variant_once_untimed_right_before_its_sample():

@@ -26,8 +26,10 @@ def test_bench_roofline_smoke_writes_every_row(tmp_path):
     table = names[: names.index("probe: stream") + 1]
     assert table == [f"train step {k}" for k in bench.PRESETS] + [
         f"train step gesr, {v}" for v in bench.GESR_VARIANTS] + [
-        "gesr encode_request", "gesr score", "gesr score, blocked (Scorer)", "probe: matmul", "probe: stream"]  # fmt: skip
+        "gesr encode_request", "gesr score", "gesr score, blocked (Scorer)", "train step gesr, memory released",
+        "probe: matmul", "probe: stream"]  # fmt: skip
     assert "train step gesr, before / train step gesr (CPU time)" in names  # the before/after ratio
+    assert "train step gesr, memory released / train step gesr" in names  # what the host memory setting removes
     sources = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and " | " in line]
     assert "HSTU attention (kernels/)" in sources  # the bytes split read the HLO stack frames
     attention = next(line for line in text.splitlines() if line.startswith("| HSTU attention (kernels/) |"))

@@ -22,9 +22,10 @@ def test_bench_serving_smoke_writes_the_table(tmp_path):
     for mode in ("scorer", "scorer+reuse", "naive apply"):
         assert f"| {mode} |" in text
     # Per shape (2) and batch size (2): gesr has scorer, +reuse, parse and pack, naive and full-sequence rows;
-    # two_tower the first four; the last shape adds the five GESR ablation rows and the full-sequence model on
-    # the dense attention per batch size.
-    assert text.count("| gesr |") == 20 + 12 and text.count("| two_tower |") == 16
+    # two_tower the first four; the last shape adds the five GESR ablation rows, the full-sequence model on
+    # the dense attention and the full-sequence model with the memory released before each call, per batch size.
+    assert text.count("| gesr |") == 20 + 14 and text.count("| two_tower |") == 16
+    assert "ablation: full-sequence apply, memory released / full-sequence apply" in text
     assert "GESR +reuse x naive" in text and "FLOPs: full-sequence / scorer" in text
     assert "GESR +reuse x full-sequence apply, dense attention (xla)" in text
     assert "| parse and pack only |" in text
