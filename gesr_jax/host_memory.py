@@ -9,7 +9,7 @@ The GESR train step of ``experiments/bench_roofline.py`` (B=32, N=256, C=64) has
 :func:`retain_host_memory` called first it had none: with glibc's thresholds put back in the same process, a
 step took 1.54x the CPU time (a throwaway script, 8 interleaved rounds). In
 experiments/results/roofline_cpu.md, the step given back its free memory before each call (the faults return)
-took 1.90x (1.76-2.17) the time.
+took 1.96x (1.68-2.01) the time.
 
 What it sets, with ``mallopt``: one arena for every thread (``M_ARENA_MAX``), so the workers allocate from the
 main heap; blocks up to ``mmap_threshold`` bytes from that heap rather than from ``mmap``
