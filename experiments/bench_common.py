@@ -229,8 +229,7 @@ def add_cpus_arg(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--cpus", default=None, type=_cpus_option,
                         help="pin to these logical CPUs before jax starts, e.g. '1' or '0,1' (default: all)")
-    parser.add_argument("--host-allocator", choices=host_memory.CHOICES,
-                        default=os.environ.get(host_memory.ENV) or "retain",
+    parser.add_argument("--host-allocator", choices=host_memory.CHOICES, default=host_memory.choice_from_env(),
                         help="'retain': glibc malloc keeps freed memory for the next call (gesr_jax/host_memory.py); "
                              "'default': glibc's defaults (default: $GESR_HOST_ALLOCATOR, else retain)")
 

@@ -248,7 +248,6 @@ def bench_shape(
             released = ("gesr", f"full-sequence apply, {RELEASED}")
             ratios[(n, c, b)][f"ablation: full-sequence apply, {RELEASED} / full-sequence apply"] = ratio(
                 timings, released, g["full-sequence apply"])
-        if ablate:
             ratios[(n, c, b)] |= {
                 f"GESR scorer x {FULL_DENSE}": ratio(timings, ("gesr", FULL_DENSE), g["scorer"]),
                 f"GESR +reuse x {FULL_DENSE}": ratio(timings, ("gesr", FULL_DENSE), g["scorer+reuse"]),

@@ -23,8 +23,8 @@ had 0-112 faults per call after its first few calls.
 
 It must run before JAX starts its CPU backend (the first computation, ``jax.devices()``, ...): a thread that
 already allocated keeps its own arena, and the settings would not reach it. Importing jax is fine.
-The ``gesr`` command and the benchmarks in experiments/ call :func:`configure_from_env` first;
-``GESR_HOST_ALLOCATOR=default`` leaves glibc's defaults. In a notebook::
+The ``gesr`` command (:func:`configure_from_env`) and the benchmarks in experiments/ (``--host-allocator``) set
+it first; ``GESR_HOST_ALLOCATOR=default`` leaves glibc's defaults. In a notebook::
 
     from gesr_jax import host_memory
     host_memory.retain_host_memory()   # first, before any JAX computation
@@ -125,13 +125,18 @@ def retain_host_memory(
     return _state
 
 
-def configure_from_env(default: str = "retain", *, warn: bool = False) -> HostAllocator:
-    """:func:`retain_host_memory` unless ``$GESR_HOST_ALLOCATOR`` (else ``default``) is "default"."""
+def choice_from_env(default: str = "retain") -> str:
+    """``$GESR_HOST_ALLOCATOR`` (else ``default``) as one of :data:`CHOICES`; ``ValueError`` naming it if not."""
     raw = os.environ.get(ENV) or default
     choice = raw.strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={raw!r}: must be one of {list(CHOICES)}")
-    return retain_host_memory(warn=warn) if choice == "retain" else current()
+    return choice
+
+
+def configure_from_env(default: str = "retain", *, warn: bool = False) -> HostAllocator:
+    """:func:`retain_host_memory` unless ``$GESR_HOST_ALLOCATOR`` (else ``default``) is "default"."""
+    return retain_host_memory(warn=warn) if choice_from_env(default) == "retain" else current()
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -124,3 +125,15 @@ def test_patched_replaces_an_attribute_inside_the_block_only():
     with pytest.raises(RuntimeError), patched(Owner, "formula", "old"):
         raise RuntimeError("a failed trace")
     assert Owner.formula == "new"  # restored on the way out of an error too
+
+
+def test_host_allocator_option_defaults_to_the_env_and_names_a_bad_value(monkeypatch):
+    monkeypatch.setenv("GESR_HOST_ALLOCATOR", "default")
+    parser = argparse.ArgumentParser()
+    add_cpus_arg(parser)
+    assert parser.parse_args([]).host_allocator == "default"
+    assert parser.parse_args(["--host-allocator", "retain"]).host_allocator == "retain"
+    monkeypatch.setenv("GESR_HOST_ALLOCATOR", "pooled")
+    with pytest.raises(ValueError, match="GESR_HOST_ALLOCATOR='pooled'"):
+        add_cpus_arg(argparse.ArgumentParser())
+
