@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 
 ENV = "GESR_HOST_ALLOCATOR"
 CHOICES = ("retain", "default")
+_INT_MAX = (1 << 31) - 1  # mallopt takes an int
 DEFAULT_MMAP_THRESHOLD = 1 << 30  # 1 GiB: a temporary buffer larger than this still gets its own mapping
-DEFAULT_TRIM_THRESHOLD = (1 << 31) - 1  # the largest value mallopt takes (an int): keep what was freed
+DEFAULT_TRIM_THRESHOLD = _INT_MAX  # the largest value mallopt takes: keep what was freed
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_INT_MAX = (1 << 31) - 1
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def current() -> HostAllocator:
     return _state or HostAllocator(False, "glibc malloc defaults")
 
 
+@functools.cache  # release_free_memory runs before every call of a benchmark's ablation row
 def _glibc() -> ctypes.CDLL | None:
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
@@ -137,7 +139,6 @@ def choice_from_env(default: str = "retain") -> str:
 def configure_from_env(default: str = "retain", *, warn: bool = False) -> HostAllocator:
     """:func:`retain_host_memory` unless ``$GESR_HOST_ALLOCATOR`` (else ``default``) is "default"."""
     return retain_host_memory(warn=warn) if choice_from_env(default) == "retain" else current()
-
 
 
 def release_free_memory() -> bool:
