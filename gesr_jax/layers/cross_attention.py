@@ -40,35 +40,44 @@ def attend(
     between M and dh, XLA on CPU computes the value product as ``v^T w^T`` and writes the
     whole [B, H, M, N] weight matrix transposed (measured ~2.5x slower per score entry;
     experiments/results/serving_cpu.md). Only the small q, k, v, output move, not the scores.
+    Softmax: see :func:`_softmax_attend`.
     """
     if q.ndim == 3:
         qh = jnp.broadcast_to(jnp.swapaxes(q, 0, 1)[None], (k.shape[0], q.shape[1], q.shape[0], q.shape[2]))
     else:
         qh = jnp.swapaxes(q, 1, 2)  # [B, H, M, dh]
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
-    scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh) * (q.shape[-1] ** -0.5)
-    weights, row_scale = _unnormalised_weights(scores, valid, kind, normalizer)
-    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh) * row_scale, 1, 2)
-
-
-def _unnormalised_weights(scores: jax.Array, valid: jax.Array, kind: str, normalizer: float):
-    """(w [B, H, M, N], scale [B, H, M, 1] or a float): :func:`_weights` is ``w * scale``.
-
-    The scale (softmax: 1 / the row sum; silu: 1 / normalizer) multiplies the [.., M, dh] values product
-    instead of the [.., M, N] weights: one pass less over the largest tensor. The softmax shift is the
-    row max over valid keys as a constant (the normalised result does not depend on it), 0 for a row
-    with none, whose weights are all exp(-inf) = 0 and whose sum is replaced by 1: zeros, never NaN.
-    """
-    mask = valid[:, None, None, :]
+    qh = qh * (q.shape[-1] ** -0.5)  # the score scale on the [.., M, dh] queries, not the [.., M, N] scores
     if kind == "softmax":
-        shift = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        weights = jnp.exp(jnp.where(mask, scores - shift, -jnp.inf))
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        return weights, 1.0 / jnp.where(total > 0, total, 1.0)
-    if kind == "silu":
-        return jnp.where(mask, jax.nn.silu(scores), 0.0), 1.0 / normalizer
-    raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
+        return jnp.swapaxes(_softmax_attend(qh, k, v, valid), 1, 2)
+    if kind != "silu":
+        raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
+    scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh)
+    # The mask stays a select on the weights: moved onto the values instead, XLA on CPU emitted a slower
+    # SiLU loop (0.76x, [2, 2, 256, 1024] in isolation).
+    weights = jnp.where(valid[:, None, None, :], jax.nn.silu(scores), 0.0)
+    return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh) / normalizer, 1, 2)
+
+
+def _softmax_attend(qh: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """Softmax attention of scaled head-major queries [B, H, M, dh] -> [B, H, M, dh], masked on O(N) tensors.
+
+    The [B, H, M, N] scores get no select: each invalid key is replaced by a copy of the request's first
+    valid key, so the row max over all N scores is the max over the valid ones (the softmax shift, a
+    constant: the normalised result does not depend on it), and an invalid key's weight reaches neither
+    the values (zeroed there) nor the row sum (a product with the valid mask). Scores pass the largest
+    tensor twice (max, exp) instead of four times; 1.22-1.31x the forward speed at B=2, M=256, N=1024 and
+    B=32, M=64, N=256 on CPU, gradients ~1.0x. A request with no valid key: weight sums 0, output 0.
+    Keys are transposed to [B, H, dh, N]: XLA on CPU ran the [dh, N]-form score product ~2x faster.
+    """
+    mask = valid[:, :, None, None]
+    first = jnp.argmax(valid, axis=1)[:, None, None, None]  # a valid key of each request (0 when none)
+    k_filled = jnp.where(mask, k, jnp.take_along_axis(k, first, axis=1))
+    scores = jnp.einsum("bhmd,bhdn->bhmn", qh, jnp.transpose(k_filled, (0, 2, 3, 1)))
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    values = jnp.einsum("bhmn,bhnd->bhmd", weights, jnp.swapaxes(jnp.where(mask, v, 0.0), 1, 2))
+    total = jnp.einsum("bhmn,bn->bhm", weights, valid.astype(weights.dtype))[..., None]
+    return values / jnp.where(total > 0, total, 1.0)
 
 
 def attend_literal(
