@@ -24,7 +24,8 @@ batch B in {1, 16}:
   (the issue's baseline).
 
 All variants of one (N, C, B) are timed interleaved, round by round (``bench_common.interleaved``: one
-untimed compile call each, then every variant once per round). Latency is per call (B requests): median
+untimed compile call each, then every variant once per round, each sample after one untimed call of the same
+variant: a server runs one model back to back). Latency is per call (B requests): median
 wall time (p99 beside it) and median CPU (process) time over the rounds; candidates/s = B * C / wall p50.
 Every ratio is the median of per-round CPU-time ratios with its 25th-75th percentile spread, so a load burst
 from another job on a shared machine hits both sides of a ratio alike. The table goes to
@@ -42,12 +43,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_common import ratio as bench_ratio  # noqa: E402
+from serving_ablations import ABLATIONS, CONTEXTS  # noqa: E402
 from bench_common import (  # noqa: E402
     METHOD_NOTE,
     add_cpus_arg,
@@ -55,7 +56,6 @@ from bench_common import (  # noqa: E402
     interleaved,
     machine_info,
     machine_line,
-    patched,
     start_process,
     with_memory_released,
     write_results,
@@ -64,10 +64,6 @@ from bench_common import (  # noqa: E402
 from gesr_jax import api  # noqa: E402
 from gesr_jax import config as config_lib  # noqa: E402
 from gesr_jax.data import datasets  # noqa: E402
-from gesr_jax.layers import cross_attention  # noqa: E402
-from kernels.hstu_attention import reference as hstu_reference  # noqa: E402
-from kernels.hstu_attention import scores as hstu_scores  # noqa: E402
-from kernels.hstu_attention.backends.xla import dense as xla_backend  # noqa: E402
 from gesr_jax.serving.buckets import Buckets  # noqa: E402
 from gesr_jax.serving.requests import pack_candidates, pack_requests  # noqa: E402
 from gesr_jax.serving.scorer import DEFAULT_SCORE_BLOCK, Scorer  # noqa: E402
@@ -77,44 +73,6 @@ SHAPES = [(256, 500), (1024, 500), (1024, 2000)]
 SMOKE_SHAPES = [(16, 20), (16, 50)]
 BATCHES = (1, 16)
 MODES = ("scorer", "scorer+reuse", "naive apply", "full-sequence apply")
-# Ablations (GESR, at the run's last (N, C) only: (1024, 2000) by default), each the scorer with one fix undone:
-ABLATIONS = {
-    "scorer, unblocked": dict(score_block=None),  # one [R, C] batch per chunk (per-call page faults)
-    "scorer, 1-row blocks": dict(score_group=1),  # blocks request by request: XLA's single-row layout
-    "scorer, literal NRO layout": dict(),  # NRO cross attention as first written ("bmhd,bnhd", normalised weights)
-    "scorer, concatenated cached forward": dict(),  # cached HSTU forward on the [.., N + 1] concatenation
-    "scorer, token-major value product": dict(),  # the attention's p @ v with v as [B, N, H, D] (transposed GEMM)
-}
-
-
-def _concatenated_cached_fwd(q, k, v, k_prefix, v_prefix, prefix_len, nq, alibi_slopes, timestamps,
-                             prefix_timestamps, time_slopes, cfg):
-    """The xla backend's cached forward before the split (scores concatenated with the self key, then sliced)."""
-    rows, n = q.shape[1], k_prefix.shape[1]
-    mask = hstu_reference.cached_mask(prefix_len, nq, n, rows, self_term=cfg.self_term,
-                                      contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len)[:, None]
-    bias = hstu_reference.cached_bias(cfg.spec, prefix_len, n, rows, alibi_slopes, timestamps, prefix_timestamps,
-                                      time_slopes)  # fmt: skip
-    z = hstu_scores.add_bias(hstu_reference.cached_scores(q, k, k_prefix, cfg.alpha), bias)
-    p, _ = xla_backend._forward_weights(cfg, z, mask)
-    out = xla_backend._weighted_values(p[..., :-1], v_prefix) + jnp.swapaxes(p[..., -1], 1, 2)[..., None] * v
-    return out.astype(q.dtype), None
-
-
-def _token_major_values(p, v):
-    """The value product as the formula is written: v [B, N, H, D] as it comes (XLA: v^T p^T, p transposed)."""
-    return jnp.einsum("bhij,bjhd->bihd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-
-
-# The ablations that change what the Scorer traces, not its arguments: each runs under its context manager.
-# Serving never differentiates, so the primal (`_cached_fwd`) is what the cached-forward ablation replaces.
-CONTEXTS = {
-    "scorer, literal NRO layout": lambda: patched(cross_attention, "attend", cross_attention.attend_literal),
-    "scorer, concatenated cached forward": lambda: patched(xla_backend, "_cached_fwd", _concatenated_cached_fwd),
-    "scorer, token-major value product": lambda: patched(xla_backend, "_weighted_values", _token_major_values),
-}
-
-
 FULL_DENSE = "full-sequence apply, dense attention (xla)"
 RELEASED = "memory released"  # bench_common.with_memory_released: faulted in per call, as without the setting
 DENSE = "model.hstu.attention_impl=xla"
@@ -205,7 +163,7 @@ def bench_shape(
                     variants[(kind, mode)] = lambda s=ablated, r=reqs, x=CONTEXTS[mode]: _with(x, s.score, r)
                 else:
                     variants[(kind, mode)] = lambda s=ablated, r=reqs: s.score(r)
-        timings = interleaved(variants, rounds, before_each=setup)
+        timings = interleaved(variants, rounds, before_each=setup, prime=True)
         faults = {}
         for key, fn in variants.items():
             if key in setup:
@@ -308,7 +266,8 @@ def render(rows: list[dict], ratios: dict, info: dict, end: dict, args: argparse
         f" ({args.repeats} rounds); whole run "
         f"{elapsed:.0f} s.",
         "",
-        METHOD_NOTE,
+        METHOD_NOTE + " Here each sample follows one untimed call of the same row (`prime=True`): a server runs one "
+        "model back to back (runs 1-9 of serving_cpu.md were unprimed).",
         "",
         "Models: `" + "` / `".join(args.presets.values()) + "` (random parameters), item cache on for every row. "
         f"Scorer buckets: requests {list(args.buckets.request_sizes)}, chunks {list(args.buckets.chunk_sizes)}. "
