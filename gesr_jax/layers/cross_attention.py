@@ -53,8 +53,8 @@ def attend(
         raise ValueError(f"model.cross.kind must be 'softmax' or 'silu', got {kind!r}")
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, N, dh]
     scores = jnp.einsum("bhmd,bhnd->bhmn", qh, kh)
-    # The mask stays a select on the weights: moved onto the values instead, XLA on CPU emitted a slower
-    # SiLU loop (0.76x, [2, 2, 256, 1024] in isolation).
+    # The mask stays a select on the weights: in the same SiLU attention form (the HSTU cached rows, [2, 2, 256,
+    # 1024] in isolation), moving it onto the values made XLA on CPU emit a slower SiLU loop (0.76x overall).
     weights = jnp.where(valid[:, None, None, :], jax.nn.silu(scores), 0.0)
     return jnp.swapaxes(jnp.einsum("bhmn,bhnd->bhmd", weights, vh) / normalizer, 1, 2)
 
